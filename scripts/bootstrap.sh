@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what vr needs on Debian 12 (as root) and build the virtualenv .venv.
+# Idempotent: packages already present and an up-to-date venv are left alone.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
+          openssh-client openssh-server curl wget cloud-init)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  # cloud-init must never act on this host: disable it before it is installed.
+  mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The appliance programs the legacy netfilter tables (python-iptables); keep the
+# iptables commands on the same backend so what we inspect is what we program.
+update-alternatives --set iptables /usr/sbin/iptables-legacy >/dev/null 2>&1 || true
+
+py=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=.venv/.vr-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi

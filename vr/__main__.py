@@ -1,0 +1,5 @@
+import sys
+
+from vr.cli import main
+
+sys.exit(main())

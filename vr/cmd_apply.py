@@ -1,0 +1,90 @@
+"""Subcommands ``update-config``, ``apply-cfg`` and ``show``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from ipaddress import IPv4Address
+from typing import Any
+
+from vr import logs
+from vr.cli import add_root
+from vr.paths import Paths, root_from_env
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "update-config",
+        help="apply one pushed file from /var/cache/cloud (update_config.py)",
+        description="Apply FILE from <root>/var/cache/cloud like CloudStack's "
+        "update_config.py: archive it to processed/FILE.gz (or delete it when the "
+        "second argument is 'false'). Exit 0 when applied or already applied.",
+    )
+    add_root(p)
+    p.add_argument("file", help="file name in /var/cache/cloud (or that absolute path)")
+    p.add_argument("archive", nargs="?", choices=["true", "false"], help="'false': do not archive")
+    p.set_defaults(func=_update_config)
+
+    p = sub.add_parser(
+        "apply-cfg",
+        help="apply a VR-<uuid>.cfg batch as one unit (vr_cfg.sh -c)",
+        description="Apply every item of a CloudStack VR-<uuid>.cfg aggregate under one "
+        "lock with one convergence; nothing is applied if any item is invalid.",
+    )
+    add_root(p)
+    p.add_argument("-c", dest="dash_c", action="store_true", help="accepted for vr_cfg.sh compat")
+    p.add_argument("cfg", help="cfg file name in /var/cache/cloud (or that absolute path)")
+    p.set_defaults(func=_apply_cfg)
+
+    p = sub.add_parser(
+        "show",
+        help="print what the store holds for VMs",
+        description="Print each VM's metadata keys and values and user-data size.",
+    )
+    add_root(p)
+    p.add_argument("ip", nargs="*", help="only these VM addresses")
+    p.set_defaults(func=_show)
+
+
+def make_applier(paths: Paths) -> Any:
+    """The Applier with the appliance's post-commit hooks wired in."""
+    from vr.apply import Applier
+
+    return Applier(paths, after_commit=None)
+
+
+def _update_config(args: argparse.Namespace) -> int:
+    paths = Paths(root_from_env(args.root))
+    logs.setup(paths, args.verbose)
+    argv = [args.file] + ([args.archive] if args.archive else [])
+    code: int = make_applier(paths).update_config(argv, sys.stdout, sys.stderr)
+    return code
+
+
+def _apply_cfg(args: argparse.Namespace) -> int:
+    paths = Paths(root_from_env(args.root))
+    logs.setup(paths, args.verbose)
+    code: int = make_applier(paths).apply_cfg([args.cfg], sys.stdout, sys.stderr)
+    return code
+
+
+def _show(args: argparse.Namespace) -> int:
+    from vr.store import list_vms, read_vm
+
+    paths = Paths(root_from_env(args.root))
+    logs.setup(None, args.verbose)
+    ips = [IPv4Address(a) for a in args.ip] if args.ip else list_vms(paths)
+    for ip in ips:
+        rec = read_vm(paths, ip)
+        if rec is None:
+            print(f"{ip}: unknown VM")
+            continue
+        print(f"{ip} (generation {rec.gen})")
+        for k, v in rec.metadata.items():
+            shown = v.decode("utf-8", "replace")
+            if len(shown) > 60 or "\n" in shown:
+                shown = shown[:60].replace("\n", "\\n") + "..."
+            print(f"  meta-data/{k}: {shown}")
+        for k, v in rec.userdata.items():
+            print(f"  {k}: {len(v)} bytes")
+    return 0

@@ -1,0 +1,81 @@
+"""The one exception hierarchy of vr.
+
+Every error keeps the offending value and says what was expected, so the message
+alone is enough to act on. Values are shown with ``%r`` and truncated; callers must
+never pass a secret as ``value`` (use ``value=REDACTED``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MAX_SHOWN = 80
+REDACTED = "<redacted>"
+
+
+def shorten(value: object, limit: int = MAX_SHOWN) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters with a marker."""
+    text = value if value is REDACTED else repr(value)
+    assert isinstance(text, str)
+    if len(text) > limit:
+        return text[:limit] + f"...({len(text)} chars)"
+    return text
+
+
+class VRError(Exception):
+    """Base class: anything vr raises on purpose."""
+
+
+class PayloadError(VRError):
+    """A pushed payload is not what the management server may send."""
+
+    def __init__(self, field: str, value: object, expected: str, vm: str | None = None) -> None:
+        self.vm = vm
+        self.field = field
+        self.value = value
+        self.expected = expected
+        where = f"VM {vm}: " if vm else ""
+        super().__init__(f"{where}{field}={shorten(value)}: expected {expected}")
+
+
+class StoreError(VRError):
+    """The store could not apply a change; nothing visible was changed."""
+
+
+class DiskFullError(StoreError):
+    """No space left while preparing a change; nothing visible was changed."""
+
+
+class LockTimeout(StoreError):
+    """The store lock was not obtained in time."""
+
+
+class CommandError(VRError):
+    """A subprocess failed: carries the command, exit code and output."""
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        code: int | None,
+        stdout: str = "",
+        stderr: str = "",
+        reason: str = "",
+    ) -> None:
+        self.cmd = list(cmd)
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.reason = reason
+        what = reason or f"exit code {code}"
+        tail = stderr.strip().splitlines()[-1:] if stderr else []
+        super().__init__(
+            f"command {self.cmd[0]!r} failed: {what}" + (f": {tail[0]}" if tail else "")
+        )
+
+
+class FirewallError(VRError):
+    """A rule could not be built or applied; the tables are as they were."""
+
+
+class ConfigError(VRError):
+    """The appliance's own configuration is wrong."""

@@ -1,0 +1,154 @@
+"""Every filesystem location of the appliance, derived from one root prefix.
+
+Nothing else in vr joins paths from configuration or payload strings: callers ask
+this object, and IP addresses arrive already parsed (``ipaddress.IPv4Address``) so a
+pushed string can never become a path component.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+ROOT_ENV = "VR_ROOT"
+
+
+def root_from_env(explicit: str | None = None) -> Path:
+    """The root prefix: ``explicit`` (``--root``), else ``$VR_ROOT``, else ``/``."""
+    return Path(explicit or os.environ.get(ROOT_ENV) or "/")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    def _p(self, rel: str) -> Path:
+        return self.root / rel
+
+    # --- document root (served data) -------------------------------------------------
+    @property
+    def html(self) -> Path:
+        return self._p("var/www/html")
+
+    @property
+    def latest(self) -> Path:
+        return self.html / "latest"
+
+    @property
+    def metadata_root(self) -> Path:
+        return self.latest / "metadata"
+
+    @property
+    def userdata_root(self) -> Path:
+        return self.latest / "userdata"
+
+    @property
+    def generations(self) -> Path:
+        """Hidden folder holding one immutable directory per VM generation."""
+        return self.latest / ".vms"
+
+    @property
+    def stamp(self) -> Path:
+        """Replaced on every committed change; readers compare its inode and mtime."""
+        return self.latest / ".stamp"
+
+    def metadata_dir(self, ip: IPv4Address) -> Path:
+        return self.metadata_root / str(ip)
+
+    def userdata_dir(self, ip: IPv4Address) -> Path:
+        return self.userdata_root / str(ip)
+
+    # --- push path -------------------------------------------------------------------
+    @property
+    def cache(self) -> Path:
+        """Where the management server drops pushed files (``/var/cache/cloud``)."""
+        return self._p("var/cache/cloud")
+
+    @property
+    def processed(self) -> Path:
+        return self.cache / "processed"
+
+    @property
+    def failed(self) -> Path:
+        return self.cache / "failed"
+
+    @property
+    def cloudstack_bin(self) -> Path:
+        return self._p("opt/cloud/bin")
+
+    # --- private state ---------------------------------------------------------------
+    @property
+    def state(self) -> Path:
+        return self._p("var/lib/vr")
+
+    @property
+    def lock(self) -> Path:
+        return self.state / "store.lock"
+
+    @property
+    def passwords(self) -> Path:
+        return self.state / "passwords.json"
+
+    @property
+    def password_token(self) -> Path:
+        return self.state / "passwd_token"
+
+    @property
+    def networks(self) -> Path:
+        return self.state / "guestnetwork.json"
+
+    @property
+    def dhcp(self) -> Path:
+        return self.state / "dhcpentry.json"
+
+    @property
+    def last_push(self) -> Path:
+        return self.state / "last_push.json"
+
+    @property
+    def firewall_state(self) -> Path:
+        return self.state / "firewall.json"
+
+    @property
+    def run(self) -> Path:
+        return self._p("run/vr")
+
+    # --- configuration ---------------------------------------------------------------
+    @property
+    def etc(self) -> Path:
+        return self._p("etc/vr")
+
+    @property
+    def config(self) -> Path:
+        return self.etc / "vr.json"
+
+    @property
+    def host_keys(self) -> Path:
+        return self.etc / "ssh"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self._p("root/.ssh/authorized_keys")
+
+    # --- logs ------------------------------------------------------------------------
+    @property
+    def log_file(self) -> Path:
+        return self._p("var/log/cloud.log")
+
+    def ensure(self) -> None:
+        """Create the directories the appliance writes to (idempotent)."""
+        for d in (
+            self.metadata_root,
+            self.userdata_root,
+            self.generations,
+            self.cache,
+            self.processed,
+            self.failed,
+            self.log_file.parent,
+            self.run,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.state, self.etc):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,0 +1,440 @@
+"""Parse and validate what the management server pushes. Pure: no I/O.
+
+Every payload type CloudStack's VR accepts through ``update_config.py`` becomes a
+small frozen dataclass. Anything that is not exactly what the management server may
+send raises :class:`vr.errors.PayloadError` naming the VM, the field, the value and
+what was expected. Names from payloads are checked against :data:`KEY_PATTERN`
+before anything else sees them, and addresses are parsed with :mod:`ipaddress`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
+from typing import Any
+
+from vr.errors import REDACTED, PayloadError
+
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Metadata key and pushed file names: no ``/``, no control characters, bounded."""
+
+MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+DEVICE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+B64_PATTERN = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+
+INDEX_NAME = "meta-data"
+USERDATA_NAME = "user-data"
+FOLDERS = ("metadata", "userdata")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size bounds; the defaults suit CloudStack's 1 MiB ``vm.userdata.max.length``."""
+
+    userdata_bytes: int = 1024 * 1024
+    value_bytes: int = 64 * 1024
+    keys_per_vm: int = 512
+    payload_bytes: int = 4 * 1024 * 1024
+    password_chars: int = 512
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Delete:
+    """Marker for content ``""``: remove that one file."""
+
+    _instance: Delete | None = None
+
+    def __new__(cls) -> Delete:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = Delete()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``[folder, file, content]`` triple: bytes to write, or :data:`DELETE`."""
+
+    folder: str
+    name: str
+    content: bytes | Delete
+
+
+@dataclass(frozen=True)
+class VmMetadata:
+    ip: IPv4Address
+    entries: tuple[Entry, ...]
+    type: str = field(default="vmdata", init=False)
+
+
+@dataclass(frozen=True)
+class VmPassword:
+    ip: IPv4Address
+    password: str = field(repr=False)
+    type: str = field(default="vmpassword", init=False)
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    device: str
+    router_guest_ip: IPv4Address
+    cidr: IPv4Network
+    add: bool
+    mac_address: str | None = None
+    router_guest_gateway: IPv4Address | None = None
+    type: str = field(default="guestnetwork", init=False)
+
+    @property
+    def interface(self) -> IPv4Interface:
+        return IPv4Interface(f"{self.router_guest_ip}/{self.cidr.prefixlen}")
+
+
+@dataclass(frozen=True)
+class DhcpEntry:
+    mac_address: str
+    ipv4_address: IPv4Address
+    host_name: str
+    remove: bool = False
+    default_entry: bool = True
+    type: str = field(default="dhcpentry", init=False)
+
+
+Payload = VmMetadata | VmPassword | GuestNetwork | DhcpEntry
+
+# file-name stem -> JSON "type"
+FILE_TYPES = {
+    "vm_metadata": "vmdata",
+    "vm_password": "vmpassword",
+    "guest_network": "guestnetwork",
+    "vm_dhcp_entry": "dhcpentry",
+}
+
+
+def file_stem(name: str) -> str:
+    """``vm_metadata.json.3f1c`` -> ``vm_metadata`` (CloudStack: text before ``.json``)."""
+    return name.split(".json", 1)[0]
+
+
+def check_name(name: object, field_name: str, vm: str | None = None) -> str:
+    if not isinstance(name, str) or not KEY_PATTERN.fullmatch(name) or ".." in name:
+        raise PayloadError(
+            field_name,
+            name,
+            "a name of 1-128 letters, digits, '.', '_' or '-', not starting with "
+            "'.', '_' or '-', without '..'",
+            vm,
+        )
+    return name
+
+
+def parse_ipv4(value: object, field_name: str, vm: str | None = None) -> IPv4Address:
+    if not isinstance(value, str):
+        raise PayloadError(field_name, value, "an IPv4 address as a string", vm)
+    try:
+        addr = ip_address(value)
+    except ValueError:
+        raise PayloadError(field_name, value, "an IPv4 address like 10.1.1.23", vm) from None
+    if not isinstance(addr, IPv4Address):
+        raise PayloadError(field_name, value, "an IPv4 address, not IPv6", vm)
+    if (
+        addr.is_unspecified
+        or addr.is_multicast
+        or addr.is_loopback
+        or addr == IPv4Address("255.255.255.255")
+    ):
+        raise PayloadError(field_name, value, "a unicast guest address", vm)
+    return addr
+
+
+def decode_userdata(text: str, vm: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Strict standard base64 (padding optional) bounded by ``limits.userdata_bytes``."""
+    raw = text.encode("ascii", "replace")
+    compact = re.sub(rb"[\r\n]", b"", raw)
+    if not B64_PATTERN.fullmatch(compact) or len(compact.rstrip(b"=")) % 4 == 1:
+        raise PayloadError(
+            "user-data",
+            text,
+            "standard base64 (A-Z a-z 0-9 + /, optional '=' padding)",
+            vm,
+        )
+    max_encoded = (limits.userdata_bytes + 2) // 3 * 4
+    if len(compact) > max_encoded + 4:
+        raise PayloadError(
+            "user-data",
+            f"<{len(compact)} base64 chars>",
+            f"at most {limits.userdata_bytes} bytes once decoded",
+            vm,
+        )
+    padded = compact.rstrip(b"=")
+    padded += b"=" * (-len(padded) % 4)
+    try:
+        data = base64.b64decode(padded, validate=True)
+    except binascii.Error as exc:
+        raise PayloadError("user-data", text, f"valid base64 ({exc})", vm) from None
+    if len(data) > limits.userdata_bytes:
+        raise PayloadError(
+            "user-data",
+            f"<{len(data)} bytes>",
+            f"at most {limits.userdata_bytes} bytes once decoded",
+            vm,
+        )
+    return data
+
+
+def _require(obj: dict[str, Any], key: str, vm: str | None = None) -> Any:
+    if key not in obj:
+        raise PayloadError(key, None, "this field to be present", vm)
+    return obj[key]
+
+
+def _parse_bool(value: object, field_name: str, vm: str | None = None) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise PayloadError(field_name, value, "true or false", vm)
+
+
+def parse_vm_metadata(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> VmMetadata:
+    ip = parse_ipv4(_require(obj, "vm_ip_address"), "vm_ip_address")
+    vm = str(ip)
+    triples = _require(obj, "vm_metadata", vm)
+    if not isinstance(triples, list):
+        raise PayloadError("vm_metadata", triples, "a list of [folder, file, content]", vm)
+    entries: dict[tuple[str, str], Entry] = {}
+    for i, triple in enumerate(triples):
+        where = f"vm_metadata[{i}]"
+        if not isinstance(triple, list) or len(triple) != 3:
+            raise PayloadError(where, triple, "a list [folder, file, content]", vm)
+        folder, name, content = triple
+        if not isinstance(folder, str):
+            raise PayloadError(f"{where}.folder", folder, "'metadata' or 'userdata'", vm)
+        if folder not in FOLDERS:
+            # CloudStack ignores other folders (e.g. "password" from config drive code).
+            continue
+        if name == "":
+            continue
+        name = check_name(name, f"{where}.file", vm)
+        if folder == "metadata" and name == INDEX_NAME:
+            raise PayloadError(f"{where}.file", name, "a key other than the index name", vm)
+        value: bytes | Delete
+        if content is None:
+            value = b""
+        elif content == "":
+            value = DELETE
+        elif not isinstance(content, str):
+            raise PayloadError(f"{name}", content, 'a string, "" or null', vm)
+        elif folder == "userdata":
+            value = decode_userdata(content, vm, limits)
+        else:
+            value = content.encode("utf-8", "surrogatepass")
+            if len(value) > limits.value_bytes:
+                raise PayloadError(
+                    name, f"<{len(value)} bytes>", f"at most {limits.value_bytes} bytes", vm
+                )
+        entries[(folder, name)] = Entry(folder, name, value)
+    if len(entries) > limits.keys_per_vm:
+        raise PayloadError(
+            "vm_metadata", f"<{len(entries)} keys>", f"at most {limits.keys_per_vm} keys", vm
+        )
+    return VmMetadata(ip, tuple(entries.values()))
+
+
+def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> VmPassword:
+    ip = parse_ipv4(_require(obj, "ip_address"), "ip_address")
+    vm = str(ip)
+    password = _require(obj, "password", vm)
+    if (
+        not isinstance(password, str)
+        or not password
+        or len(password) > limits.password_chars
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password)
+    ):
+        raise PayloadError(
+            "password",
+            REDACTED,
+            f"a non-empty string of at most {limits.password_chars} printable characters",
+            vm,
+        )
+    return VmPassword(ip, password)
+
+
+def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
+    device = _require(obj, "device")
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise PayloadError("device", device, "an interface name like eth0 (1-15 chars)")
+    ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip")
+    cidr_text = _require(obj, "cidr")
+    try:
+        cidr = IPv4Network(cidr_text, strict=True)
+    except (ValueError, TypeError):
+        raise PayloadError(
+            "cidr", cidr_text, "an IPv4 network like 10.1.1.0/24 (host bits zero)"
+        ) from None
+    if ip not in cidr:
+        raise PayloadError("router_guest_ip", str(ip), f"an address inside cidr {cidr}")
+    add = _parse_bool(obj.get("add", True), "add")
+    mac = obj.get("mac_address")
+    if mac is not None:
+        mac = parse_mac(mac, "mac_address")
+    gw_text = obj.get("router_guest_gateway")
+    gateway = parse_ipv4(gw_text, "router_guest_gateway") if gw_text else None
+    if gateway is not None and gateway not in cidr:
+        raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
+    return GuestNetwork(device, ip, cidr, add, mac, gateway)
+
+
+def parse_mac(value: object, field_name: str, vm: str | None = None) -> str:
+    if not isinstance(value, str) or not MAC_PATTERN.fullmatch(value.lower()):
+        raise PayloadError(field_name, value, "a MAC address like 02:00:4c:5a:00:01", vm)
+    return value.lower()
+
+
+def parse_dhcp_entry(obj: dict[str, Any]) -> DhcpEntry:
+    ip = parse_ipv4(_require(obj, "ipv4_address"), "ipv4_address")
+    vm = str(ip)
+    mac = parse_mac(_require(obj, "mac_address", vm), "mac_address", vm)
+    host = obj.get("host_name", "")
+    if host in (None, ""):
+        host = ""
+    elif not isinstance(host, str) or not HOSTNAME_PATTERN.fullmatch(host):
+        raise PayloadError("host_name", host, "a host name label (letters, digits, '-')", vm)
+    remove = _parse_bool(obj.get("remove", False), "remove", vm)
+    default = _parse_bool(obj.get("default_entry", True), "default_entry", vm)
+    return DhcpEntry(mac, ip, host, remove, default)
+
+
+def _parse_guest_network(obj: dict[str, Any], limits: Limits) -> Payload:
+    return parse_guest_network(obj)
+
+
+def _parse_dhcp_entry(obj: dict[str, Any], limits: Limits) -> Payload:
+    return parse_dhcp_entry(obj)
+
+
+PARSERS: dict[str, Callable[[dict[str, Any], Limits], Payload]] = {
+    "vmdata": parse_vm_metadata,
+    "vmpassword": parse_vm_password,
+    "guestnetwork": _parse_guest_network,
+    "dhcpentry": _parse_dhcp_entry,
+}
+
+
+def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Payload:
+    """Parse one pushed file: ``name`` is its file name, ``data`` its bytes."""
+    if len(data) > limits.payload_bytes:
+        raise PayloadError("file", name, f"a payload of at most {limits.payload_bytes} bytes")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PayloadError("file", name, f"UTF-8 JSON (byte {exc.start} is not UTF-8)") from None
+    except json.JSONDecodeError as exc:
+        raise PayloadError(
+            "file", name, f"valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise PayloadError("file", name, "a JSON object")
+    kind = obj.get("type")
+    if kind is None:
+        kind = FILE_TYPES.get(file_stem(name))
+    if kind not in PARSERS:
+        raise PayloadError("type", kind, "one of " + ", ".join(sorted(PARSERS)))
+    expected_stem = {v: k for k, v in FILE_TYPES.items()}[kind]
+    if file_stem(name) in FILE_TYPES and file_stem(name) != expected_stem:
+        raise PayloadError("type", kind, f"type matching the file name {name!r}")
+    return PARSERS[kind](obj, limits)
+
+
+# --- VR-<uuid>.cfg batches ---------------------------------------------------------
+
+CFG_HEADER = "#Apache CloudStack Virtual Router Config File"
+UPDATE_CONFIG_SCRIPTS = ("/opt/cloud/bin/update_config.py", "update_config.py")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One script line of a batch: apply ``name``; ``archive`` False = delete it."""
+
+    name: str
+    data: bytes
+    archive: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    items: tuple[BatchItem, ...]
+
+
+def parse_update_config_args(args: list[str]) -> tuple[str, bool]:
+    """``<file> [false]`` -> (name, archive). The file is a bare name or under /var/cache/cloud."""
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in ("true", "false")):
+        raise PayloadError("arguments", " ".join(args), "<file> [true|false]")
+    name = args[0]
+    for prefix in ("/var/cache/cloud/",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return check_name(name, "file"), len(args) == 1 or args[1] == "true"
+
+
+def parse_cfg(text: str) -> Batch:
+    """Parse a ``VR-<uuid>.cfg`` aggregate (cloudstack-vr.md §1.5) into apply items."""
+    lines = text.split("\n")
+    files: dict[str, bytes] = {}
+    items: list[BatchItem] = []
+    i = 0
+    saw_version = False
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#") or line.strip() == "":
+            i += 1
+            continue
+        if line == "<version>":
+            if i + 2 >= len(lines) or lines[i + 2] != "</version>":
+                raise PayloadError(f"cfg line {i + 1}", line, "<version> / 1.0 / </version>")
+            if lines[i + 1].strip() != "1.0":
+                raise PayloadError("cfg version", lines[i + 1], "1.0")
+            saw_version = True
+            i += 3
+        elif line == "<file>":
+            try:
+                end = lines.index("</file>", i + 2)
+            except ValueError:
+                raise PayloadError(f"cfg line {i + 1}", line, "a closing </file>") from None
+            path = lines[i + 1]
+            if not path.startswith("/var/cache/cloud/"):
+                raise PayloadError(f"cfg line {i + 2}", path, "a path under /var/cache/cloud/")
+            name = check_name(path[len("/var/cache/cloud/") :], f"cfg line {i + 2}")
+            # vr_cfg.sh writes each content line with echo, i.e. adds a newline per line
+            files[name] = "".join(s + "\n" for s in lines[i + 2 : end]).encode("utf-8")
+            i = end + 1
+        elif line == "<script>":
+            if i + 2 >= len(lines) or lines[i + 2] != "</script>":
+                raise PayloadError(f"cfg line {i + 1}", line, "<script> / command / </script>")
+            argv = lines[i + 1].split()
+            if not argv or argv[0] not in UPDATE_CONFIG_SCRIPTS:
+                raise PayloadError(
+                    f"cfg line {i + 2}", lines[i + 1], "/opt/cloud/bin/update_config.py <file>"
+                )
+            name, archive = parse_update_config_args(argv[1:])
+            if name not in files:
+                raise PayloadError(f"cfg line {i + 2}", name, "a file defined earlier in the cfg")
+            items.append(BatchItem(name, files[name], archive))
+            i += 3
+        else:
+            raise PayloadError(f"cfg line {i + 1}", line, "<version>, <file> or <script>")
+    if not saw_version:
+        raise PayloadError("cfg", text[:40], "a <version> block")
+    return Batch(tuple(items))

@@ -1,0 +1,421 @@
+"""The store: the one place that writes the appliance's state.
+
+Layout under the document root (``Paths.latest``)::
+
+    .vms/<ip>@<gen>/metadata/<key>, metadata/meta-data   immutable VM generation
+    .vms/<ip>@<gen>/userdata/user-data
+    metadata/<ip> -> ../.vms/<ip>@<gen>/metadata          swapped by one rename
+    userdata/<ip> -> ../.vms/<ip>@<gen>/userdata
+    .stamp                                                replaced on every commit
+
+A VM's generation directory is written completely and fsynced before the symlinks
+are swapped, so a reader that resolves ``metadata/<ip>`` once sees the whole old or
+the whole new VM. Private state (passwords, guest networks, DHCP entries) lives in
+JSON files under ``Paths.state``, replaced atomically in the same transaction.
+
+Every change happens under one ``flock`` on ``Paths.lock`` (across processes and
+threads) and through :class:`vr.atomic.Transaction`: all writes are staged first
+(where a full disk fails) and only renames make them visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from vr import atomic
+from vr.errors import LockTimeout, StoreError
+from vr.paths import Paths
+from vr.payloads import (
+    DELETE,
+    INDEX_NAME,
+    DhcpEntry,
+    GuestNetwork,
+    Payload,
+    VmMetadata,
+    VmPassword,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+# --- pure model ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """One VM as stored: metadata keys in index order, user-data folder files."""
+
+    ip: IPv4Address
+    gen: int
+    metadata: dict[str, bytes]
+    userdata: dict[str, bytes]
+
+    @property
+    def index(self) -> bytes:
+        return "".join(k + "\n" for k in self.metadata).encode()
+
+
+@dataclass
+class VmChange:
+    ip: IPv4Address
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+def merge_vm(
+    old: VmRecord | None, push: VmMetadata
+) -> tuple[dict[str, bytes], dict[str, bytes], VmChange]:
+    """The VM's files after ``push``: carried keys replaced, ``""`` deleted, rest kept.
+
+    Key order is the order of first creation (CloudStack's index order).
+    """
+    metadata = dict(old.metadata) if old else {}
+    userdata = dict(old.userdata) if old else {}
+    change = VmChange(push.ip)
+    for entry in push.entries:
+        target = metadata if entry.folder == "metadata" else userdata
+        label = entry.name if entry.folder == "metadata" else f"userdata/{entry.name}"
+        if entry.content is DELETE:
+            if entry.name in target:
+                del target[entry.name]
+                change.deleted.append(label)
+        else:
+            assert isinstance(entry.content, bytes)
+            if target.get(entry.name) != entry.content:
+                change.changed.append(label)
+            target[entry.name] = entry.content
+    return metadata, userdata, change
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+def _gen_of(target: str) -> int | None:
+    """``../.vms/10.1.1.2@17/metadata`` -> 17."""
+    parts = target.split("/")
+    if len(parts) < 2 or "@" not in parts[-2]:
+        return None
+    try:
+        return int(parts[-2].rsplit("@", 1)[1])
+    except ValueError:
+        return None
+
+
+def current_gen(paths: Paths, ip: IPv4Address) -> int | None:
+    """The VM's committed generation (one ``readlink``), or None if unknown."""
+    try:
+        return _gen_of(os.readlink(paths.metadata_dir(ip)))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+
+
+def gen_dir(paths: Paths, ip: IPv4Address, gen: int) -> Path:
+    return paths.generations / f"{ip}@{gen}"
+
+
+def _read_folder(d: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    with os.scandir(d) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                out[e.name] = Path(e.path).read_bytes()
+    return out
+
+
+def read_vm(paths: Paths, ip: IPv4Address) -> VmRecord | None:
+    """Load one VM's committed generation, or None if the VM is unknown.
+
+    Retries if a concurrent apply removed the generation it had just resolved.
+    """
+    for _ in range(5):
+        gen = current_gen(paths, ip)
+        if gen is None:
+            return None
+        base = gen_dir(paths, ip, gen)
+        try:
+            files = _read_folder(base / "metadata")
+            index = files.pop(INDEX_NAME, b"")
+            order = [k for k in index.decode("utf-8", "replace").split("\n") if k]
+            metadata = {k: files[k] for k in order if k in files}
+            userdata = _read_folder(base / "userdata")
+        except FileNotFoundError:
+            continue
+        return VmRecord(ip, gen, metadata, userdata)
+    raise StoreError(f"VM {ip}: generation kept changing while reading")
+
+
+def list_vms(paths: Paths) -> list[IPv4Address]:
+    out = []
+    try:
+        names = os.listdir(paths.metadata_root)
+    except FileNotFoundError:
+        return []
+    for n in names:
+        if n.startswith("."):
+            continue
+        with contextlib.suppress(ValueError):
+            out.append(IPv4Address(n))
+    return sorted(out)
+
+
+def stamp_token(paths: Paths) -> tuple[int, int] | None:
+    """Changes whenever a transaction commits; cheap enough for every request."""
+    try:
+        st = os.stat(paths.stamp)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_passwords(paths: Paths) -> dict[str, dict[str, Any]]:
+    """``{ip: {"password": str, "gen": int, "served": bool}}``. Never log the result."""
+    return _read_json(paths.passwords)
+
+
+def read_networks(paths: Paths) -> list[GuestNetwork]:
+    out = []
+    for dev, rec in sorted(_read_json(paths.networks).items()):
+        out.append(
+            GuestNetwork(
+                dev,
+                IPv4Address(rec["router_guest_ip"]),
+                IPv4Network(rec["cidr"]),
+                True,
+                rec.get("mac_address"),
+                IPv4Address(rec["router_guest_gateway"])
+                if rec.get("router_guest_gateway")
+                else None,
+            )
+        )
+    return out
+
+
+def read_dhcp(paths: Paths) -> list[DhcpEntry]:
+    return [
+        DhcpEntry(rec["mac_address"], IPv4Address(ip), rec["host_name"], False, rec["default"])
+        for ip, rec in sorted(_read_json(paths.dhcp).items(), key=lambda kv: IPv4Address(kv[0]))
+    ]
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    vms: list[VmChange] = field(default_factory=list)
+    passwords: list[IPv4Address] = field(default_factory=list)
+    networks_changed: bool = False
+    dhcp_changed: bool = False
+
+    def describe(self) -> list[str]:
+        lines = []
+        for c in self.vms:
+            lines.append(
+                f"VM {c.ip}: changed {','.join(c.changed) or '-'}"
+                f" deleted {','.join(c.deleted) or '-'}"
+            )
+        lines.extend(f"VM {ip}: password saved" for ip in self.passwords)
+        if self.networks_changed:
+            lines.append("guest networks changed")
+        if self.dhcp_changed:
+            lines.append("dhcp entries changed")
+        return lines
+
+
+def _dumps(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+class Store:
+    """Apply payloads to the files guests read. Safe across processes and threads."""
+
+    def __init__(self, paths: Paths, lock_timeout: float = 120.0) -> None:
+        self.paths = paths
+        self.lock_timeout = lock_timeout
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's exclusive lock; cleans leftovers of killed writers first."""
+        self.paths.ensure()
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(
+                            f"store lock {self.paths.lock} still held after {self.lock_timeout}s"
+                        ) from None
+                    time.sleep(0.005)
+            self._sweep_temps()
+            yield
+        finally:
+            os.close(fd)
+
+    def _sweep_temps(self) -> None:
+        for d in (
+            self.paths.generations,
+            self.paths.metadata_root,
+            self.paths.userdata_root,
+            self.paths.state,
+            self.paths.latest,
+        ):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for n in names:
+                if n.startswith(atomic.TMP_PREFIX):
+                    LOG.info("removing leftover %s of an interrupted apply", d / n)
+                    atomic.remove_tree(d / n)
+
+    def _next_gen(self) -> int:
+        try:
+            return int(self.paths.stamp.read_text().strip() or 0) + 1
+        except (FileNotFoundError, ValueError):
+            return 1
+
+    def apply(self, payloads: Sequence[Payload]) -> ApplyResult:
+        """Apply all ``payloads`` as one unit under the lock."""
+        with self.locked():
+            return self.apply_locked(payloads)
+
+    def apply_locked(self, payloads: Sequence[Payload]) -> ApplyResult:
+        """Apply with the lock already held (see :meth:`locked`)."""
+        result = ApplyResult()
+        gen = self._next_gen()
+        vms: dict[IPv4Address, VmRecord] = {}
+        superseded: list[tuple[IPv4Address, int]] = []
+        passwords = read_passwords(self.paths)
+        networks = _read_json(self.paths.networks)
+        dhcp = _read_json(self.paths.dhcp)
+        for p in payloads:
+            if isinstance(p, VmMetadata):
+                old = vms.get(p.ip) or read_vm(self.paths, p.ip)
+                metadata, userdata, change = merge_vm(old, p)
+                vms[p.ip] = VmRecord(p.ip, gen, metadata, userdata)
+                if old is not None and old.gen != gen:
+                    superseded.append((p.ip, old.gen))
+                result.vms.append(change)
+            elif isinstance(p, VmPassword):
+                passwords[str(p.ip)] = {"password": p.password, "gen": gen, "served": False}
+                result.passwords.append(p.ip)
+            elif isinstance(p, GuestNetwork):
+                before = dict(networks)
+                if p.add:
+                    networks[p.device] = {
+                        "router_guest_ip": str(p.router_guest_ip),
+                        "cidr": str(p.cidr),
+                        "mac_address": p.mac_address,
+                        "router_guest_gateway": str(p.router_guest_gateway)
+                        if p.router_guest_gateway
+                        else None,
+                    }
+                else:
+                    networks.pop(p.device, None)
+                result.networks_changed |= before != networks
+            elif isinstance(p, DhcpEntry):
+                before = dict(dhcp)
+                if p.remove:
+                    dhcp.pop(str(p.ipv4_address), None)
+                else:
+                    dhcp[str(p.ipv4_address)] = {
+                        "mac_address": p.mac_address,
+                        "host_name": p.host_name,
+                        "default": p.default_entry,
+                    }
+                result.dhcp_changed |= before != dhcp
+        with atomic.Transaction() as tx:
+            for ip, rec in vms.items():
+                name = f"{ip}@{gen}"
+                tx.stage_tree(
+                    self.paths.generations / name,
+                    {
+                        "metadata": {**rec.metadata, INDEX_NAME: rec.index},
+                        "userdata": rec.userdata,
+                    },
+                )
+                tx.stage_symlink(self.paths.metadata_dir(ip), f"../.vms/{name}/metadata")
+                tx.stage_symlink(self.paths.userdata_dir(ip), f"../.vms/{name}/userdata")
+            if result.passwords:
+                tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
+            if result.networks_changed:
+                tx.stage_file(self.paths.networks, _dumps(networks), 0o600)
+            if result.dhcp_changed:
+                tx.stage_file(self.paths.dhcp, _dumps(dhcp), 0o600)
+            tx.stage_file(self.paths.stamp, f"{gen}\n".encode())
+            tx.commit()
+        self._drop_old_generations(superseded, keep=gen)
+        return result
+
+    def _drop_old_generations(self, superseded: list[tuple[IPv4Address, int]], keep: int) -> None:
+        """Remove generations older than the one just replaced (readers may still hold it)."""
+        for ip, old_gen in superseded:
+            prefix = f"{ip}@"
+            for n in os.listdir(self.paths.generations):
+                if not n.startswith(prefix):
+                    continue
+                try:
+                    g = int(n[len(prefix) :])
+                except ValueError:
+                    continue
+                if g not in (keep, old_gen):
+                    atomic.remove_tree(self.paths.generations / n)
+
+    # --- password life cycle (used by the password server) ------------------------
+
+    def mark_password_served(self, ip: IPv4Address, gen: int) -> None:
+        """Record that generation ``gen`` of ``ip``'s password reached the guest."""
+        with self.locked():
+            pw = read_passwords(self.paths)
+            rec = pw.get(str(ip))
+            if rec is None or rec["gen"] != gen or rec["served"]:
+                return
+            rec["served"] = True
+            self._write_passwords(pw)
+
+    def ack_password(self, ip: IPv4Address) -> bool:
+        """The guest saved its password: clear it if the one stored was served.
+
+        A password pushed after the guest's last fetch survives the ack of the old one.
+        Returns whether an entry was removed.
+        """
+        with self.locked():
+            pw = read_passwords(self.paths)
+            rec = pw.get(str(ip))
+            if rec is None or not rec["served"]:
+                return False
+            del pw[str(ip)]
+            self._write_passwords(pw)
+            return True
+
+    def _write_passwords(self, pw: dict[str, dict[str, Any]]) -> None:
+        with atomic.Transaction() as tx:
+            tx.stage_file(self.paths.passwords, _dumps(pw), 0o600)
+            tx.commit()

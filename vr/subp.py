@@ -1,0 +1,83 @@
+"""The one door through which vr runs other programs.
+
+argv lists only (never a shell), a timeout on every call, allowed exit codes, and
+secrets kept out of logs and errors: pass them in ``data`` (stdin), never in argv,
+or list argv positions in ``secret_args``. Tests replace :data:`runner` hooks via
+the ``allow_subp`` fixture; by default tests may not run anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from vr.errors import REDACTED, CommandError
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    cmd: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _shown(cmd: Sequence[str], secret_args: Iterable[int]) -> list[str]:
+    hidden = set(secret_args)
+    return [REDACTED if i in hidden else a for i, a in enumerate(cmd)]
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    timeout: float = 60.0,
+    ok_codes: Iterable[int] = (0,),
+    data: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    secret_args: Iterable[int] = (),
+    cwd: str | None = None,
+) -> Result:
+    """Run ``cmd`` and return its result; raise :class:`CommandError` otherwise."""
+    shown = _shown(cmd, secret_args)
+    LOG.debug("running %s", shown)
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = subprocess.run(
+            list(cmd),
+            input=data,
+            capture_output=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=cwd,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(shown, None, reason=f"not found: {exc.filename}") from None
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(shown, None, reason=f"timed out after {timeout}s") from exc
+    out = proc.stdout.decode("utf-8", "replace")
+    err = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode not in set(ok_codes):
+        raise CommandError(shown, proc.returncode, out, err)
+    return Result(shown, proc.returncode, out, err)
+
+
+def spawn(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running child (a supervised service); the caller owns the PID."""
+    LOG.debug("spawning %s", list(cmd))
+    full_env = None if env is None else {**os.environ, **env}
+    return subprocess.Popen(
+        list(cmd), env=full_env, stdout=stdout, stderr=stderr, start_new_session=new_session
+    )

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from vr import config
+from vr.errors import ConfigError
+from vr.paths import Paths
+
+
+def test_missing_config_file_gives_isolated_router_defaults(paths: Paths) -> None:
+    cfg = config.load(paths)
+    assert (cfg.control_device, cfg.metadata_port, cfg.password_port) == ("eth1", 80, 8080)
+
+
+def test_config_reads_guest_networks_and_ports(paths: Paths) -> None:
+    paths.config.write_text(
+        json.dumps(
+            {
+                "metadata_port": 8081,
+                "guest_networks": [
+                    {"device": "eth0", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
+                ],
+            }
+        )
+    )
+    cfg = config.load(paths)
+    assert cfg.metadata_port == 8081
+    assert [str(n.router_guest_ip) for n in cfg.guest_networks] == ["10.1.1.1"]
+
+
+def test_config_with_unknown_key_names_it(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metdata_port": 80}))
+    with pytest.raises(ConfigError, match="metdata_port"):
+        config.load(paths)
+
+
+def test_config_with_wrong_type_names_value_and_type(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metadata_port": "80"}))
+    with pytest.raises(ConfigError, match="metadata_port='80': expected int"):
+        config.load(paths)

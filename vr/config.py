@@ -1,0 +1,71 @@
+"""The appliance's own configuration: ``<root>/etc/vr/vr.json``.
+
+Everything has a default that suits a CloudStack isolated router (guest eth0,
+control eth1, public eth2). Unknown keys are refused so a typo is not silently
+ignored. Guest networks listed here are active from boot; more arrive by push.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vr.errors import ConfigError, PayloadError
+from vr.paths import Paths
+from vr.payloads import GuestNetwork, parse_guest_network
+
+
+@dataclass(frozen=True)
+class Config:
+    control_device: str = "eth1"
+    """The interface the management server reaches (SSH 3922 accepted only here)."""
+    public_devices: tuple[str, ...] = ("eth2",)
+    ssh_listen: str = "0.0.0.0"
+    ssh_port: int = 3922
+    metadata_port: int = 80
+    password_port: int = 8080
+    metadata_workers: int = 2
+    password_workers: int = 2
+    require_mac_binding: bool = False
+    """Refuse 80/8080 from addresses that have no DHCP entry (MAC binding)."""
+    guest_networks: tuple[GuestNetwork, ...] = field(default_factory=tuple)
+
+
+def load(paths: Paths) -> Config:
+    """Read the config file; a missing file means all defaults."""
+    try:
+        raw = json.loads(paths.config.read_text())
+    except FileNotFoundError:
+        return Config()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{paths.config}: not readable JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{paths.config}: expected a JSON object")
+    return from_dict(raw, str(paths.config))
+
+
+def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "guest_networks":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: guest_networks={value!r}: expected a list")
+            try:
+                values[key] = tuple(parse_guest_network({**n, "add": True}) for n in value)
+            except (PayloadError, TypeError) as exc:
+                raise ConfigError(f"{where}: guest_networks: {exc}") from None
+        elif key == "public_devices":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: public_devices={value!r}: expected a list of names")
+            values[key] = tuple(value)
+        else:
+            default = getattr(Config(), key)
+            if type(value) is not type(default):
+                raise ConfigError(f"{where}: {key}={value!r}: expected {type(default).__name__}")
+            values[key] = value
+    return Config(**values)

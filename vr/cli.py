@@ -19,6 +19,7 @@ from vr.paths import ROOT_ENV
 COMMAND_MODULES = [
     "vr.cmd_apply",
     "vr.cmd_up",
+    "vr.cmd_demo",
 ]
 
 

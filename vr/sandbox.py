@@ -224,7 +224,7 @@ class Sandbox:
         self.run(role, ["ip", "link", "set", dev, "up"])
 
     def create(self) -> None:
-        for role in ("vr", "sw", "mg", "out", *(g.role for g in self.guests)):
+        for role in ("vr", "sw", "mg", "out"):
             self._add_ns(role)
         # guest network: a bridge in "sw" joins the VR's eth0 and every guest
         self.run("sw", ["ip", "link", "add", "br0", "type", "bridge"])
@@ -232,12 +232,8 @@ class Sandbox:
         self._veth("vr", "eth0", "sw", "p0")
         self._addr("vr", "eth0", f"{VR_GUEST_IP}/24")
         self.run("sw", ["ip", "link", "set", "p0", "master", "br0", "up"])
-        for i, g in enumerate(self.guests, 1):
-            self._veth(g.role, "eth0", "sw", f"p{i}")
-            self._addr(g.role, "eth0", f"{g.ip}/24", g.mac)
-            self.run(g.role, ["ip", "route", "add", "default", "via", VR_GUEST_IP])
-            self.run("sw", ["ip", "link", "set", f"p{i}", "master", "br0", "up"])
-            self._guest_etc(g.role)
+        for g in self.guests:
+            self._attach(g)
         self._veth("vr", "eth1", "mg", "eth0")
         self._addr("vr", "eth1", f"{VR_CONTROL_IP}/16")
         self._addr("mg", "eth0", f"{MGMT_IP}/16")
@@ -246,6 +242,21 @@ class Sandbox:
         self._addr("out", "eth0", f"{OUTSIDER_IP}/24")
         self.run("out", ["ip", "route", "add", "default", "via", VR_PUBLIC_IP])
         self._prepare_vr_root()
+
+    def _attach(self, g: Guest) -> None:
+        """Create guest ``g``'s namespace and plug it into the guest network bridge."""
+        self._add_ns(g.role)
+        port = f"p{len(self.namespaces)}"
+        self._veth(g.role, "eth0", "sw", port)
+        self._addr(g.role, "eth0", f"{g.ip}/24", g.mac)
+        self.run(g.role, ["ip", "route", "add", "default", "via", VR_GUEST_IP])
+        self.run("sw", ["ip", "link", "set", port, "master", "br0", "up"])
+        self._guest_etc(g.role)
+
+    def add_guest(self, g: Guest) -> None:
+        """Boot one more guest on the guest network (while everything runs)."""
+        self._attach(g)
+        self.guests.append(g)
 
     def _guest_etc(self, role: str) -> None:
         """Guests resolve ``data-server`` to the VR, as CloudStack's dnsmasq answers."""

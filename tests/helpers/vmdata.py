@@ -36,7 +36,11 @@ def vm_triples(
         ["metadata", "public-hostname", "203.0.113.7"],
         ["metadata", "instance-id", vm_uuid],
         ["metadata", "vm-id", vm_uuid],
-        ["metadata", "public-keys", keys if keys is not None else f"ssh-ed25519 AAAAC3{n} {host}@lab"],
+        [
+            "metadata",
+            "public-keys",
+            keys if keys is not None else f"ssh-ed25519 AAAAC3{n} {host}@lab",
+        ],
         ["metadata", "cloud-identifier", "CloudStack-{8e1d0000-0000-0000-0000-000000000001}"],
         ["metadata", "hypervisor-host-name", None],
     ]

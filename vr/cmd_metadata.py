@@ -14,7 +14,11 @@ from vr.paths import Paths, root_from_env
 LOG = logging.getLogger(__name__)
 
 DEFAULT_BIND = "0.0.0.0:80"
-WORKER_CLASSES = ("gthread", "sync")
+WORKER_CLASSES = {
+    "event": "vr.metadata_worker.EventWorker",
+    "gthread": "gthread",
+    "sync": "sync",
+}
 
 
 def register(sub: Any) -> None:
@@ -38,12 +42,15 @@ def register(sub: Any) -> None:
         default=None,
         help="worker processes (default: metadata_workers from the appliance config, 2)",
     )
-    p.add_argument("--threads", type=int, default=8, help="threads per worker (gthread; default 8)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="threads per worker (gthread only; default 2)"
+    )
     p.add_argument(
         "--worker-class",
-        choices=WORKER_CLASSES,
-        default="gthread",
-        help="gunicorn worker class (default gthread: keep-alive, many idle connections)",
+        choices=sorted(WORKER_CLASSES),
+        default="event",
+        help="gunicorn worker class: event (default; vr's single-threaded keep-alive "
+        "worker, see vr/metadata_worker.py), gthread or sync (gunicorn's own)",
     )
     p.add_argument(
         "--warm",
@@ -60,7 +67,7 @@ def gunicorn_options(
     return {
         "bind": binds,
         "workers": workers,
-        "worker_class": worker_class,
+        "worker_class": WORKER_CLASSES[worker_class],
         "threads": threads,
         # Guests fetch a dozen URLs in a row at boot: keep their connection open.
         "keepalive": 5,
@@ -74,6 +81,9 @@ def gunicorn_options(
         "errorlog": "-",
         "loglevel": "info",
         "preload_app": False,
+        # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn):
+        # several appliances (and the password server) would fight over it.
+        "control_socket_disable": True,
     }
 
 

@@ -14,7 +14,7 @@ def test_bind_is_repeatable_and_defaults_are_for_a_small_vr() -> None:
         ["serve-metadata", "--root", "/x", "--bind", "10.0.0.1:80", "--bind", "10.0.1.1:80"]
     )
     assert args.bind == ["10.0.0.1:80", "10.0.1.1:80"]
-    assert args.workers is None and args.worker_class == "gthread"
+    assert args.workers is None and args.worker_class == "event"
     assert build_parser().parse_args(["serve-metadata"]).bind is None
 
 

@@ -6,7 +6,6 @@ import pytest
 
 from vr.metadata_views import NOT_FOUND, build_view, do_document, public_keys, resolve
 
-
 BASIC = {
     "availability-zone": b"zone-a",
     "local-ipv4": b"10.1.1.5",

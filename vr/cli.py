@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "vr.cmd_apply",
     "vr.cmd_up",
     "vr.cmd_demo",
+    "vr.cmd_metadata",
 ]
 
 

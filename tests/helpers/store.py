@@ -95,7 +95,7 @@ def drop(paths: Paths, name: str, payload: dict[str, Any] | bytes) -> Path:
 
 
 def vm_metadata(ip: str, *triples: list[object]) -> dict[str, Any]:
-    return {"vm_ip_address": ip, "vm_metadata": [list(t) for t in triples], "type": "vmdata"}
+    return {"vm_ip_address": ip, "vm_metadata": list(triples), "type": "vmdata"}
 
 
 @dataclass

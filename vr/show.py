@@ -41,14 +41,21 @@ def _password_status(rec: dict[str, Any] | None) -> str:
     return "served, waiting for the guest's ack" if rec.get("served") else "pending"
 
 
+def _no_metadata(password: str) -> dict[str, Any]:
+    return {"generation": None, "meta-data": {}, "user-data": {}, "password": password}
+
+
 def collect(paths: Paths, ips: list[IPv4Address] | None = None) -> dict[str, Any]:
     """Everything ``vr show`` prints, as plain data."""
     passwords = read_passwords(paths)
     vms: dict[str, Any] = {}
-    for ip in ips if ips is not None else list_vms(paths):
+    if ips is None:
+        ips = sorted(set(list_vms(paths)) | {IPv4Address(a) for a in passwords})
+    for ip in ips:
         rec = read_vm(paths, ip)
         if rec is None:
-            vms[str(ip)] = None
+            pw = passwords.get(str(ip))
+            vms[str(ip)] = None if pw is None else _no_metadata(_password_status(pw))
             continue
         vms[str(ip)] = {
             "generation": rec.gen,
@@ -104,7 +111,10 @@ def render(report: dict[str, Any]) -> list[str]:
             lines.append(f"VM {ip}: unknown (nothing pushed)")
             continue
         keys = vm["meta-data"]
-        lines.append(f"VM {ip} (generation {vm['generation']}, {len(keys)} metadata keys)")
+        if vm["generation"] is None:
+            lines.append(f"VM {ip} (no metadata pushed)")
+        else:
+            lines.append(f"VM {ip} (generation {vm['generation']}, {len(keys)} metadata keys)")
         width = max((len(k) for k in keys), default=0)
         for k, v in keys.items():
             lines.append(f"  {k.ljust(width)}  {_shown(v)}")

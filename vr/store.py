@@ -109,7 +109,7 @@ def merge_vm(
 
 READ_ATTEMPTS = 50
 STALE_ARCHIVE_TEMP = 600.0
-"""Seconds after which a temporary file in processed/ or failed/ is a leftover."""
+"""Seconds after which a temporary file written outside the lock is a leftover."""
 
 
 def _older_than(path: Path, seconds: float) -> bool:
@@ -316,17 +316,18 @@ class Store:
         """
         p = self.paths
         owned_in_state = tuple(
-            f"{atomic.TMP_PREFIX}{f.name}."
-            for f in (p.passwords, p.networks, p.dhcp, p.journal, p.last_push)
+            f"{atomic.TMP_PREFIX}{f.name}." for f in (p.passwords, p.networks, p.dhcp, p.journal)
         )
         anything = (atomic.TMP_PREFIX,)
-        # Archives are written after the lock is released: only old temporaries there.
+        # Archives and the last-push record are written after the lock is released:
+        # only old temporaries of those.
         for d, prefixes, min_age in (
             (p.generations, anything, 0.0),
             (p.metadata_root, anything, 0.0),
             (p.userdata_root, anything, 0.0),
             (p.latest, (f"{atomic.TMP_PREFIX}{p.stamp.name}.",), 0.0),
             (p.state, owned_in_state, 0.0),
+            (p.state, (f"{atomic.TMP_PREFIX}{p.last_push.name}.",), STALE_ARCHIVE_TEMP),
             (p.processed, anything, STALE_ARCHIVE_TEMP),
             (p.failed, anything, STALE_ARCHIVE_TEMP),
         ):

@@ -222,3 +222,22 @@ def test_passwords_of_several_vms_are_all_kept(paths: Paths) -> None:
         str(A): "a",
         str(B): "b",
     }
+
+
+def test_next_writer_removes_leftover_temporaries_but_not_young_ones_of_others(
+    paths: Paths,
+) -> None:
+    leftovers = [
+        paths.generations / ".tmp-10.1.1.23@9.abcd",
+        paths.state / ".tmp-passwords.json.abcd",
+        paths.processed / ".tmp-old.gz.abcd",
+    ]
+    young = [paths.processed / ".tmp-young.gz.abcd", paths.state / ".tmp-last_push.json.ab"]
+    foreign = paths.state / ".tmp-firewall.json.abcd"  # another service's, in flight
+    for f in [*leftovers, *young, foreign]:
+        f.write_bytes(b"x")
+    os.utime(paths.processed / ".tmp-old.gz.abcd", (0, 0))
+    with Store(paths).locked():
+        pass
+    assert [f.exists() for f in leftovers] == [False, False, False]
+    assert [f.exists() for f in [*young, foreign]] == [True, True, True]

@@ -13,6 +13,16 @@ MAX_BYTES = 5 * 1024 * 1024
 BACKUPS = 3
 
 
+class _FileHandler(logging.handlers.RotatingFileHandler):
+    """Drops a line it cannot write (disk full) instead of printing a traceback to
+    stderr: the command's own one-line error is what the operator must see."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
 def setup(paths: Paths | None, verbose: bool = False, stderr: bool = True) -> None:
     """Log to stderr and, when ``paths`` is given, to ``<root>/var/log/cloud.log``.
 
@@ -30,9 +40,7 @@ def setup(paths: Paths | None, verbose: bool = False, stderr: bool = True) -> No
     if paths is not None:
         try:
             paths.log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.handlers.RotatingFileHandler(
-                paths.log_file, maxBytes=MAX_BYTES, backupCount=BACKUPS
-            )
+            fh = _FileHandler(paths.log_file, maxBytes=MAX_BYTES, backupCount=BACKUPS)
         except OSError as exc:
             logging.getLogger(__name__).warning("cannot open %s: %s", paths.log_file, exc)
         else:

@@ -54,6 +54,10 @@ class Paths:
         """Replaced on every committed change; readers compare its inode and mtime."""
         return self.latest / ".stamp"
 
+    def vm_pointer(self, ip: IPv4Address) -> Path:
+        """Symlink ``.vms/<ip> -> <ip>@<gen>``: the VM's committed generation."""
+        return self.generations / str(ip)
+
     def metadata_dir(self, ip: IPv4Address) -> Path:
         return self.metadata_root / str(ip)
 
@@ -102,6 +106,11 @@ class Paths:
     @property
     def dhcp(self) -> Path:
         return self.state / "dhcpentry.json"
+
+    @property
+    def journal(self) -> Path:
+        """Renames of a store commit in progress (finished by the next writer)."""
+        return self.state / "store.journal"
 
     @property
     def last_push(self) -> Path:

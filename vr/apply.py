@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -36,6 +36,10 @@ LOG = logging.getLogger(__name__)
 AfterCommit = Callable[[ApplyResult], None]
 """Called after a commit (e.g. re-apply the firewall when networks changed)."""
 
+BeforeCommit = Callable[[Sequence[Payload]], None]
+"""Called with the parsed payloads before the store commits; raising
+:class:`PayloadError` rejects the push (quarantined, nothing stored)."""
+
 OK = 0
 FAILED = 1
 
@@ -45,6 +49,7 @@ class Applier:
     paths: Paths
     limits: Limits = DEFAULT_LIMITS
     after_commit: AfterCommit | None = None
+    before_commit: BeforeCommit | None = None
 
     @property
     def store(self) -> Store:
@@ -132,6 +137,21 @@ class Applier:
         out: TextIO,
         err: TextIO,
     ) -> int:
+        if self.before_commit is not None:
+            try:
+                self.before_commit(payloads)
+            except PayloadError as exc:
+                for _, src, _, _ in archives:
+                    if src is not None:
+                        self._quarantine(src)
+                return self._fail(err, f"{name}: rejected, nothing applied: {exc}", record=name)
+            except VRError as exc:
+                return self._fail(err, f"{name}: not applied: {exc}", record=name)
+            except Exception:
+                LOG.exception("%s: unexpected error while validating", name)
+                return self._fail(
+                    err, f"{name}: internal error, see /var/log/cloud.log", record=name
+                )
         try:
             result = self.store.apply(payloads)
             if self.after_commit is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -156,7 +157,8 @@ def test_saved_state_round_trips_through_json() -> None:
 
 
 def test_saved_state_with_a_foreign_chain_is_refused() -> None:
-    doc = b'{"version": 1, "chains": [{"table": "filter", "name": "INPUT", "hooks": [], "rules": []}]}'
+    chain = {"table": "filter", "name": "INPUT", "hooks": [], "rules": []}
+    doc = json.dumps({"version": 1, "chains": [chain]}).encode()
     with pytest.raises(FirewallError, match="INPUT"):
         RuleSet.from_json(doc)
 

@@ -178,6 +178,6 @@ def test_restore_recomputes_when_the_last_apply_did_not_finish(
 def test_a_corrupt_saved_state_is_reported_not_applied(paths: Paths) -> None:
     paths.firewall_state.write_text("{not json")
     fresh = FakeTables()
-    with pytest.raises(FirewallError, match="firewall.json"):
+    with pytest.raises(FirewallError, match=r"firewall\.json"):
         fw.restore(paths, fresh)
     assert fresh.commits == []

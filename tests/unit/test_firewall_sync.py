@@ -47,7 +47,7 @@ def test_rules_outside_our_chains_are_untouched() -> None:
     fake.add_live("filter", "FORWARD", FOREIGN)
     sync(fake, desired(Config(), [GUEST], []))
     sync(fake, desired(Config(), [], []))
-    assert [r for r in fake.live["filter"]["INPUT"] if r.spec == FOREIGN][0].counters == (7, 700)
+    assert next(r for r in fake.live["filter"]["INPUT"] if r.spec == FOREIGN).counters == (7, 700)
     assert specs(fake, "filter", "INPUT") == [RuleSpec(INPUT_CHAIN), FOREIGN]
     assert specs(fake, "filter", "FORWARD") == [FOREIGN]
 

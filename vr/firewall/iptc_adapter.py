@@ -175,7 +175,7 @@ class IptcTables:
     # --- translation ----------------------------------------------------------------
 
     def _build(self, spec: RuleSpec) -> Any:
-        with self._errors(f"rule [{spec.render()}]"):
+        with self._errors("cannot build rule"):
             rule = self.iptc.Rule()
             if spec.protocol:
                 rule.protocol = spec.protocol

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -42,6 +42,10 @@ LOG = logging.getLogger(__name__)
 AfterCommit = Callable[[ApplyResult], None]
 """Called after a commit (e.g. re-apply the firewall when networks changed)."""
 
+BeforeCommit = Callable[[Sequence[Payload]], None]
+"""Called with the parsed payloads before the store commits; raising
+:class:`PayloadError` rejects the push (quarantined, nothing stored)."""
+
 OK = 0
 FAILED = 1
 CACHE_PREFIX = "/var/cache/cloud/"
@@ -59,6 +63,7 @@ class Applier:
     after_commit: AfterCommit | None = None
     keep_processed: int = 500
     keep_failed: int = 100
+    before_commit: BeforeCommit | None = None
 
     @property
     def store(self) -> Store:
@@ -154,6 +159,21 @@ class Applier:
         start: float,
         err: TextIO,
     ) -> int:
+        if self.before_commit is not None:
+            try:
+                self.before_commit(payloads)
+            except PayloadError as exc:
+                for _, src, _, _ in archives:
+                    if src is not None:
+                        self._quarantine(src)
+                return self._fail(err, f"{name}: rejected, nothing applied: {exc}", record=name)
+            except VRError as exc:
+                return self._fail(err, f"{name}: not applied: {exc}", record=name)
+            except Exception:
+                LOG.exception("%s: unexpected error while validating", name)
+                return self._fail(
+                    err, f"{name}: internal error, see /var/log/cloud.log", record=name
+                )
         try:
             result = self.store.apply(payloads)
             if self.after_commit is not None:
@@ -197,6 +217,10 @@ class Applier:
 
     def _reject(self, src: Path, err: TextIO, message: str) -> int:
         """Invalid input: keep it in failed/ for inspection, out of the way of retries."""
+        self._quarantine(src)
+        return self._fail(err, message, record=src.name)
+
+    def _quarantine(self, src: Path) -> None:
         try:
             self.paths.failed.mkdir(parents=True, exist_ok=True)
             dest = self.paths.failed / src.name
@@ -205,7 +229,6 @@ class Applier:
             _prune(self.paths.failed, self.keep_failed, {src.name})
         except OSError as exc:
             LOG.warning("%s: could not move to failed/: %s", src.name, exc)
-        return self._fail(err, message, record=src.name)
 
     def _fail(self, err: TextIO, message: str, record: str | None = None) -> int:
         LOG.error("%s", message)

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "vr.cmd_up",
     "vr.cmd_demo",
     "vr.cmd_metadata",
+    "vr.cmd_firewall",
 ]
 
 

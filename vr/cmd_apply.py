@@ -53,10 +53,18 @@ def register(sub: Any) -> None:
 
 
 def make_applier(paths: Paths) -> Any:
-    """The Applier with the appliance's post-commit hooks wired in."""
-    from vr.apply import Applier
+    """The Applier with the appliance's hooks wired in.
 
-    return Applier(paths, after_commit=None)
+    Firewall: guest networks are validated before the store commits (unknown or
+    control/public device -> rejected, nothing stored); after a commit that changed
+    guest networks or DHCP entries the rules are re-applied (python-iptables is
+    imported only then).
+    """
+    from vr.apply import Applier
+    from vr.firewall.apply import push_hooks
+
+    before, after = push_hooks(paths)
+    return Applier(paths, after_commit=after, before_commit=before)
 
 
 def _update_config(args: argparse.Namespace) -> int:

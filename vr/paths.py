@@ -121,6 +121,11 @@ class Paths:
         return self.state / "firewall.json"
 
     @property
+    def firewall_pending(self) -> Path:
+        """Present while the saved firewall state may not be what the tables hold."""
+        return self.state / "firewall.pending"
+
+    @property
     def run(self) -> Path:
         return self._p("run/vr")
 

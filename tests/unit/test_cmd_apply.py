@@ -144,7 +144,7 @@ def test_show_prints_values_user_data_and_state_without_secrets(
             ["userdata", "user-data", "H4sIAAAAAAAAA0vOzylNSQUAqw0yJgUAAAA="],
         ),
     )
-    drop(paths, "guest_network.json.1", {"device": "eth1", "router_guest_ip": "10.1.1.1",
+    drop(paths, "guest_network.json.1", {"device": "eth0", "router_guest_ip": "10.1.1.1",
                                          "cidr": "10.1.1.0/24"})  # fmt: skip
     for name in ("vm_metadata.json.1", "guest_network.json.1"):
         assert cli("update-config", "--root", str(paths.root), name) == 0
@@ -155,7 +155,7 @@ def test_show_prints_values_user_data_and_state_without_secrets(
     assert "'abc\\n'" in out
     assert "'Caf\\\\u00E9'" in out
     assert "user-data: 26 bytes, gzip" in out
-    assert "guest network eth1: 10.1.1.1/24" in out
+    assert "guest network eth0: 10.1.1.1/24" in out
     assert "last push: guest_network.json.1 ok" in out
 
     assert cli("show", "--root", str(paths.root), "--json", "10.1.1.5", "10.1.1.9") == 0

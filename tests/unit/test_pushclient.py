@@ -40,7 +40,7 @@ def test_the_stem_comes_from_the_json_type_else_the_file_name(
 
 
 def test_a_payload_of_unknown_kind_is_refused_with_what_was_expected() -> None:
-    with pytest.raises(PayloadError, match="vm_metadata.json"):
+    with pytest.raises(PayloadError, match=r"vm_metadata\.json"):
         payload_stem("notes.txt", b'{"type": "firewall"}')
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,8 +154,15 @@ class Connection:
         policy = _AcceptNew(kh) if target.accept_new else _Reject(kh)
         self.client.set_missing_host_key_policy(policy)
         try:
+            sock = socket.create_connection((target.host, target.port), target.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.client.close()
+            raise
+        try:
             self.client.connect(
                 target.host,
+                sock=sock,
                 port=target.port,
                 username="root",
                 key_filename=str(target.key) if target.key else None,

@@ -88,6 +88,8 @@ class Agent:
                 conn.close()
                 return
             conn.settimeout(None)
+            # SSH exchanges many small packets; Nagle + delayed ACK would add ~40 ms each
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(
                 target=self._connection, args=(conn, peer), name=f"ssh-{peer}", daemon=True
             )

@@ -448,3 +448,55 @@ def test_restart_keeps_the_host_key_and_sigterm_stops_cleanly(tmp_path: Path, ke
         assert "REMOTE HOST IDENTIFICATION HAS CHANGED" not in again.stderr
     finally:
         assert a.proc.stop() == 0
+
+
+def logged_in_client(a: Agent) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", a.port, "root", key_filename=str(a.keys.ed25519),
+                   look_for_keys=False, allow_agent=False)  # fmt: skip
+    return client
+
+
+def test_an_idle_connection_is_closed(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys, "--idle-timeout", "1")
+    try:
+        client = logged_in_client(a)
+        transport = client.get_transport()
+        assert transport is not None
+        deadline = time.monotonic() + 20
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not transport.is_active()
+        assert "closing connection from 127.0.0.1" in a.proc.cloud_log()
+        assert "idle for 1s" in a.proc.cloud_log()
+        client.close()
+    finally:
+        assert a.proc.stop() == 0
+
+
+def test_connections_beyond_the_session_limit_are_turned_away(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys, "--max-sessions", "1")
+    try:
+        holder = None
+        deadline = time.monotonic() + 20
+        while holder is None:  # the start-up port probe may still hold the one slot
+            try:
+                holder = logged_in_client(a)
+            except (paramiko.SSHException, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        res = a.ssh("update_config.py x")
+        assert res.returncode == 255
+        assert "sessions already open" in a.proc.cloud_log()
+        holder.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            res = a.ssh("update_config.py x")
+            if res.returncode != 255:
+                break
+            time.sleep(0.2)
+        assert res.returncode == 1 and "no such file" in res.stderr
+    finally:
+        assert a.proc.stop() == 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CloudStack's /opt/cloud/bin/update_config.py, served by vr: ``update_config.py <file> [false]``.
+"""CloudStack's /opt/cloud/bin/update_config.py: ``update_config.py <file> [false]``.
 
 Installed into the appliance with the ``vr`` package; run from a checkout it finds
 the package next to this folder.

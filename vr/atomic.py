@@ -231,3 +231,84 @@ def roll_forward(journal: Path) -> int:
     fsync_dir(journal.parent)
     LOG.warning("finished %d renames of an interrupted commit (journal %s)", done, journal)
     return done
+
+
+class StagedFile:
+    """A file received piece by piece (an upload) under a temp name next to ``path``.
+
+    Nothing appears under the real name until :meth:`commit` (fsync, chmod, rename,
+    fsync of the folder); :meth:`abort` removes the temp file. A process killed
+    mid-upload leaves only a ``.tmp-`` file, which callers sweep at start-up.
+    """
+
+    def __init__(self, path: Path, mode: int = 0o644) -> None:
+        self.path = path
+        self.mode = mode
+        self.tmp = _tmp_name(path)
+        self.size = 0
+        try:
+            self._fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise _space_error(exc, path) from exc
+
+    def write(self, data: bytes, offset: int | None = None) -> None:
+        """Write ``data`` at ``offset`` (default: after what was written so far)."""
+        if self._fd is None:
+            raise StoreError(f"upload of {self.path} already finished")
+        pos = self.size if offset is None else offset
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError as exc:
+            raise _space_error(exc, self.path) from exc
+        self.size = max(self.size, pos)
+
+    def commit(self) -> None:
+        """Make the complete file visible under its real name."""
+        if self._fd is None:
+            raise StoreError(f"upload of {self.path} already finished")
+        fd, self._fd = self._fd, None
+        try:
+            os.fchmod(fd, self.mode)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise _space_error(exc, self.path) from exc
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Drop what was received; the real name is untouched. Safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+    @property
+    def finished(self) -> bool:
+        return self._fd is None
+
+
+def sweep_temps(folder: Path) -> list[Path]:
+    """Remove ``.tmp-`` leftovers of interrupted writes directly in ``folder``."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for n in names:
+        if n.startswith(TMP_PREFIX):
+            remove_tree(folder / n)
+            removed.append(folder / n)
+    return removed

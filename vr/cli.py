@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "vr.cmd_demo",
     "vr.cmd_metadata",
     "vr.cmd_firewall",
+    "vr.cmd_agent",
 ]
 
 

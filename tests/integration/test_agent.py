@@ -162,7 +162,7 @@ def test_scp_legacy_then_ssh_update_config_applies_the_vm(agent: Agent) -> None:
     assert up.returncode == 0, up.stderr
     res = agent.ssh(f"/opt/cloud/bin/update_config.py {name}")
     assert res.returncode == 0, res.stderr
-    assert f"{name}: applied" in res.stdout
+    assert f"{name}: applied" in res.stderr  # the apply line goes to stderr, like a log line
     assert agent.hostname_of("10.1.1.10") == b"scp-legacy"
     assert (agent.paths.processed / f"{name}.gz").exists()
     assert not (agent.paths.cache / name).exists()

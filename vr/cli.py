@@ -18,6 +18,7 @@ from vr.paths import ROOT_ENV
 
 COMMAND_MODULES = [
     "vr.cmd_apply",
+    "vr.cmd_passwd",
 ]
 
 

@@ -83,12 +83,19 @@ class Transaction:
         self._temps: list[Path] = []
         self._dirs: set[Path] = set()
 
-    def stage_file(self, path: Path, data: bytes, mode: int = 0o644) -> None:
-        """Write ``data`` under a temp name next to ``path``; renamed on commit."""
+    def stage_file(
+        self, path: Path, data: bytes, mode: int = 0o644, mtime_ns: int | None = None
+    ) -> None:
+        """Write ``data`` under a temp name next to ``path``; renamed on commit.
+
+        ``mtime_ns`` sets the file's modification time (for change stamps).
+        """
         tmp = _tmp_name(path)
         self._temps.append(tmp)
         try:
             write_file(tmp, data, mode)
+            if mtime_ns is not None:
+                os.utime(tmp, ns=(mtime_ns, mtime_ns))
         except OSError as exc:
             raise _space_error(exc, path) from exc
         self._renames.append((tmp, path))

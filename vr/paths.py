@@ -115,6 +115,11 @@ class Paths:
     def run(self) -> Path:
         return self._p("run/vr")
 
+    @property
+    def metadata_counters(self) -> Path:
+        """Per-worker counter files of the metadata service (``<pid>.json``)."""
+        return self.run / "metadata"
+
     # --- configuration ---------------------------------------------------------------
     @property
     def etc(self) -> Path:

@@ -295,6 +295,19 @@ class Store:
                     LOG.info("removing leftover %s of an interrupted apply", d / n)
                     atomic.remove_tree(d / n)
 
+    def _stamp_time(self) -> int:
+        """A modification time later than the current stamp's, even within one clock tick.
+
+        Readers compare (inode, mtime): file systems reuse freed inodes and kernel
+        file times are coarse, so only a strictly increasing mtime makes two
+        commits always look different.
+        """
+        now = time.time_ns()
+        try:
+            return max(now, os.stat(self.paths.stamp).st_mtime_ns + 1)
+        except FileNotFoundError:
+            return now
+
     def _next_gen(self) -> int:
         try:
             return int(self.paths.stamp.read_text().strip() or 0) + 1
@@ -369,7 +382,7 @@ class Store:
                 tx.stage_file(self.paths.networks, _dumps(networks), 0o600)
             if result.dhcp_changed:
                 tx.stage_file(self.paths.dhcp, _dumps(dhcp), 0o600)
-            tx.stage_file(self.paths.stamp, f"{gen}\n".encode())
+            tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
             tx.commit()
         self._drop_old_generations(superseded, keep=gen)
         return result

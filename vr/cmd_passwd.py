@@ -13,6 +13,13 @@ from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
 
+WORKER_CLASSES = {
+    # vr's single-threaded keep-alive worker (vr/metadata_worker.py): one selectors
+    # loop per process, so hundreds of guests asking at once wait in no backlog.
+    "event": "vr.metadata_worker.EventWorker",
+    "sync": "sync",
+}
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -38,6 +45,12 @@ def register(sub: Any) -> None:
         default=None,
         help="worker processes (default: password_workers from the appliance config)",
     )
+    p.add_argument(
+        "--worker-class",
+        choices=sorted(WORKER_CLASSES),
+        default="event",
+        help="gunicorn worker class: event (default; vr's keep-alive event loop) or sync",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -53,19 +66,28 @@ def parse_bind(value: str) -> str:
     return value
 
 
-def gunicorn_options(binds: list[str], workers: int) -> dict[str, Any]:
+def gunicorn_options(
+    binds: list[str], workers: int, worker_class: str, paths: Paths
+) -> dict[str, Any]:
+    """gunicorn settings for the password server (pure; tested)."""
     return {
         "bind": binds,
         "workers": workers,
-        # One request per connection (HTTP/1.0 clients) suits the sync worker best.
-        "worker_class": "sync",
-        # The protocol's header name has an underscore; gunicorn drops those by default.
+        "worker_class": WORKER_CLASSES[worker_class],
+        "keepalive": 5,
+        "backlog": 2048,
+        "worker_connections": 1000,
+        # The protocol's header name has an underscore; gunicorn's own parser (sync
+        # worker) drops such headers by default. DomU-Request then means the same.
         "header_map": "dangerous",
         # Several gunicorns run per machine: no shared $HOME control socket.
         "control_socket_disable": True,
-        "proc_name": "vr-passwd",
+        "proc_name": f"vr-passwd[{paths.root}]",
         "timeout": 30,
         "graceful_timeout": 5,
+        "errorlog": "-",
+        "loglevel": "info",
+        "preload_app": False,
         "limit_request_line": 4094,
         "limit_request_fields": 50,
         "limit_request_field_size": 8190,
@@ -92,6 +114,12 @@ def _serve(args: argparse.Namespace) -> int:
     except (VRError, ValueError) as exc:
         LOG.error("password server not started: %s", exc)
         return 2
-    LOG.info("password server on %s with %d workers, root %s", binds, workers, paths.root)
-    run(lambda: make_app(paths), gunicorn_options(binds, workers))
+    LOG.info(
+        "password server for %s on %s: %d %s workers",
+        paths.root,
+        ", ".join(binds),
+        workers,
+        args.worker_class,
+    )
+    run(lambda: make_app(paths), gunicorn_options(binds, workers, args.worker_class, paths))
     return 0

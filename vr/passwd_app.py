@@ -26,6 +26,7 @@ password or the token.
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import errno
@@ -106,10 +107,9 @@ def ensure_token(paths: Paths) -> str:
             os.replace(tmp, target)
             LOG.warning("%s did not hold a token; a new one was written", target)
         else:
-            try:
+            # another process may have won the race: then use its token
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, target)
-            except FileExistsError:
-                pass  # another process won the race; use its token
     finally:
         tmp.unlink(missing_ok=True)
     atomic.fsync_dir(target.parent)
@@ -263,12 +263,12 @@ def _urlencoded(body: bytes) -> list[tuple[str, str]]:
 def _multipart(content_type: str, body: bytes) -> list[tuple[str, str]]:
     if "\r" in content_type or "\n" in content_type:
         raise FormError("Content-Type: expected a single header line")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart() or msg.get_boundary() is None:
         raise FormError("multipart body: expected a boundary and form-data parts")
     pairs = []
-    for part in msg.iter_parts():  # type: ignore[attr-defined]
+    for part in msg.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or part.get_content_disposition() != "form-data":
             raise FormError("multipart part: expected Content-Disposition: form-data; name=...")
@@ -365,7 +365,9 @@ class PasswordApp:
 
     # --- POST ------------------------------------------------------------------
 
-    def post(self, environ: dict[str, Any], start_response: StartResponse, caller: str) -> Any:
+    def post(
+        self, environ: dict[str, Any], start_response: StartResponse, caller: str
+    ) -> list[bytes]:
         try:
             vm = self.save(environ, caller)
         except Refused as exc:
@@ -423,6 +425,11 @@ def _reply(
     return [body]
 
 
+STORE_LOCK_TIMEOUT = 10.0
+"""A fetch waits this long for the store lock, then answers 503 (the guest retries);
+below gunicorn's worker timeout, so a long apply never gets the worker killed."""
+
+
 def make_app(paths: Paths) -> PasswordApp:
     """The application for one worker."""
-    return PasswordApp(paths)
+    return PasswordApp(paths, Store(paths, lock_timeout=STORE_LOCK_TIMEOUT))

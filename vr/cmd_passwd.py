@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
         "SIGTERM/SIGINT. Guests GET their password with 'DomU_Request: send_my_password' "
         "and ack it with 'DomU_Request: saved_password'; the VR itself may POST "
         "'save_password' with the token from <root>/var/lib/vr/passwd_token (created "
-        "mode 0600 if missing).",
+        "mode 0600 if missing). One audit line per fetch, ack and save goes to "
+        "<root>/var/log/cloud.log (and to stderr too with -v).",
     )
     add_root(p)
     p.add_argument(
@@ -95,6 +96,15 @@ def gunicorn_options(
     }
 
 
+def _audit_to_file_only() -> None:
+    """One audit line per request belongs in cloud.log, not on the supervisor's stderr
+    (it would be written twice at thousands of requests per second); warnings and
+    errors still go to both."""
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler:
+            h.setLevel(logging.WARNING)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from vr import config
     from vr.errors import VRError
@@ -104,6 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
     paths = Paths(root_from_env(args.root))
     paths.ensure()
     logs.setup(paths, args.verbose)
+    if not args.verbose:
+        _audit_to_file_only()
     try:
         cfg = config.load(paths)
         binds = [parse_bind(b) for b in (args.bind or [f"0.0.0.0:{cfg.password_port}"])]

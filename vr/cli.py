@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "vr.cmd_metadata",
     "vr.cmd_firewall",
     "vr.cmd_agent",
+    "vr.cmd_passwd",
 ]
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import logging.handlers
+import os
 import sys
+from collections.abc import Iterator
 
 from vr.paths import Paths
 
@@ -13,11 +17,55 @@ MAX_BYTES = 5 * 1024 * 1024
 BACKUPS = 3
 
 
-class _FileHandler(logging.handlers.RotatingFileHandler):
-    """Drops a line it cannot write (disk full) instead of printing a traceback to
-    stderr: the command's own one-line error is what the operator must see."""
+class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-rotated log that several processes (gunicorn workers) write together.
+
+    The stock handler rotates per process: after one worker renames the file, the
+    others keep writing into the renamed copy and then rotate again themselves,
+    scattering lines and deleting files still being written. Here each emit first
+    follows the file name (reopens when another process rotated), and a rotation
+    happens under an ``flock`` and only if nobody rotated meanwhile.
+    """
+
+    def _replaced(self) -> bool:
+        if self.stream is None:
+            return False
+        try:
+            st = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self.stream.fileno())
+        return (mine.st_ino, mine.st_dev) != (st.st_ino, st.st_dev)
+
+    def _reopen(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = self._open()
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self._replaced():
+            self._reopen()
+        return bool(super().shouldRollover(record))
+
+    @contextlib.contextmanager
+    def _rotation_lock(self) -> Iterator[None]:
+        fd = os.open(self.baseFilename + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def doRollover(self) -> None:
+        with self._rotation_lock():
+            if self._replaced():
+                self._reopen()  # another process rotated while we waited
+                return
+            super().doRollover()
 
     def handleError(self, record: logging.LogRecord) -> None:
+        """Drop a line that cannot be written (disk full) instead of printing a
+        traceback to stderr: the command's own one-line error is what must be seen."""
         if isinstance(sys.exc_info()[1], OSError):
             return
         super().handleError(record)
@@ -40,7 +88,7 @@ def setup(paths: Paths | None, verbose: bool = False, stderr: bool = True) -> No
     if paths is not None:
         try:
             paths.log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = _FileHandler(paths.log_file, maxBytes=MAX_BYTES, backupCount=BACKUPS)
+            fh = SharedRotatingFileHandler(paths.log_file, maxBytes=MAX_BYTES, backupCount=BACKUPS)
         except OSError as exc:
             logging.getLogger(__name__).warning("cannot open %s: %s", paths.log_file, exc)
         else:

@@ -94,5 +94,8 @@ def setup(paths: Paths | None, verbose: bool = False, stderr: bool = True) -> No
         else:
             fh.setFormatter(fmt)
             root.addHandler(fh)
-    for noisy in ("paramiko.transport", "watchdog"):
+    for noisy in ("watchdog",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # paramiko logs a traceback at ERROR for every connection that closes before the
+    # SSH banner (port probes, scanners); the agent logs one line for those itself.
+    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)

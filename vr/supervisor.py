@@ -166,7 +166,9 @@ class Supervisor:
             changed = False
             for svc in self.services:
                 changed |= self._check(svc, now)
-            if not self._ready and all(port_answers(s.port) for s in self.services):
+            if not self._ready and all(
+                s.pid is not None and port_answers(s.port) for s in self.services
+            ):
                 self._ready = True
                 changed = True
                 LOG.info(
@@ -192,6 +194,10 @@ class Supervisor:
                 code,
                 svc.backoff,
             )
+            # Its workers (same process group) may outlive it and keep the port:
+            # remove them so the restarted service can bind at once.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(svc.proc.pid, signal.SIGKILL)
             svc.proc = None
             svc.next_start = now + svc.backoff
             svc.backoff = min(svc.backoff * 2, BACKOFF_MAX)

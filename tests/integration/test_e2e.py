@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from vr.sandbox import (
     sandbox,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,9 @@ def test_sigterm_stops_vr_up_within_five_seconds_with_nothing_left(sb: Sandbox) 
     os.killpg(up.pid, signal.SIGTERM)
     assert up.wait(5) == 0  # the deadline for a clean stop
     sb.procs.clear()
-    assert sb.run("vr", ["ip", "netns", "pids", sb.ns("vr")]).stdout.split() == []
+    left = subprocess.run(
+        ["ip", "netns", "pids", sb.ns("vr")], capture_output=True, text=True, check=True
+    )
+    assert left.stdout.split() == []
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")

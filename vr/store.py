@@ -27,8 +27,6 @@ next writer finishes the renames of a writer killed half-way.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -39,8 +37,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from vr import atomic
-from vr.errors import LockTimeout, StoreError
+from vr import atomic, locking
+from vr.errors import StoreError
 from vr.paths import Paths
 from vr.payloads import (
     DELETE,
@@ -287,26 +285,10 @@ class Store:
         Not re-entrant: inside, call :meth:`apply_locked`, never :meth:`apply`.
         """
         self.paths.ensure()
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise LockTimeout(
-                            f"store lock {self.paths.lock} still held after {self.lock_timeout}s"
-                        ) from None
-                    time.sleep(0.005)
+        with locking.exclusive(self.paths.lock, self.lock_timeout, "store lock"):
             atomic.roll_forward(self.paths.journal)
             self._sweep_temps()
             yield
-        finally:
-            os.close(fd)
 
     def _sweep_temps(self) -> None:
         """Remove temporary names of killed writers: only names this store writes.

@@ -14,17 +14,16 @@ lock, so a concurrent ``iptables-legacy`` call cannot lose our update or we its.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import importlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 from typing import Any
 
-from vr.errors import FirewallError
+from vr import locking
+from vr.errors import FirewallError, LockTimeout
 from vr.firewall.model import MatchSpec, Params, RuleSpec
 from vr.firewall.sync import Counters, LiveRule
 
@@ -85,28 +84,14 @@ class IptcTables:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        path = os.environ.get(XT_LOCK_ENV, XT_LOCK_DEFAULT)
+        path = Path(os.environ.get(XT_LOCK_ENV, XT_LOCK_DEFAULT))
+        stack = contextlib.ExitStack()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise FirewallError(f"xtables lock {path}: cannot open: {exc.strerror}") from None
-        try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise FirewallError(
-                            f"xtables lock {path}: still held after {self.lock_timeout}s"
-                        ) from None
-                    time.sleep(0.01)
+            stack.enter_context(locking.exclusive(path, self.lock_timeout, "xtables lock", 0.01))
+        except (LockTimeout, OSError) as exc:
+            raise FirewallError(f"xtables lock {path}: {exc}") from None
+        with stack:
             yield
-        finally:
-            os.close(fd)
 
     # --- the Tables protocol --------------------------------------------------------
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CloudStack's /opt/cloud/bin/update_config.py, served by vr: ``update_config.py <file> [false]``."""
+"""CloudStack's /opt/cloud/bin/update_config.py, served by vr: ``update_config.py FILE [false]``."""
 
 import sys
 

@@ -24,16 +24,32 @@ _CHROOT_MOUNTS=()
 
 # Mount what programs inside the chroot expect: /proc, /sys, /dev, /dev/pts, /run (tmpfs).
 chroot_mount() {
-  local root
+  local root d
   root=$(realpath "$1")
-  [ -z "$(mounts_under "$root")" ] || die "$root already has mounts under it: $(mounts_under "$root" | tr '\n' ' ')"
-  mkdir -p "$root/proc" "$root/sys" "$root/dev" "$root/run"
-  mount -t proc -o nosuid,nodev,noexec proc "$root/proc" && _CHROOT_MOUNTS+=("$root/proc")
-  mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys" && _CHROOT_MOUNTS+=("$root/sys")
-  mount --bind /dev "$root/dev" && _CHROOT_MOUNTS+=("$root/dev")
-  mkdir -p "$root/dev/pts"
-  mount --bind /dev/pts "$root/dev/pts" && _CHROOT_MOUNTS+=("$root/dev/pts")
-  mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs "$root/run" && _CHROOT_MOUNTS+=("$root/run")
+  for d in proc sys dev run; do
+    mkdir -p "$root/$d"
+    ! mountpoint -q "$root/$d" || die "$root/$d is already a mount point; refusing to stack mounts"
+  done
+  _mount "$root/proc" -t proc -o nosuid,nodev,noexec proc
+  _mount "$root/sys" -t sysfs -o ro,nosuid,nodev,noexec sysfs
+  _mount "$root/dev" --bind /dev
+  _mount "$root/dev/pts" --bind /dev/pts
+  _mount "$root/run" -t tmpfs -o nosuid,nodev,mode=755 tmpfs
+}
+
+# _mount POINT ARGS...: mount and record it; a failed mount is fatal (the trap undoes the rest).
+_mount() {
+  local point=$1
+  shift
+  mount "$@" "$point" || die "mount $* $point failed"
+  _CHROOT_MOUNTS+=("$point")
+}
+
+# overlay_mount LOWER MERGED SCRATCH: a writable view of LOWER at MERGED whose changes
+# go to SCRATCH (LOWER is never written); undone by chroot_umount like the others.
+overlay_mount() {
+  mkdir -p "$2" "$3/upper" "$3/work"
+  _mount "$(realpath "$2")" -t overlay -o "lowerdir=$1,upperdir=$3/upper,workdir=$3/work" overlay
 }
 
 # Undo chroot_mount (newest first); falls back to a lazy unmount for a busy mount point.

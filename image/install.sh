@@ -58,6 +58,8 @@ install_into_root() {
   # A global: the EXIT trap runs after this function has returned.
   stage_dir=$stage
   trap 'chroot_umount; rm -rf --one-file-system -- "$stage_dir"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
   stage_source "$src" "$stage/src"
   local args=()
   if [ -n "$wheels" ]; then

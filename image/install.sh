@@ -8,9 +8,10 @@
 # (always unmounted on exit) and runs itself inside `chroot TARGET`, so every tool
 # that runs is the target's own (its python3 builds the venv, its dpkg is asked).
 #
-# --wheels DIR  install vr and its dependencies from the wheels in DIR only (no index):
-#               image/build builds them on the host, so the chroot needs no PyPI access.
-#               Without it pip installs the checkout, fetching dependencies from PyPI.
+# --wheels DIR  install vr and its dependencies from the wheels in DIR only (no index).
+#               Without it, a TARGET other than / gets wheels built by this host's pip
+#               (so the chroot needs no PyPI access of its own); on / pip installs the
+#               checkout, fetching dependencies from the configured index.
 # --no-apt      fail instead of running apt-get when a runtime package is missing.
 #
 # What lands in the target:
@@ -41,14 +42,6 @@ done
 [ -z "$wheels" ] || [ -n "$(find "$wheels" -maxdepth 1 -name 'vr-*.whl' -print -quit)" ] \
   || die "--wheels $wheels: no vr-*.whl in it (build them with pip wheel -w DIR <checkout>)"
 
-# Copy the checkout without build products or VCS data.
-stage_source() {
-  mkdir -p "$2"
-  tar -C "$1" --exclude=.git --exclude=.venv --exclude=__pycache__ --exclude='*.egg-info' \
-    --exclude=./build --exclude=./dist --exclude=.mypy_cache --exclude=.ruff_cache \
-    --exclude=.pytest_cache -cf - . | tar -C "$2" -xf -
-}
-
 install_into_root() {
   local root
   root=$(realpath "$target")
@@ -61,10 +54,13 @@ install_into_root() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
   stage_source "$src" "$stage/src"
-  local args=()
+  local args=(--wheels "/${stage#"$root"/}/wheels")
   if [ -n "$wheels" ]; then
     cp -r "$wheels" "$stage/wheels"
-    args+=(--wheels "/${stage#"$root"/}/wheels")
+  else
+    # The chroot may have no route, proxy or CA for PyPI; this host's pip does.
+    log "building wheels on this host for $root"
+    build_wheels "$src" "$root" "$stage/wheels" "$stage/wheelbuild"
   fi
   [ "$apt" = 1 ] || args+=(--no-apt)
   chroot_mount "$root"

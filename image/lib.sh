@@ -73,3 +73,31 @@ remove_rootfs() {
   [ -z "$left" ] || die "refusing to remove $root: still mounted: $(echo "$left" | tr '\n' ' ')"
   rm -rf --one-file-system -- "$root"
 }
+
+# Copy a checkout without build products or VCS data: stage_source SRC DEST.
+stage_source() {
+  mkdir -p "$2"
+  tar -C "$1" --exclude=.git --exclude=.venv --exclude=__pycache__ --exclude='*.egg-info' \
+    --exclude=./build --exclude=./dist --exclude=.mypy_cache --exclude=.ruff_cache \
+    --exclude=.pytest_cache -cf - . | tar -C "$2" -xf -
+}
+
+# build_wheels SRC ROOT OUT SCRATCH: wheels for the checkout SRC and all its dependencies
+# into OUT, built with this host's pip (its index, proxy and CA configuration) for the
+# python3 of the Debian root ROOT, which must be the same minor version as the host's:
+# compiled wheels (python-iptables) only load in the interpreter they were built for.
+build_wheels() {
+  local src=$1 root=$2 out=$3 scratch=$4 host_py target_py
+  host_py=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  target_py=$(chroot "$root" /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+    || die "$root has no working /usr/bin/python3"
+  [ "$host_py" = "$target_py" ] \
+    || die "host python3 is $host_py but $root has $target_py: build on Debian 12, or pass --wheels"
+  python3 -m venv "$scratch/pyenv" || die "python3 -m venv failed (install python3-venv)"
+  stage_source "$src" "$scratch/src"
+  "$scratch/pyenv/bin/pip" wheel -q --disable-pip-version-check -w "$out" "$scratch/src" \
+    >"$scratch/wheels.log" 2>&1 || {
+    grep -v '^WARNING: Location' "$scratch/wheels.log" >&2
+    die "pip wheel failed (python-iptables needs gcc and python3-dev on this host)"
+  }
+}

@@ -1,9 +1,18 @@
 #!/usr/bin/env python3
-"""CloudStack's /opt/cloud/bin/update_config.py, served by vr: ``update_config.py FILE [false]``."""
+"""CloudStack's /opt/cloud/bin/update_config.py: ``update_config.py <file> [false]``.
+
+Installed into the appliance with the ``vr`` package; run from a checkout it finds
+the package next to this folder.
+"""
 
 import sys
+from pathlib import Path
 
-from vr.cli import main
+try:
+    from vr.cli import main
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from vr.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["update-config", *sys.argv[1:]]))

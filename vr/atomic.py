@@ -4,12 +4,19 @@
 together: everything that needs disk space happens in :meth:`Transaction.stage_*`;
 :meth:`Transaction.commit` only renames (which needs no space) and fsyncs the
 directories. A failure before commit leaves no trace under any real name.
+
+A process killed in the middle of a commit's renames would leave some of them done.
+With a ``journal`` path the list of renames is written (atomically, fsynced) before
+the first one; :func:`roll_forward` run by the next writer finishes them, so a
+transaction is all-or-nothing even across ``kill -9``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -17,7 +24,10 @@ from pathlib import Path
 
 from vr.errors import DiskFullError, StoreError
 
+LOG = logging.getLogger(__name__)
+
 TMP_PREFIX = ".tmp-"
+"""Every temporary name starts with this; pushed names can never start with '.'."""
 
 
 def _tmp_name(final: Path) -> Path:
@@ -34,7 +44,7 @@ def fsync_dir(path: Path) -> None:
 
 def _space_error(exc: OSError, what: Path) -> StoreError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"no space left on device while writing {what}")
+        return DiskFullError(f"disk full: no space left on device while writing {what}")
     return StoreError(f"cannot write {what}: {exc.strerror or exc}")
 
 
@@ -75,20 +85,47 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class Transaction:
-    """Stage writes; make them visible together with :meth:`commit`."""
+def discard_tree(path: Path) -> None:
+    """Remove ``path`` so that no reader sees it half-deleted.
 
-    def __init__(self) -> None:
+    It is first renamed to a temporary name (one atomic step), then deleted: a
+    reader that finds ``path`` by name after reading from it knows it read it whole.
+    """
+    tmp = _tmp_name(path)
+    try:
+        os.rename(path, tmp)
+    except FileNotFoundError:
+        return
+    remove_tree(tmp)
+
+
+class Transaction:
+    """Stage writes; make them visible together with :meth:`commit`.
+
+    ``journal``: where to record the renames of a multi-step commit (see the module
+    docstring); the caller must run :func:`roll_forward` on it before its next
+    transaction, under the same lock.
+    """
+
+    def __init__(self, journal: Path | None = None) -> None:
+        self._journal = journal
         self._renames: list[tuple[Path, Path]] = []
         self._temps: list[Path] = []
         self._dirs: set[Path] = set()
 
-    def stage_file(self, path: Path, data: bytes, mode: int = 0o644) -> None:
-        """Write ``data`` under a temp name next to ``path``; renamed on commit."""
+    def stage_file(
+        self, path: Path, data: bytes, mode: int = 0o644, mtime_ns: int | None = None
+    ) -> None:
+        """Write ``data`` under a temp name next to ``path``; renamed on commit.
+
+        ``mtime_ns`` sets the file's modification time (for change stamps).
+        """
         tmp = _tmp_name(path)
         self._temps.append(tmp)
         try:
             write_file(tmp, data, mode)
+            if mtime_ns is not None:
+                os.utime(tmp, ns=(mtime_ns, mtime_ns))
         except OSError as exc:
             raise _space_error(exc, path) from exc
         self._renames.append((tmp, path))
@@ -102,10 +139,13 @@ class Transaction:
         tmp = _tmp_name(path)
         self._temps.append(tmp)
         try:
-            tmp.mkdir(mode=0o755)
+            tmp.mkdir()
+            # served files: readable by the web server whatever the umask
+            os.chmod(tmp, 0o755)  # noqa: S103
             for sub, entries in files.items():
                 d = tmp / sub
-                d.mkdir(mode=0o755)
+                d.mkdir()
+                os.chmod(d, 0o755)  # noqa: S103
                 for name, data in entries.items():
                     write_file(d / name, data, 0o644)
                 fsync_dir(d)
@@ -128,15 +168,25 @@ class Transaction:
 
     def commit(self) -> None:
         """Make every staged change visible (renames only), then fsync the folders."""
+        journal = self._journal if len(self._renames) > 1 else None
+        if journal is not None:
+            pairs = [[str(tmp), str(final)] for tmp, final in self._renames]
+            atomic_write(journal, json.dumps(pairs).encode(), 0o600)
         for tmp, final in self._renames:
             os.replace(tmp, final)
         self._renames.clear()
         self._temps.clear()
         for d in sorted(self._dirs):
             fsync_dir(d)
+        if journal is not None:
+            journal.unlink()
+            fsync_dir(journal.parent)
 
     def abort(self) -> None:
         """Remove everything staged; real names were never touched."""
+        if self._journal is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._journal.unlink()
         for tmp in self._temps:
             remove_tree(tmp)
         self._temps.clear()
@@ -148,3 +198,117 @@ class Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def roll_forward(journal: Path) -> int:
+    """Finish the renames of a commit that was interrupted; returns how many were done.
+
+    A temporary name that no longer exists was already renamed: renames are done in
+    journal order and temporary names are never reused.
+    """
+    try:
+        pairs = json.loads(journal.read_bytes())
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        LOG.warning("ignoring unreadable journal %s", journal)
+        journal.unlink()
+        return 0
+    done = 0
+    dirs: set[Path] = set()
+    for tmp, final in pairs:
+        if os.path.lexists(tmp):
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                LOG.error("cannot finish rename %s -> %s: %s", tmp, final, exc)
+                continue
+            done += 1
+        dirs.add(Path(final).parent)
+    for d in sorted(dirs):
+        fsync_dir(d)
+    journal.unlink()
+    fsync_dir(journal.parent)
+    LOG.warning("finished %d renames of an interrupted commit (journal %s)", done, journal)
+    return done
+
+
+class StagedFile:
+    """A file received piece by piece (an upload) under a temp name next to ``path``.
+
+    Nothing appears under the real name until :meth:`commit` (fsync, chmod, rename,
+    fsync of the folder); :meth:`abort` removes the temp file. A process killed
+    mid-upload leaves only a ``.tmp-`` file, which callers sweep at start-up.
+    """
+
+    def __init__(self, path: Path, mode: int = 0o644) -> None:
+        self.path = path
+        self.mode = mode
+        self.tmp = _tmp_name(path)
+        self.size = 0
+        try:
+            self._fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise _space_error(exc, path) from exc
+
+    def write(self, data: bytes, offset: int | None = None) -> None:
+        """Write ``data`` at ``offset`` (default: after what was written so far)."""
+        if self._fd is None:
+            raise StoreError(f"upload of {self.path} already finished")
+        pos = self.size if offset is None else offset
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError as exc:
+            raise _space_error(exc, self.path) from exc
+        self.size = max(self.size, pos)
+
+    def commit(self) -> None:
+        """Make the complete file visible under its real name."""
+        if self._fd is None:
+            raise StoreError(f"upload of {self.path} already finished")
+        fd, self._fd = self._fd, None
+        try:
+            os.fchmod(fd, self.mode)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise _space_error(exc, self.path) from exc
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Drop what was received; the real name is untouched. Safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+
+    @property
+    def finished(self) -> bool:
+        return self._fd is None
+
+
+def sweep_temps(folder: Path) -> list[Path]:
+    """Remove ``.tmp-`` leftovers of interrupted writes directly in ``folder``."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for n in names:
+        if n.startswith(TMP_PREFIX):
+            remove_tree(folder / n)
+            removed.append(folder / n)
+    return removed

@@ -18,6 +18,12 @@ from vr.paths import ROOT_ENV
 
 COMMAND_MODULES = [
     "vr.cmd_apply",
+    "vr.cmd_up",
+    "vr.cmd_demo",
+    "vr.cmd_metadata",
+    "vr.cmd_firewall",
+    "vr.cmd_agent",
+    "vr.cmd_passwd",
 ]
 
 

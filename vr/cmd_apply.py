@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from ipaddress import IPv4Address
 from typing import Any
@@ -38,24 +39,38 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "show",
-        help="print what the store holds for VMs",
-        description="Print each VM's metadata keys and values and user-data size.",
+        help="print what the store holds and what guests are served",
+        description="Print, per VM, the generation, every metadata key in index order "
+        "with its value (escaped, truncated), the user-data size, kind and sha256, and "
+        "whether a password is pending (never the password itself); then guest "
+        "networks, DHCP entries and the last push. --json prints the same as JSON with "
+        "full values (binary as base64).",
     )
     add_root(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("ip", nargs="*", help="only these VM addresses")
     p.set_defaults(func=_show)
 
 
 def make_applier(paths: Paths) -> Any:
-    """The Applier with the appliance's post-commit hooks wired in."""
-    from vr.apply import Applier
+    """The Applier with the appliance's hooks wired in.
 
-    return Applier(paths, after_commit=None)
+    Firewall: guest networks are validated before the store commits (unknown or
+    control/public device -> rejected, nothing stored); after a commit that changed
+    guest networks or DHCP entries the rules are re-applied (python-iptables is
+    imported only then).
+    """
+    from vr.apply import Applier
+    from vr.firewall.apply import push_hooks
+
+    before, after = push_hooks(paths)
+    return Applier(paths, after_commit=after, before_commit=before)
 
 
 def _update_config(args: argparse.Namespace) -> int:
     paths = Paths(root_from_env(args.root))
-    logs.setup(paths, args.verbose)
+    # The applier prints its one line to stderr itself; the log file gets it too.
+    logs.setup(paths, args.verbose, stderr=False)
     argv = [args.file] + ([args.archive] if args.archive else [])
     code: int = make_applier(paths).update_config(argv, sys.stdout, sys.stderr)
     return code
@@ -63,28 +78,25 @@ def _update_config(args: argparse.Namespace) -> int:
 
 def _apply_cfg(args: argparse.Namespace) -> int:
     paths = Paths(root_from_env(args.root))
-    logs.setup(paths, args.verbose)
+    logs.setup(paths, args.verbose, stderr=False)
     code: int = make_applier(paths).apply_cfg([args.cfg], sys.stdout, sys.stderr)
     return code
 
 
 def _show(args: argparse.Namespace) -> int:
-    from vr.store import list_vms, read_vm
+    from vr import show
 
     paths = Paths(root_from_env(args.root))
     logs.setup(None, args.verbose)
-    ips = [IPv4Address(a) for a in args.ip] if args.ip else list_vms(paths)
-    for ip in ips:
-        rec = read_vm(paths, ip)
-        if rec is None:
-            print(f"{ip}: unknown VM")
-            continue
-        print(f"{ip} (generation {rec.gen})")
-        for k, v in rec.metadata.items():
-            shown = v.decode("utf-8", "replace")
-            if len(shown) > 60 or "\n" in shown:
-                shown = shown[:60].replace("\n", "\\n") + "..."
-            print(f"  meta-data/{k}: {shown}")
-        for k, v in rec.userdata.items():
-            print(f"  {k}: {len(v)} bytes")
+    try:
+        ips = [IPv4Address(a) for a in args.ip] if args.ip else None
+    except ValueError as exc:
+        print(f"vr show: {exc}: expected IPv4 addresses", file=sys.stderr)
+        return 2
+    report = show.collect(paths, ips)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for line in show.render(report):
+            print(line)
     return 0

@@ -29,12 +29,22 @@ class VRError(Exception):
 class PayloadError(VRError):
     """A pushed payload is not what the management server may send."""
 
-    def __init__(self, field: str, value: object, expected: str, vm: str | None = None) -> None:
+    def __init__(
+        self,
+        field: str,
+        value: object,
+        expected: str,
+        vm: str | None = None,
+        *,
+        subject: str | None = None,
+    ) -> None:
         self.vm = vm
         self.field = field
         self.value = value
         self.expected = expected
-        where = f"VM {vm}: " if vm else ""
+        # ``subject`` names what the payload is about when it is not a VM (a network).
+        self.subject = f"VM {vm}" if vm else subject
+        where = f"{self.subject}: " if self.subject else ""
         super().__init__(f"{where}{field}={shorten(value)}: expected {expected}")
 
 
@@ -43,7 +53,10 @@ class StoreError(VRError):
 
 
 class DiskFullError(StoreError):
-    """No space left while preparing a change; nothing visible was changed."""
+    """No space left while preparing a change; nothing visible was changed.
+
+    The message always starts with ``disk full:`` so operators can grep for it.
+    """
 
 
 class LockTimeout(StoreError):

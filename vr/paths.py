@@ -54,6 +54,10 @@ class Paths:
         """Replaced on every committed change; readers compare its inode and mtime."""
         return self.latest / ".stamp"
 
+    def vm_pointer(self, ip: IPv4Address) -> Path:
+        """Symlink ``.vms/<ip> -> <ip>@<gen>``: the VM's committed generation."""
+        return self.generations / str(ip)
+
     def metadata_dir(self, ip: IPv4Address) -> Path:
         return self.metadata_root / str(ip)
 
@@ -104,6 +108,11 @@ class Paths:
         return self.state / "dhcpentry.json"
 
     @property
+    def journal(self) -> Path:
+        """Renames of a store commit in progress (finished by the next writer)."""
+        return self.state / "store.journal"
+
+    @property
     def last_push(self) -> Path:
         return self.state / "last_push.json"
 
@@ -112,8 +121,18 @@ class Paths:
         return self.state / "firewall.json"
 
     @property
+    def firewall_pending(self) -> Path:
+        """Present while the saved firewall state may not be what the tables hold."""
+        return self.state / "firewall.pending"
+
+    @property
     def run(self) -> Path:
         return self._p("run/vr")
+
+    @property
+    def metadata_counters(self) -> Path:
+        """Per-worker counter files of the metadata service (``<pid>.json``)."""
+        return self.run / "metadata"
 
     # --- configuration ---------------------------------------------------------------
     @property

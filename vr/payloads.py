@@ -42,6 +42,8 @@ class Limits:
     keys_per_vm: int = 512
     payload_bytes: int = 4 * 1024 * 1024
     password_chars: int = 512
+    cfg_bytes: int = 128 * 1024 * 1024
+    """A router-start batch carries every VM of the network, user-data included."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -159,34 +161,45 @@ def parse_ipv4(value: object, field_name: str, vm: str | None = None) -> IPv4Add
     return addr
 
 
-def decode_userdata(text: str, vm: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """Strict standard base64 (padding optional) bounded by ``limits.userdata_bytes``."""
+B64_EXPECTED = (
+    "standard base64 (A-Z a-z 0-9 + /, '=' padding optional but complete if present;"
+    " URL-safe '-' and '_' are not accepted)"
+)
+
+
+def decode_userdata(
+    text: str, vm: str, limits: Limits = DEFAULT_LIMITS, field_name: str = "user-data"
+) -> bytes:
+    """Strict standard base64 (padding optional) bounded by ``limits.userdata_bytes``.
+
+    Line breaks (MIME-wrapped base64) are allowed; anything else outside the alphabet
+    is an error, never silently dropped as CloudStack's ``b64decode`` does.
+    """
     raw = text.encode("ascii", "replace")
-    compact = re.sub(rb"[\r\n]", b"", raw)
-    if not B64_PATTERN.fullmatch(compact) or len(compact.rstrip(b"=")) % 4 == 1:
-        raise PayloadError(
-            "user-data",
-            text,
-            "standard base64 (A-Z a-z 0-9 + /, optional '=' padding)",
-            vm,
-        )
+    compact = re.sub(rb"\r?\n", b"", raw)
     max_encoded = (limits.userdata_bytes + 2) // 3 * 4
-    if len(compact) > max_encoded + 4:
+    if len(compact) > max_encoded:
         raise PayloadError(
-            "user-data",
+            field_name,
             f"<{len(compact)} base64 chars>",
             f"at most {limits.userdata_bytes} bytes once decoded",
             vm,
         )
-    padded = compact.rstrip(b"=")
-    padded += b"=" * (-len(padded) % 4)
+    body = compact.rstrip(b"=")
+    padding = len(compact) - len(body)
+    if (
+        not B64_PATTERN.fullmatch(compact)
+        or len(body) % 4 == 1
+        or (padding and len(compact) % 4 != 0)
+    ):
+        raise PayloadError(field_name, text, B64_EXPECTED, vm)
     try:
-        data = base64.b64decode(padded, validate=True)
+        data = base64.b64decode(body + b"=" * (-len(body) % 4), validate=True)
     except binascii.Error as exc:
-        raise PayloadError("user-data", text, f"valid base64 ({exc})", vm) from None
+        raise PayloadError(field_name, text, f"{B64_EXPECTED}: {exc}", vm) from None
     if len(data) > limits.userdata_bytes:
         raise PayloadError(
-            "user-data",
+            field_name,
             f"<{len(data)} bytes>",
             f"at most {limits.userdata_bytes} bytes once decoded",
             vm,
@@ -230,27 +243,34 @@ def parse_vm_metadata(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
         name = check_name(name, f"{where}.file", vm)
         if folder == "metadata" and name == INDEX_NAME:
             raise PayloadError(f"{where}.file", name, "a key other than the index name", vm)
-        value: bytes | Delete
-        if content is None:
-            value = b""
-        elif content == "":
-            value = DELETE
-        elif not isinstance(content, str):
-            raise PayloadError(f"{name}", content, 'a string, "" or null', vm)
-        elif folder == "userdata":
-            value = decode_userdata(content, vm, limits)
-        else:
-            value = content.encode("utf-8", "surrogatepass")
-            if len(value) > limits.value_bytes:
-                raise PayloadError(
-                    name, f"<{len(value)} bytes>", f"at most {limits.value_bytes} bytes", vm
-                )
-        entries[(folder, name)] = Entry(folder, name, value)
+        entries[(folder, name)] = Entry(folder, name, _content(content, folder, name, vm, limits))
     if len(entries) > limits.keys_per_vm:
         raise PayloadError(
             "vm_metadata", f"<{len(entries)} keys>", f"at most {limits.keys_per_vm} keys", vm
         )
     return VmMetadata(ip, tuple(entries.values()))
+
+
+def _content(content: object, folder: str, name: str, vm: str, limits: Limits) -> bytes | Delete:
+    """``null`` -> empty, ``""`` -> delete, user-data base64-decoded, metadata UTF-8."""
+    where = f"{folder}/{name}"
+    if content is None:
+        return b""
+    if content == "":
+        return DELETE
+    if not isinstance(content, str):
+        raise PayloadError(where, content, 'a string, "" (delete) or null (empty)', vm)
+    if folder == "userdata":
+        return decode_userdata(content, vm, limits, where)
+    try:
+        value = content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError(where, content, "Unicode text (no lone surrogate \\uD8xx)", vm) from None
+    if len(value) > limits.value_bytes:
+        raise PayloadError(
+            where, f"<{len(value)} bytes>", f"at most {limits.value_bytes} bytes", vm
+        )
+    return value
 
 
 def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> VmPassword:
@@ -275,25 +295,39 @@ def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
 def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
     device = _require(obj, "device")
     if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        raise PayloadError("device", device, "an interface name like eth0 (1-15 chars)")
-    ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip")
-    cidr_text = _require(obj, "cidr")
-    try:
-        cidr = IPv4Network(cidr_text, strict=True)
-    except (ValueError, TypeError):
         raise PayloadError(
-            "cidr", cidr_text, "an IPv4 network like 10.1.1.0/24 (host bits zero)"
-        ) from None
-    if ip not in cidr:
-        raise PayloadError("router_guest_ip", str(ip), f"an address inside cidr {cidr}")
-    add = _parse_bool(obj.get("add", True), "add")
-    mac = obj.get("mac_address")
-    if mac is not None:
-        mac = parse_mac(mac, "mac_address")
-    gw_text = obj.get("router_guest_gateway")
-    gateway = parse_ipv4(gw_text, "router_guest_gateway") if gw_text else None
-    if gateway is not None and gateway not in cidr:
-        raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
+            "device", device, "an interface name like eth0 (1-15 chars)", subject="guest network"
+        )
+    net = f"guest network {device}"
+    try:
+        ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip")
+        cidr_text = _require(obj, "cidr")
+        if not isinstance(cidr_text, str):
+            raise PayloadError("cidr", cidr_text, "an IPv4 network as a string")
+        try:
+            cidr = IPv4Network(cidr_text, strict=True)
+        except ValueError:
+            raise PayloadError(
+                "cidr", cidr_text, "an IPv4 network like 10.1.1.0/24 (host bits zero)"
+            ) from None
+        if ip not in cidr:
+            raise PayloadError("router_guest_ip", str(ip), f"an address inside cidr {cidr}")
+        if cidr.prefixlen < 31 and ip in (cidr.network_address, cidr.broadcast_address):
+            raise PayloadError(
+                "router_guest_ip", str(ip), f"a host address of {cidr}, not its network/broadcast"
+            )
+        add = _parse_bool(obj.get("add", True), "add")
+        mac = obj.get("mac_address")
+        if mac is not None:
+            mac = parse_mac(mac, "mac_address")
+        gw_text = obj.get("router_guest_gateway")
+        gateway = parse_ipv4(gw_text, "router_guest_gateway") if gw_text else None
+        if gateway is not None and gateway not in cidr:
+            raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
+    except PayloadError as exc:
+        if exc.subject is not None:
+            raise
+        raise PayloadError(exc.field, exc.value, exc.expected, subject=net) from None
     return GuestNetwork(device, ip, cidr, add, mac, gateway)
 
 
@@ -335,26 +369,40 @@ PARSERS: dict[str, Callable[[dict[str, Any], Limits], Payload]] = {
 
 def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Payload:
     """Parse one pushed file: ``name`` is its file name, ``data`` its bytes."""
+    # Content is never quoted in these messages: the file may hold a password.
+    where = f"file {name}"
     if len(data) > limits.payload_bytes:
-        raise PayloadError("file", name, f"a payload of at most {limits.payload_bytes} bytes")
+        raise PayloadError(
+            "size",
+            f"<{len(data)} bytes>",
+            f"a payload of at most {limits.payload_bytes} bytes",
+            subject=where,
+        )
     try:
         obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise PayloadError("file", name, f"UTF-8 JSON (byte {exc.start} is not UTF-8)") from None
+        raise PayloadError(
+            "encoding", f"<byte {exc.start}>", "UTF-8 JSON text", subject=where
+        ) from None
     except json.JSONDecodeError as exc:
         raise PayloadError(
-            "file", name, f"valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            "JSON",
+            f"<{exc.msg} at line {exc.lineno} column {exc.colno}>",
+            "one valid JSON object",
+            subject=where,
+        ) from None
+    except RecursionError:
+        raise PayloadError(
+            "JSON", "<nested too deeply>", "a flat JSON object", subject=where
         ) from None
     if not isinstance(obj, dict):
-        raise PayloadError("file", name, "a JSON object")
-    kind = obj.get("type")
-    if kind is None:
-        kind = FILE_TYPES.get(file_stem(name))
-    if kind not in PARSERS:
-        raise PayloadError("type", kind, "one of " + ", ".join(sorted(PARSERS)))
-    expected_stem = {v: k for k, v in FILE_TYPES.items()}[kind]
-    if file_stem(name) in FILE_TYPES and file_stem(name) != expected_stem:
-        raise PayloadError("type", kind, f"type matching the file name {name!r}")
+        raise PayloadError("JSON", f"<{type(obj).__name__}>", "a JSON object", subject=where)
+    stem_type = FILE_TYPES.get(file_stem(name))
+    kind = obj.get("type", stem_type)
+    if not isinstance(kind, str) or kind not in PARSERS:
+        raise PayloadError("type", kind, "one of " + ", ".join(sorted(PARSERS)), subject=where)
+    if stem_type is not None and kind != stem_type:
+        raise PayloadError("type", kind, f"{stem_type!r} as the file name says", subject=where)
     return PARSERS[kind](obj, limits)
 
 

@@ -4,18 +4,24 @@ Layout under the document root (``Paths.latest``)::
 
     .vms/<ip>@<gen>/metadata/<key>, metadata/meta-data   immutable VM generation
     .vms/<ip>@<gen>/userdata/user-data
-    metadata/<ip> -> ../.vms/<ip>@<gen>/metadata          swapped by one rename
-    userdata/<ip> -> ../.vms/<ip>@<gen>/userdata
+    .vms/<ip> -> <ip>@<gen>                               the VM's pointer: one rename
+    metadata/<ip> -> ../.vms/<ip>/metadata                fixed, made on first push
+    userdata/<ip> -> ../.vms/<ip>/userdata
     .stamp                                                replaced on every commit
 
-A VM's generation directory is written completely and fsynced before the symlinks
-are swapped, so a reader that resolves ``metadata/<ip>`` once sees the whole old or
-the whole new VM. Private state (passwords, guest networks, DHCP entries) lives in
-JSON files under ``Paths.state``, replaced atomically in the same transaction.
+A VM's generation directory is written completely and fsynced before its one
+pointer is swapped, so metadata and user-data change together: a reader resolving
+a path (or :func:`read_vm`) sees the whole old or the whole new VM. Superseded
+generations are renamed away before they are deleted (see
+:func:`vr.atomic.discard_tree`), and the one before the current is kept so a reader
+that resolved it just before a swap can finish. Private state (passwords, guest
+networks, DHCP entries) lives in JSON files under ``Paths.state``, replaced in the
+same transaction.
 
 Every change happens under one ``flock`` on ``Paths.lock`` (across processes and
-threads) and through :class:`vr.atomic.Transaction`: all writes are staged first
-(where a full disk fails) and only renames make them visible.
+threads) and through :class:`vr.atomic.Transaction` with a journal: all writes are
+staged first (where a full disk fails), only renames make them visible, and the
+next writer finishes the renames of a writer killed half-way.
 """
 
 from __future__ import annotations
@@ -101,22 +107,33 @@ def merge_vm(
 # --- reading -------------------------------------------------------------------------
 
 
-def _gen_of(target: str) -> int | None:
-    """``../.vms/10.1.1.2@17/metadata`` -> 17."""
-    parts = target.split("/")
-    if len(parts) < 2 or "@" not in parts[-2]:
-        return None
+READ_ATTEMPTS = 50
+STALE_ARCHIVE_TEMP = 600.0
+"""Seconds after which a temporary file written outside the lock is a leftover."""
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    if seconds <= 0:
+        return True
     try:
-        return int(parts[-2].rsplit("@", 1)[1])
-    except ValueError:
+        return time.time() - path.lstat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
+def _gen_of(target: str) -> int | None:
+    """``10.1.1.2@17`` -> 17."""
+    _, at, gen = target.rpartition("@")
+    if not at or not gen.isdigit():
         return None
+    return int(gen)
 
 
 def current_gen(paths: Paths, ip: IPv4Address) -> int | None:
     """The VM's committed generation (one ``readlink``), or None if unknown."""
     try:
-        return _gen_of(os.readlink(paths.metadata_dir(ip)))
-    except (FileNotFoundError, NotADirectoryError, OSError):
+        return _gen_of(os.readlink(paths.vm_pointer(ip)))
+    except OSError:
         return None
 
 
@@ -133,25 +150,34 @@ def _read_folder(d: Path) -> dict[str, bytes]:
     return out
 
 
+def _read_generation(ip: IPv4Address, gen: int, base: Path) -> VmRecord:
+    """Read one generation directory; FileNotFoundError if any part is missing."""
+    files = _read_folder(base / "metadata")
+    index = files.pop(INDEX_NAME)
+    order = index.decode("utf-8").split("\n")[:-1]
+    metadata = {k: files[k] for k in order}  # KeyError: not the tree we wrote
+    userdata = _read_folder(base / "userdata")
+    return VmRecord(ip, gen, metadata, userdata)
+
+
 def read_vm(paths: Paths, ip: IPv4Address) -> VmRecord | None:
     """Load one VM's committed generation, or None if the VM is unknown.
 
-    Retries if a concurrent apply removed the generation it had just resolved.
+    Lock-free. If a concurrent apply discarded the generation while it was being
+    read (it is renamed away before any file in it is deleted, so a directory still
+    found by name after the read was read whole), the read starts again.
     """
-    for _ in range(5):
+    for _ in range(READ_ATTEMPTS):
         gen = current_gen(paths, ip)
         if gen is None:
             return None
         base = gen_dir(paths, ip, gen)
         try:
-            files = _read_folder(base / "metadata")
-            index = files.pop(INDEX_NAME, b"")
-            order = [k for k in index.decode("utf-8", "replace").split("\n") if k]
-            metadata = {k: files[k] for k in order if k in files}
-            userdata = _read_folder(base / "userdata")
-        except FileNotFoundError:
+            record = _read_generation(ip, gen, base)
+            os.stat(base)
+        except (FileNotFoundError, KeyError):
             continue
-        return VmRecord(ip, gen, metadata, userdata)
+        return record
     raise StoreError(f"VM {ip}: generation kept changing while reading")
 
 
@@ -256,7 +282,10 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the store's exclusive lock; cleans leftovers of killed writers first."""
+        """Hold the store's exclusive lock; repairs after killed writers first.
+
+        Not re-entrant: inside, call :meth:`apply_locked`, never :meth:`apply`.
+        """
         self.paths.ensure()
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -273,27 +302,56 @@ class Store:
                             f"store lock {self.paths.lock} still held after {self.lock_timeout}s"
                         ) from None
                     time.sleep(0.005)
+            atomic.roll_forward(self.paths.journal)
             self._sweep_temps()
             yield
         finally:
             os.close(fd)
 
     def _sweep_temps(self) -> None:
-        for d in (
-            self.paths.generations,
-            self.paths.metadata_root,
-            self.paths.userdata_root,
-            self.paths.state,
-            self.paths.latest,
+        """Remove temporary names of killed writers: only names this store writes.
+
+        Other services write their own files in ``state`` (without this lock), so
+        there only temporaries of the store's files are touched.
+        """
+        p = self.paths
+        owned_in_state = tuple(
+            f"{atomic.TMP_PREFIX}{f.name}." for f in (p.passwords, p.networks, p.dhcp, p.journal)
+        )
+        anything = (atomic.TMP_PREFIX,)
+        # Archives and the last-push record are written after the lock is released:
+        # only old temporaries of those.
+        for d, prefixes, min_age in (
+            (p.generations, anything, 0.0),
+            (p.metadata_root, anything, 0.0),
+            (p.userdata_root, anything, 0.0),
+            (p.latest, (f"{atomic.TMP_PREFIX}{p.stamp.name}.",), 0.0),
+            (p.state, owned_in_state, 0.0),
+            (p.state, (f"{atomic.TMP_PREFIX}{p.last_push.name}.",), STALE_ARCHIVE_TEMP),
+            (p.processed, anything, STALE_ARCHIVE_TEMP),
+            (p.failed, anything, STALE_ARCHIVE_TEMP),
         ):
             try:
                 names = os.listdir(d)
             except FileNotFoundError:
                 continue
             for n in names:
-                if n.startswith(atomic.TMP_PREFIX):
+                if n.startswith(prefixes) and _older_than(d / n, min_age):
                     LOG.info("removing leftover %s of an interrupted apply", d / n)
                     atomic.remove_tree(d / n)
+
+    def _stamp_time(self) -> int:
+        """A modification time later than the current stamp's, even within one clock tick.
+
+        Readers compare (inode, mtime): file systems reuse freed inodes and kernel
+        file times are coarse, so only a strictly increasing mtime makes two
+        commits always look different.
+        """
+        now = time.time_ns()
+        try:
+            return max(now, os.stat(self.paths.stamp).st_mtime_ns + 1)
+        except FileNotFoundError:
+            return now
 
     def _next_gen(self) -> int:
         try:
@@ -351,28 +409,39 @@ class Store:
                         "default": p.default_entry,
                     }
                 result.dhcp_changed |= before != dhcp
-        with atomic.Transaction() as tx:
-            for ip, rec in vms.items():
-                name = f"{ip}@{gen}"
-                tx.stage_tree(
-                    self.paths.generations / name,
-                    {
-                        "metadata": {**rec.metadata, INDEX_NAME: rec.index},
-                        "userdata": rec.userdata,
-                    },
-                )
-                tx.stage_symlink(self.paths.metadata_dir(ip), f"../.vms/{name}/metadata")
-                tx.stage_symlink(self.paths.userdata_dir(ip), f"../.vms/{name}/userdata")
+        with atomic.Transaction(self.paths.journal) as tx:
+            for rec in vms.values():
+                self._stage_vm(tx, rec)
             if result.passwords:
                 tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
             if result.networks_changed:
                 tx.stage_file(self.paths.networks, _dumps(networks), 0o600)
             if result.dhcp_changed:
                 tx.stage_file(self.paths.dhcp, _dumps(dhcp), 0o600)
-            tx.stage_file(self.paths.stamp, f"{gen}\n".encode())
+            tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
             tx.commit()
         self._drop_old_generations(superseded, keep=gen)
         return result
+
+    def _stage_vm(self, tx: atomic.Transaction, rec: VmRecord) -> None:
+        """Stage the VM's new generation, its pointer and (first time) its two links."""
+        p = self.paths
+        gen_name = gen_dir(p, rec.ip, rec.gen).name
+        tx.stage_tree(
+            p.generations / gen_name,
+            {"metadata": {**rec.metadata, INDEX_NAME: rec.index}, "userdata": rec.userdata},
+        )
+        tx.stage_symlink(p.vm_pointer(rec.ip), gen_name)
+        for link, sub in (
+            (p.metadata_dir(rec.ip), "metadata"),
+            (p.userdata_dir(rec.ip), "userdata"),
+        ):
+            target = os.path.relpath(p.vm_pointer(rec.ip) / sub, link.parent)
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            if link.exists() and not link.is_symlink():
+                raise StoreError(f"VM {rec.ip}: {link} is not a link made by vr; not replacing it")
+            tx.stage_symlink(link, target)
 
     def _drop_old_generations(self, superseded: list[tuple[IPv4Address, int]], keep: int) -> None:
         """Remove generations older than the one just replaced (readers may still hold it)."""
@@ -381,12 +450,9 @@ class Store:
             for n in os.listdir(self.paths.generations):
                 if not n.startswith(prefix):
                     continue
-                try:
-                    g = int(n[len(prefix) :])
-                except ValueError:
-                    continue
-                if g not in (keep, old_gen):
-                    atomic.remove_tree(self.paths.generations / n)
+                g = _gen_of(n)
+                if g is not None and g not in (keep, old_gen):
+                    atomic.discard_tree(self.paths.generations / n)
 
     # --- password life cycle (used by the password server) ------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vr.errors import REDACTED, CommandError
@@ -74,10 +74,16 @@ def spawn(
     stdout: int | None = None,
     stderr: int | None = None,
     new_session: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-running child (a supervised service); the caller owns the PID."""
     LOG.debug("spawning %s", list(cmd))
     full_env = None if env is None else {**os.environ, **env}
     return subprocess.Popen(
-        list(cmd), env=full_env, stdout=stdout, stderr=stderr, start_new_session=new_session
+        list(cmd),
+        env=full_env,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=new_session,
+        preexec_fn=preexec_fn,
     )

@@ -1,0 +1,592 @@
+"""Benchmark: our metadata service against Apache configured as CloudStack's VR does it.
+
+Run as root from the repository::
+
+    PYTHONPATH=$PWD /work/devvenv/bin/python bench/metadata.py [--vms 1000] [--duration 10]
+
+What it does, all inside two network namespaces it creates and always removes:
+
+* lays out ``--vms`` VMs (2 KB user-data each) with ``vr.store`` and builds the same
+  bytes in CloudStack's Apache layout (``metadata/<ip>/``, ``userdata/<ip>/``, the
+  ``latest/.htaccess`` rewrite rules of cloudstack-vr.md §3.3, ``AllowOverride All``,
+  Debian's stock event MPM settings, its own config dir, ports and PID file);
+* serves it with (a) ``python -m vr serve-metadata`` and (b) ``apache2`` in the "vr"
+  namespace; clients run in the "guest" namespace, which holds every VM's address;
+* drives both with ``wrk`` at 50 and 400 connections for
+  ``/latest/meta-data/instance-id`` and ``/latest/user-data``;
+* runs a boot storm: every VM does a cloud-init crawl (user-data, index, each key;
+  a new connection per request as cloud-init does), 20 VMs at a time, each from its
+  own source address;
+* prints a side-by-side table with our/Apache ratios.
+
+``--rss`` instead lays out ``--vms`` (e.g. 10000) VMs, starts our service with every
+VM loaded in each worker (``--warm``) and prints the workers' RSS against an empty
+store. Every load loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import http.client
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import netns  # noqa: E402
+from tests.helpers.vmdata import vm_payload  # noqa: E402
+from vr.paths import Paths  # noqa: E402
+from vr.payloads import parse_vm_metadata  # noqa: E402
+from vr.store import Store, list_vms, read_vm  # noqa: E402
+
+VR_ADDR = "10.77.0.1"
+PREFIX = 16
+OUR_PORT = 80
+APACHE_PORT = 8000
+PATHS = ("/latest/meta-data/instance-id", "/latest/user-data")
+CONNECTIONS = (50, 400)
+STORM_PARALLEL = 20
+STORM_TIME_LIMIT = 300.0
+
+SHIPPED_RULES = (
+    ("user-data", "../userdata/%{REMOTE_ADDR}/user-data"),
+    ("meta-data", "../metadata/%{REMOTE_ADDR}/meta-data"),
+)
+SHIPPED_KEYS = (
+    "availability-zone",
+    "cloud-identifier",
+    "instance-id",
+    "local-hostname",
+    "local-ipv4",
+    "public-hostname",
+    "public-ipv4",
+    "public-keys",
+    "service-offering",
+    "vm-id",
+)
+
+
+def vm_address(i: int) -> str:
+    return str(IPv4Address("10.77.1.0") + i)
+
+
+# --- layout --------------------------------------------------------------------------
+
+
+def lay_out_store(paths: Paths, count: int) -> None:
+    """``count`` VMs with 2 KB user-data, pushed through the store in batches."""
+    paths.ensure()
+    userdata = ("#cloud-config\n" + "# " + "x" * 60 + "\n" * 1) * 27
+    blob = userdata.encode()[:2048]
+    store = Store(paths)
+    batch = 500
+    for start in range(0, count, batch):
+        payloads = [
+            parse_vm_metadata(vm_payload(vm_address(i), userdata=blob))
+            for i in range(start, min(count, start + batch))
+        ]
+        store.apply(payloads)
+
+
+def lay_out_apache(paths: Paths, docroot: Path) -> None:
+    """The same bytes in CloudStack's Apache layout (cloudstack-vr.md §2, §3.3)."""
+    latest = docroot / "latest"
+    latest.mkdir(parents=True)
+    (docroot / ".htaccess").write_text("Options -Indexes\n")
+    rules = ["Options +FollowSymLinks", "RewriteEngine On"]
+    rules += [f"RewriteRule ^{name}/?$  {target} [L,NC,QSA]" for name, target in SHIPPED_RULES]
+    rules.append("RewriteRule ^meta-data/(.+[^/])/?$  ../metadata/%{REMOTE_ADDR}/$1 [L,NC,QSA]")
+    rules += [
+        f"RewriteRule ^{k}/?$  ../metadata/%{{REMOTE_ADDR}}/{k} [L,NC,QSA]" for k in SHIPPED_KEYS
+    ]
+    dynamic: set[str] = set()
+    for ip in list_vms(paths):
+        rec = read_vm(paths, ip)
+        assert rec is not None
+        guard = f"Options -Indexes\nOrder Deny,Allow\nDeny from all\nAllow from {ip}\n"
+        for folder, files in (("metadata", rec.metadata), ("userdata", rec.userdata)):
+            d = docroot / folder / str(ip)
+            d.mkdir(parents=True)
+            (d / ".htaccess").write_text(guard)
+            for name, data in files.items():
+                (d / name).write_bytes(data)
+                dynamic.add(f"RewriteRule ^{name}$  ../{folder}/%{{REMOTE_ADDR}}/{name} [L,NC,QSA]")
+        (docroot / "metadata" / str(ip) / "meta-data").write_bytes(rec.index)
+    dynamic.add("RewriteRule ^meta-data/(.+)$  ../metadata/%{REMOTE_ADDR}/$1 [L,NC,QSA]")
+    dynamic.add("RewriteRule ^meta-data/$  ../metadata/%{REMOTE_ADDR}/meta-data [L,NC,QSA]")
+    (latest / ".htaccess").write_text("\n".join(rules + sorted(dynamic)) + "\n")
+    for d, _, files in os.walk(docroot):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(Path(d) / f, 0o644)
+
+
+APACHE_MODULES = (
+    "mpm_event",
+    "authz_core",
+    "authz_host",
+    "authn_core",
+    "access_compat",
+    "alias",
+    "dir",
+    "env",
+    "filter",
+    "mime",
+    "negotiation",
+    "reqtimeout",
+    "setenvif",
+    "deflate",
+    "autoindex",
+    "rewrite",
+)
+
+
+def apache_config(conf_dir: Path, docroot: Path) -> Path:
+    """Debian's stock apache2.conf essentials plus CloudStack's vhost.template."""
+    mods = "\n".join(
+        f"LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so" for m in APACHE_MODULES
+    )
+    conf = conf_dir / "apache2.conf"
+    conf.write_text(
+        f"""ServerRoot {conf_dir}
+DefaultRuntimeDir {conf_dir}
+PidFile {conf_dir}/apache2.pid
+Mutex file:{conf_dir} default
+ServerName vr.bench
+User www-data
+Group www-data
+{mods}
+Include /etc/apache2/mods-available/mpm_event.conf
+Include /etc/apache2/mods-available/mime.conf
+Include /etc/apache2/mods-available/reqtimeout.conf
+Timeout 300
+KeepAlive On
+MaxKeepAliveRequests 100
+KeepAliveTimeout 5
+HostnameLookups Off
+ErrorLog {conf_dir}/error.log
+LogLevel warn
+AccessFileName .htaccess
+<Directory />
+    Options FollowSymLinks
+    AllowOverride None
+    Require all denied
+</Directory>
+# Debian's apache2.conf grants /var/www/; the VR's document root lives there.
+<Directory {docroot.parent}/>
+    Options Indexes FollowSymLinks
+    AllowOverride None
+    Require all granted
+</Directory>
+Listen {VR_ADDR}:{APACHE_PORT}
+<VirtualHost {VR_ADDR}:{APACHE_PORT}>
+    ServerName router.bench
+    DocumentRoot {docroot}
+    <Directory {docroot}>
+        Options Indexes FollowSymLinks MultiViews
+        AllowOverride All
+        Order allow,deny
+        allow from all
+    </Directory>
+</VirtualHost>
+"""
+    )
+    return conf
+
+
+# --- measuring -----------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    failed: int
+    requests: int
+    p50_ms: float
+    p99_ms: float
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"wrk latency {text!r}: expected a number with us/ms/s")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """Requests/s, failed requests (non-2xx/3xx plus socket errors), p50 and p99."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    failed = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        failed += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        failed += sum(int(x) for x in m.groups())
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    return WrkResult(rps, failed, total, _ms(lat["50"]), _ms(lat["99"]))
+
+
+def run_wrk(guest: netns.Namespace, url: str, conns: int, duration: int) -> WrkResult:
+    threads = 2
+    res = guest.run(
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{duration}s",
+        "--timeout",
+        "2s",
+        "--latency",
+        url,
+        timeout=duration + 60,
+    )
+    return parse_wrk(res.stdout)
+
+
+def crawl(base: str, source: str, timeout: float = 10.0) -> int:
+    """One cloud-init style crawl from ``source``; returns failed requests.
+
+    Like cloud-init: user-data, the index with its trailing slash, then every key,
+    each on a new connection.
+    """
+    host, port = base.split(":")
+
+    def get(path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(
+            host, int(port), timeout=timeout, source_address=(source, 0)
+        )
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    failed = 0
+    status, _ = get("/latest/user-data")
+    failed += status != 200
+    status, index = get("/latest/meta-data/")
+    if status != 200:
+        return failed + 1
+    for key in index.decode().split("\n"):
+        if key:
+            failed += get(f"/latest/meta-data/{key}")[0] != 200
+    return failed
+
+
+def storm_client(base: str, count: int, parallel: int) -> None:
+    """Run inside the guest namespace: ``count`` crawls, ``parallel`` at a time."""
+    deadline = time.monotonic() + STORM_TIME_LIMIT
+    start = time.monotonic()
+    failed = 0
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        futures = [pool.submit(crawl, base, vm_address(i)) for i in range(count)]
+        for f in futures:
+            try:
+                failed += f.result(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                failed += 1
+    print(f"storm {time.monotonic() - start:.3f} {failed}")
+
+
+def run_storm(guest: netns.Namespace, base: str, count: int) -> tuple[float, int]:
+    res = guest.run(
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--storm-client",
+        base,
+        "--vms",
+        str(count),
+        timeout=STORM_TIME_LIMIT + 60,
+    )
+    _, seconds, failed = res.stdout.split()
+    return float(seconds), int(failed)
+
+
+# --- servers -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def our_server(
+    lab: netns.Lab, vr: netns.Namespace, root: Path, args: argparse.Namespace, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vr",
+        "serve-metadata",
+        "--root",
+        str(root),
+        "--bind",
+        f"{VR_ADDR}:{OUR_PORT}",
+        "--workers",
+        str(args.workers),
+        "--worker-class",
+        args.worker_class,
+        "--threads",
+        str(args.threads),
+    ] + (["--warm"] if args.warm else [])
+    with open(log, "wb") as out:
+        p = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))
+    try:
+        vr.run(sys.executable, "-c", _WAIT_PORT.format(VR_ADDR, OUR_PORT))
+        yield p
+    finally:
+        netns.stop(p, timeout=10)
+
+
+_WAIT_PORT = (
+    "import socket,time\n"
+    "for _ in range(300):\n"
+    "    try: socket.create_connection(({!r},{}),0.5).close(); break\n"
+    "    except OSError: time.sleep(0.05)\n"
+    "else: raise SystemExit('port not open')\n"
+)
+
+
+@contextlib.contextmanager
+def apache_server(vr: netns.Namespace, conf_dir: Path, conf: Path) -> Iterator[int]:
+    vr.run("/usr/sbin/apache2", "-f", str(conf), "-k", "start")
+    pid = 0
+    try:
+        vr.run(sys.executable, "-c", _WAIT_PORT.format(VR_ADDR, APACHE_PORT))
+        pid = int((conf_dir / "apache2.pid").read_text().split()[0])
+        yield pid
+    finally:
+        if not pid:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((conf_dir / "apache2.pid").read_text().split()[0])
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+
+
+def setup_lab(lab: netns.Lab, count: int) -> tuple[netns.Namespace, netns.Namespace]:
+    vr = lab.host("vr")
+    guest = lab.host("guest")
+    lab.link(vr, "eth0", f"{VR_ADDR}/{PREFIX}", guest, "eth0", None)
+    batch = "".join(f"addr add {vm_address(i)}/{PREFIX} dev eth0\n" for i in range(count))
+    guest.run("ip", "-batch", "-", input=batch)
+    return vr, guest
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def _row(label: str, ours: str, apache: str, ratio: str) -> str:
+    return f"{label:<44} {ours:>14} {apache:>14} {ratio:>8}"
+
+
+def bench(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="vrbench-"))
+    os.chmod(work, 0o755)
+    try:
+        paths = Paths(work / "root")
+        t = time.monotonic()
+        lay_out_store(paths, args.vms)
+        docroot = work / "apache" / "html"
+        lay_out_apache(paths, docroot)
+        conf_dir = work / "apache" / "conf"
+        conf_dir.mkdir(parents=True)
+        conf = apache_config(conf_dir, docroot)
+        print(f"laid out {args.vms} VMs in {time.monotonic() - t:.1f}s under {work}")
+        results: dict[str, dict[str, object]] = {"ours": {}, "apache": {}}
+        with netns.lab() as lab:
+            vr, guest = setup_lab(lab, args.vms)
+            for name in ("ours", "apache"):
+                if name in args.skip:
+                    continue
+                port = OUR_PORT if name == "ours" else APACHE_PORT
+                base = f"{VR_ADDR}:{port}"
+                server: contextlib.AbstractContextManager[object] = (
+                    our_server(lab, vr, paths.root, args, work / "ours.log")
+                    if name == "ours"
+                    else apache_server(vr, conf_dir, conf)
+                )
+                with server:
+                    for path in PATHS:
+                        check = guest.run_bytes(
+                            "curl",
+                            "-sS",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            f"http://{base}{path}",
+                        )
+                        if check.stdout != b"200":
+                            raise SystemExit(f"{name} {path}: HTTP {check.stdout!r}, expected 200")
+                        for c in CONNECTIONS:
+                            r = run_wrk(guest, f"http://{base}{path}", c, args.duration)
+                            results[name][f"{path} c={c}"] = r
+                            print(f"{name:>6} {path} c={c}: {r}", flush=True)
+                    if not args.no_storm:
+                        results[name]["storm"] = run_storm(guest, base, args.vms)
+                        print(f"{name:>6} storm: {results[name]['storm']}", flush=True)
+        report(results, args)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
+    ours, apache = results["ours"], results["apache"]
+    print()
+    print(
+        f"metadata benchmark: {args.vms} VMs, wrk {args.duration}s per cell, ours = "
+        f"{args.workers} {args.worker_class} workers x {args.threads} threads, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(_row("", "ours", "apache", "ratio"))
+    for key in ours.keys() | apache.keys():
+        if key == "storm":
+            continue
+    for path in PATHS:
+        for c in CONNECTIONS:
+            key = f"{path} c={c}"
+            a, b = ours.get(key), apache.get(key)
+            if not isinstance(a, WrkResult) or not isinstance(b, WrkResult):
+                continue
+            print(_row(f"{key} req/s", f"{a.rps:.0f}", f"{b.rps:.0f}", f"{a.rps / b.rps:.2f}"))
+            print(
+                _row(
+                    "   failed / requests",
+                    f"{a.failed}/{a.requests}",
+                    f"{b.failed}/{b.requests}",
+                    "",
+                )
+            )
+            print(_row("   p50 ms", f"{a.p50_ms:.2f}", f"{b.p50_ms:.2f}", ""))
+            print(_row("   p99 ms", f"{a.p99_ms:.2f}", f"{b.p99_ms:.2f}", ""))
+    sa, sb = ours.get("storm"), apache.get("storm")
+    if isinstance(sa, tuple) and isinstance(sb, tuple):
+        print(
+            _row(
+                f"boot storm {args.vms} crawls x{STORM_PARALLEL} s",
+                f"{sa[0]:.2f}",
+                f"{sb[0]:.2f}",
+                f"{sb[0] / sa[0]:.2f}",
+            )
+        )
+        print(_row("   failed requests", str(sa[1]), str(sb[1]), ""))
+    print("ratio: ours/apache for req/s; apache/ours for storm time (>1 = we are faster)")
+
+
+# --- RSS -----------------------------------------------------------------------------
+
+
+def worker_pids(arbiter: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == arbiter:
+            out.append(int(d))
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def find_arbiter(p: subprocess.Popen[bytes]) -> int:
+    """``ip netns exec`` execs the command, so the spawned PID is gunicorn's arbiter."""
+    return p.pid
+
+
+def measure_rss(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="vrbench-rss-"))
+    try:
+        sizes = {}
+        for label, count in (("empty store", 0), (f"{args.vms} VMs", args.vms)):
+            paths = Paths(work / f"root{count}")
+            t = time.monotonic()
+            lay_out_store(paths, count)
+            laid = time.monotonic() - t
+            args.warm = True
+            with netns.lab() as lab:
+                vr = lab.host("vr")
+                vr.run("ip", "addr", "add", f"{VR_ADDR}/32", "dev", "lo")
+                log = work / f"rss{count}.log"
+                with our_server(lab, vr, paths.root, args, log) as p:
+                    deadline = time.monotonic() + 300
+                    while log.read_text().count(f"loaded {count} VMs") < args.workers:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"workers did not load {count} VMs: see {log}")
+                        time.sleep(0.2)
+                    pids = worker_pids(find_arbiter(p))
+                    rss = [rss_kib(pid) for pid in pids]
+                    sizes[label] = (rss, rss_kib(p.pid))
+            print(
+                f"{label}: laid out in {laid:.1f}s, worker RSS KiB {rss}, arbiter {sizes[label][1]}"
+            )
+        (e, _ea), (f, fa) = sizes["empty store"], sizes[f"{args.vms} VMs"]
+        per_vm = (sum(f) - sum(e)) * 1024 / max(1, args.vms) / max(1, len(f))
+        print(
+            f"RSS of all {len(f)} workers: {sum(e) / 1024:.1f} MiB empty, "
+            f"{sum(f) / 1024:.1f} MiB with {args.vms} VMs loaded in each "
+            f"(~{per_vm:.0f} bytes per VM per worker; arbiter {fa / 1024:.1f} MiB)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--vms", type=int, default=1000)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--worker-class", default="event")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warm", action="store_true", help="load all VMs in workers at start")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ours", "apache"])
+    ap.add_argument("--no-storm", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--rss", action="store_true", help="measure worker RSS instead")
+    ap.add_argument("--storm-client", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.storm_client:
+        storm_client(args.storm_client, args.vms, STORM_PARALLEL)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("bench/metadata.py needs root (network namespaces, apache2)")
+    if args.rss:
+        measure_rss(args)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()

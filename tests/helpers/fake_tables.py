@@ -1,0 +1,125 @@
+"""A hand-written stand-in for the kernel's iptables tables (no root, no iptc).
+
+Committed state is a dict ``table -> chain -> [LiveRule]``; :meth:`begin` copies it
+to a staging area that only :meth:`commit` publishes, like libiptc's handle.
+Failures can be injected per rule (``refuse_rule``) or per table commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+from vr.errors import FirewallError
+from vr.firewall.model import RuleSpec
+from vr.firewall.sync import Counters, LiveRule
+
+BUILTINS = {
+    "filter": ["INPUT", "FORWARD", "OUTPUT"],
+    "nat": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+}
+
+Tables = dict[str, dict[str, list[LiveRule]]]
+
+
+class FakeTables:
+    def __init__(self) -> None:
+        self.live: Tables = {t: {c: [] for c in cs} for t, cs in BUILTINS.items()}
+        self.staged: Tables = {}
+        self.commits: list[str] = []
+        self.refuse_rule: Callable[[RuleSpec], bool] = lambda spec: False
+        self.refuse_commit: set[str] = set()
+        self.lock_held = False
+
+    # --- test helpers ---------------------------------------------------------------
+
+    def add_live(self, table: str, chain: str, spec: RuleSpec, counters: Counters = (0, 0)) -> None:
+        self.live[table].setdefault(chain, []).append(LiveRule(spec, counters))
+
+    def count(self, table: str, chain: str, comment_part: str, packets: int) -> None:
+        """Pretend ``packets`` matched the live rule whose comment contains ``comment_part``."""
+        rules = self.live[table][chain]
+        for i, r in enumerate(rules):
+            if comment_part in r.spec.comment:
+                rules[i] = LiveRule(r.spec, (r.counters[0] + packets, r.counters[1] + 60 * packets))
+                return
+        raise AssertionError(f"no rule with {comment_part!r} in {table}/{chain}")
+
+    def snapshot(self) -> Tables:
+        return copy.deepcopy(self.live)
+
+    # --- Tables protocol --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        assert not self.lock_held, "xtables lock taken twice"
+        self.lock_held = True
+        try:
+            yield
+        finally:
+            self.lock_held = False
+
+    def _t(self, table: str) -> dict[str, list[LiveRule]]:
+        assert self.lock_held, "table used without the xtables lock"
+        return self.staged[table]
+
+    def begin(self, table: str) -> None:
+        assert self.lock_held
+        self.staged[table] = copy.deepcopy(self.live[table])
+
+    def commit(self, table: str) -> None:
+        if table in self.refuse_commit:
+            raise FirewallError(f"table {table}: can't commit: Invalid argument")
+        self.live[table] = self._t(table)
+        self.commits.append(table)
+        self.staged.pop(table)
+
+    def discard(self, table: str) -> None:
+        self.staged.pop(table, None)
+
+    def chains(self, table: str) -> list[str]:
+        return list(self._t(table))
+
+    def builtin_chains(self, table: str) -> list[str]:
+        return list(BUILTINS[table])
+
+    def rules(self, table: str, chain: str) -> list[LiveRule]:
+        return list(self._t(table)[chain])
+
+    def create_chain(self, table: str, chain: str) -> None:
+        assert chain not in self._t(table)
+        self._t(table)[chain] = []
+
+    def delete_chain(self, table: str, chain: str) -> None:
+        t = self._t(table)
+        assert not t[chain], "deleting a chain that still has rules"
+        for rules in t.values():
+            assert all(r.spec.target != chain for r in rules), f"{chain} still referenced"
+        del t[chain]
+
+    def flush(self, table: str, chain: str) -> None:
+        self._t(table)[chain] = []
+
+    def _check(self, table: str, spec: RuleSpec) -> None:
+        if self.refuse_rule(spec):
+            raise FirewallError(f"rule [{spec.render()}]: can't find match 'bogus'")
+        t = self._t(table)
+        builtin = spec.target in ("ACCEPT", "DROP", "RETURN", "DNAT")
+        assert builtin or spec.target in t, f"jump to unknown chain {spec.target}"
+
+    def append(self, table: str, chain: str, spec: RuleSpec, counters: Counters) -> None:
+        self._check(table, spec)
+        self._t(table)[chain].append(LiveRule(spec, counters))
+
+    def insert(self, table: str, chain: str, spec: RuleSpec, position: int) -> None:
+        self._check(table, spec)
+        self._t(table)[chain].insert(position, LiveRule(spec))
+
+    def delete_at(self, table: str, chain: str, index: int) -> None:
+        del self._t(table)[chain][index]
+
+    def canonical(self, table: str, spec: RuleSpec) -> RuleSpec:
+        if self.refuse_rule(spec):
+            raise FirewallError(f"rule [{spec.render()}]: can't find match 'bogus'")
+        return spec

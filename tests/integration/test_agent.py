@@ -1,0 +1,502 @@
+"""The push agent as a real process, driven by real OpenSSH clients, paramiko and ``vr push``.
+
+The agent listens on a free loopback port. Every client gets ``-i key -o
+IdentitiesOnly=yes -o BatchMode=yes`` and its own known-hosts file, so nothing in
+~/.ssh is used or changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from tests.helpers.agent import REPO, AgentProcess, keygen
+from vr.paths import Paths
+from vr.store import read_vm
+
+pytestmark = pytest.mark.root
+
+
+@dataclass
+class Keys:
+    ed25519: Path
+    rsa: Path
+    ecdsa: Path
+    stranger: Path
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("keys")
+    return Keys(
+        keygen(d / "mgmt_ed25519", "ed25519"),
+        keygen(d / "mgmt_rsa", "rsa"),
+        keygen(d / "mgmt_ecdsa", "ecdsa"),
+        keygen(d / "stranger", "ed25519"),
+    )
+
+
+def authorize(paths: Paths, *keys: Path) -> None:
+    paths.authorized_keys.parent.mkdir(parents=True, exist_ok=True)
+    paths.authorized_keys.write_text("".join(Path(f"{k}.pub").read_text() for k in keys))
+
+
+@dataclass
+class Agent:
+    proc: AgentProcess
+    paths: Paths
+    known_hosts: Path
+    keys: Keys
+    work: Path
+
+    @property
+    def port(self) -> int:
+        return self.proc.port
+
+    def opts(self, key: Path | None = None, strict: str = "accept-new") -> list[str]:
+        return [
+            "-i", str(key or self.keys.ed25519),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", f"StrictHostKeyChecking={strict}",
+            "-o", "ConnectTimeout=20",
+        ]  # fmt: skip
+
+    def ssh(self, *command: str, key: Path | None = None, extra: tuple[str, ...] = (),
+            strict: str = "accept-new") -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return run(["ssh", "-p", str(self.port), *self.opts(key, strict), *extra,
+                    "root@127.0.0.1", *command])  # fmt: skip
+
+    def scp(self, src: Path, dest: str, legacy: bool,
+            key: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        mode = ["-O"] if legacy else []
+        return run(["scp", *mode, "-P", str(self.port), *self.opts(key), str(src),
+                    f"root@127.0.0.1:{dest}"])  # fmt: skip
+
+    def sftp(self, script: str) -> subprocess.CompletedProcess[str]:
+        batch = self.work / "sftp.batch"
+        batch.write_text(script)
+        return run(["sftp", "-b", str(batch), "-P", str(self.port), *self.opts(),
+                    "root@127.0.0.1"])  # fmt: skip
+
+    def vr_push(self, *args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "vr", "push", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--key", str(key or self.keys.ed25519),
+                    "--known-hosts", str(self.known_hosts), *args])  # fmt: skip
+
+    def payload(self, ip: str, hostname: str, name: str = "vm_metadata.json") -> Path:
+        path = self.work / f"{hostname}-{name}"
+        path.write_text(metadata(ip, hostname))
+        return path
+
+    def hostname_of(self, ip: str) -> bytes | None:
+        rec = read_vm(self.paths, IPv4Address(ip))
+        return None if rec is None else rec.metadata.get("local-hostname")
+
+
+def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def metadata(ip: str, hostname: str) -> str:
+    return json.dumps(
+        {
+            "vm_ip_address": ip,
+            "vm_metadata": [
+                ["userdata", "user-data", "I2Nsb3VkLWNvbmZpZwo="],
+                ["metadata", "local-hostname", hostname],
+                ["metadata", "instance-id", f"i-{hostname}"],
+            ],
+            "type": "vmdata",
+        }
+    )
+
+
+def start_agent(tmp: Path, keys: Keys, *extra: str) -> Agent:
+    root = tmp / "vrroot"
+    paths = Paths(root)
+    paths.ensure()
+    authorize(paths, keys.ed25519, keys.rsa, keys.ecdsa)
+    work = tmp / "work"
+    work.mkdir(exist_ok=True)
+    proc = AgentProcess(root, extra=extra).start()
+    return Agent(proc, paths, tmp / "known_hosts", keys, work)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Agent]:
+    a = start_agent(tmp_path_factory.mktemp("agent"), keys)
+    try:
+        yield a
+    finally:
+        a.proc.stop()
+
+
+def written_outside_cache(paths: Paths, name: str) -> list[Path]:
+    """Every file called ``name`` under the root but outside var/cache/cloud."""
+    return [p for p in paths.root.rglob(name) if paths.cache not in p.parents]
+
+
+# --- real clients push and apply ---------------------------------------------------------
+
+
+def test_scp_legacy_then_ssh_update_config_applies_the_vm(agent: Agent) -> None:
+    src = agent.payload("10.1.1.10", "scp-legacy")
+    name = "vm_metadata.json.0a1b2c3d"
+    up = agent.scp(src, f"/var/cache/cloud/{name}", legacy=True)
+    assert up.returncode == 0, up.stderr
+    res = agent.ssh(f"/opt/cloud/bin/update_config.py {name}")
+    assert res.returncode == 0, res.stderr
+    assert f"{name}: applied" in res.stderr  # the apply line goes to stderr, like a log line
+    assert agent.hostname_of("10.1.1.10") == b"scp-legacy"
+    assert (agent.paths.processed / f"{name}.gz").exists()
+    assert not (agent.paths.cache / name).exists()
+
+
+def test_scp_in_sftp_mode_then_the_bare_script_name(agent: Agent) -> None:
+    src = agent.work / "vm_metadata.json.5e6f"
+    src.write_text(metadata("10.1.1.11", "scp-sftp"))
+    up = agent.scp(src, "/var/cache/cloud/", legacy=False)
+    assert up.returncode == 0, up.stderr
+    res = agent.ssh("update_config.py", "vm_metadata.json.5e6f")
+    assert res.returncode == 0, res.stderr
+    assert agent.hostname_of("10.1.1.11") == b"scp-sftp"
+
+
+def test_sftp_batch_mode_upload_is_applied(agent: Agent) -> None:
+    src = agent.payload("10.1.1.12", "sftp-batch")
+    res = agent.sftp(f"put {src} /var/cache/cloud/vm_metadata.json.77aa\nls\n")
+    assert res.returncode == 0, res.stderr
+    assert "vm_metadata.json.77aa" in res.stdout
+    res = agent.ssh("/opt/cloud/bin/update_config.py vm_metadata.json.77aa")
+    assert res.returncode == 0 and agent.hostname_of("10.1.1.12") == b"sftp-batch"
+
+
+def test_a_retried_update_config_succeeds_and_a_bad_payload_fails(agent: Agent) -> None:
+    src = agent.payload("10.1.1.13", "retried")
+    agent.scp(src, "/var/cache/cloud/vm_metadata.json.r1", legacy=True)
+    assert agent.ssh("/opt/cloud/bin/update_config.py vm_metadata.json.r1").returncode == 0
+    again = agent.ssh("/opt/cloud/bin/update_config.py vm_metadata.json.r1")
+    assert again.returncode == 0 and "already applied" in again.stdout
+    bad = agent.work / "bad.json"
+    bad.write_text('{"vm_ip_address": "10.1.1.13", "vm_metadata": "nope", "type": "vmdata"}')
+    agent.scp(bad, "/var/cache/cloud/vm_metadata.json.bad1", legacy=True)
+    res = agent.ssh("/opt/cloud/bin/update_config.py vm_metadata.json.bad1")
+    assert res.returncode == 1
+    assert "vm_metadata.json.bad1: rejected" in res.stderr
+    assert agent.hostname_of("10.1.1.13") == b"retried"
+
+
+def test_every_client_key_type_logs_in(agent: Agent) -> None:
+    for key in (agent.keys.ed25519, agent.keys.rsa, agent.keys.ecdsa):
+        res = agent.ssh("/opt/cloud/bin/update_config.py vm_metadata.json.none", key=key)
+        assert res.returncode == 1, res.stderr  # logged in; the file does not exist
+        assert "no such file" in res.stderr
+
+
+def test_rsa_key_with_legacy_ssh_rsa_sha1_signature_is_accepted(agent: Agent) -> None:
+    src = agent.payload("10.1.1.14", "sha1-rsa")
+    agent.scp(src, "/var/cache/cloud/vm_metadata.json.sha1", legacy=True)
+    res = agent.ssh(
+        "/opt/cloud/bin/update_config.py vm_metadata.json.sha1",
+        key=agent.keys.rsa,
+        extra=("-o", "PubkeyAcceptedAlgorithms=ssh-rsa"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert agent.hostname_of("10.1.1.14") == b"sha1-rsa"
+    assert "accepted legacy ssh-rsa (SHA-1) signature" in agent.proc.cloud_log()
+
+
+def test_vr_push_uploads_with_cloudstack_names_and_applies(agent: Agent) -> None:
+    a = agent.payload("10.1.1.20", "push-a")
+    b = agent.work / "pw.json"
+    b.write_text('{"ip_address": "10.1.1.20", "password": "s3cret-pw", "type": "vmpassword"}')
+    res = agent.vr_push("--accept-new", str(a), str(b))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"ok   {a} -> vm_metadata.json.")
+    assert lines[1].startswith(f"ok   {b} -> vm_password.json.")
+    assert "s3cret-pw" not in res.stdout + res.stderr + agent.proc.cloud_log()
+    assert agent.hostname_of("10.1.1.20") == b"push-a"
+
+
+def test_vr_push_batch_applies_all_files_with_one_cfg(agent: Agent) -> None:
+    files = [agent.payload(f"10.1.2.{i}", f"batch-{i}") for i in range(1, 6)]
+    res = agent.vr_push("--accept-new", "--batch", *map(str, files))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(res.stdout.splitlines()) == 5
+    assert all("applied with VR-" in line for line in res.stdout.splitlines())
+    assert [agent.hostname_of(f"10.1.2.{i}") for i in range(1, 6)] == [
+        f"batch-{i}".encode() for i in range(1, 6)
+    ]
+    assert list(agent.paths.processed.glob("VR-*.cfg.gz"))
+
+
+def test_vr_push_reports_each_failure_and_exits_non_zero(agent: Agent) -> None:
+    good = agent.payload("10.1.1.21", "mixed-good")
+    bad = agent.work / "vm_metadata.json"
+    bad.write_text('{"vm_ip_address": "not-an-ip", "vm_metadata": [], "type": "vmdata"}')
+    res = agent.vr_push("--accept-new", str(good), str(bad))
+    assert res.returncode == 1
+    ok_line, fail_line = res.stdout.splitlines()
+    assert ok_line.startswith("ok   ") and fail_line.startswith("FAIL ")
+    assert "vm_ip_address='not-an-ip'" in fail_line
+    assert "1 of 2 files failed" in res.stderr
+
+
+def test_vr_push_refuses_an_unknown_host_key_without_accept_new(agent: Agent) -> None:
+    src = agent.payload("10.1.1.22", "unknown-host")
+    res = run([sys.executable, "-m", "vr", "push", "--host", "127.0.0.1",
+               "--port", str(agent.port), "--key", str(agent.keys.ed25519),
+               "--known-hosts", str(agent.work / "empty_known_hosts"), str(src)])  # fmt: skip
+    assert res.returncode == 1
+    assert "is not in" in res.stdout and "--accept-new" in res.stdout
+    assert agent.hostname_of("10.1.1.22") is None
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+
+def test_an_unknown_key_is_refused_and_logged(agent: Agent) -> None:
+    res = agent.ssh("/opt/cloud/bin/update_config.py x", key=agent.keys.stranger)
+    assert res.returncode == 255
+    assert "Permission denied (publickey)" in res.stderr
+    assert "is not in" in agent.proc.cloud_log()
+
+
+def test_repeated_failures_from_one_address_are_slowed_down(agent: Agent) -> None:
+    for _ in range(2):
+        agent.ssh("true", key=agent.keys.stranger)
+    log = agent.proc.cloud_log()
+    assert "from this address; answering in 1.0s" in log or "answering in 2.0s" in log
+
+
+def test_password_authentication_is_refused(agent: Agent) -> None:
+    res = agent.ssh(
+        "true",
+        extra=("-o", "PreferredAuthentications=password,keyboard-interactive",
+               "-o", "PubkeyAuthentication=no"),
+    )  # fmt: skip
+    assert res.returncode == 255 and "Permission denied (publickey)" in res.stderr
+    # a client that tries a password anyway is told only publickey is allowed
+    with socket.create_connection(("127.0.0.1", agent.port)) as sock:
+        t = paramiko.Transport(sock)
+        try:
+            t.start_client(timeout=20)
+            with pytest.raises(paramiko.BadAuthenticationType) as info:
+                t.auth_password("root", "guess")
+            assert info.value.allowed_types == ["publickey"]
+        finally:
+            t.close()
+
+
+def test_a_shell_request_gets_127_and_a_reason(agent: Agent) -> None:
+    res = agent.ssh(extra=("-T",))
+    assert res.returncode == 127
+    assert res.stderr.strip().endswith("sftp")
+    assert "no interactive shell" in res.stderr
+
+
+def test_a_pty_is_refused(agent: Agent) -> None:
+    res = agent.ssh("/opt/cloud/bin/update_config.py none", extra=("-tt",))
+    assert res.returncode == 255
+    assert "PTY allocation request failed" in res.stderr
+
+
+def test_a_disallowed_command_gets_127_and_one_line(agent: Agent) -> None:
+    res = agent.ssh("cat /etc/shadow")
+    assert res.returncode == 127
+    assert res.stdout == ""
+    assert res.stderr.count("\n") == 1
+    assert "command not available on this appliance: 'cat'" in res.stderr
+
+
+def test_port_forwarding_is_refused(agent: Agent) -> None:
+    res = agent.ssh(extra=("-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"))
+    assert res.returncode == 255
+    assert "forwarding failed" in res.stderr.lower()
+
+
+def test_scp_to_etc_is_refused_and_writes_nothing(agent: Agent) -> None:
+    src = agent.work / "etc-probe-7731"
+    src.write_text("{}")
+    legacy = agent.scp(src, "/etc/", legacy=True)
+    assert legacy.returncode == 1
+    assert "uploads go only to /var/cache/cloud/" in legacy.stderr
+    modern = agent.scp(src, "/etc/", legacy=False)
+    assert modern.returncode == 1
+    assert "Permission denied" in modern.stderr
+    assert written_outside_cache(agent.paths, src.name) == []
+    assert not Path("/etc/etc-probe-7731").exists()
+
+
+def test_upload_names_with_dotdot_are_refused(agent: Agent) -> None:
+    src = agent.work / "dotdot-probe-5512"
+    src.write_text("{}")
+    for legacy in (True, False):
+        res = agent.scp(src, "/var/cache/cloud/../../../etc/dotdot-probe-5512", legacy=legacy)
+        assert res.returncode == 1
+    res = agent.sftp(f"put {src} ../dotdot-probe-5512\n")
+    assert res.returncode == 1 and "Permission denied" in res.stderr
+    assert list(agent.paths.root.rglob("dotdot-probe-5512")) == []
+
+
+def test_an_upload_that_breaks_off_leaves_no_partial_file(agent: Agent) -> None:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", agent.port, "root", key_filename=str(agent.keys.ed25519),
+                   look_for_keys=False, allow_agent=False)  # fmt: skip
+    transport = client.get_transport()
+    assert transport is not None
+    chan = transport.open_session()
+    chan.exec_command("scp -t /var/cache/cloud/")
+    assert chan.recv(1) == b"\0"
+    chan.sendall(b"C0644 100000 vm_metadata.json.cut1\n")
+    assert chan.recv(1) == b"\0"
+    chan.sendall(b"x" * 5000)
+    sftp = client.open_sftp()
+    f = sftp.open("/var/cache/cloud/vm_metadata.json.cut2", "wb")
+    f.write(b"y" * 5000)
+    f.flush()
+    transport.close()  # both uploads are cut off
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and list(agent.paths.cache.glob(".tmp-*cut*")):
+        time.sleep(0.1)
+    assert list(agent.paths.cache.glob("*cut*")) == []
+    assert list(agent.paths.cache.glob(".tmp-*cut*")) == []
+
+
+def test_an_oversized_upload_is_refused(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys, "--max-upload", "1000")
+    try:
+        big = a.work / "vm_metadata.json.big1"
+        big.write_bytes(b" " * 5000)
+        legacy = a.scp(big, "/var/cache/cloud/", legacy=True)
+        assert legacy.returncode == 1
+        assert "5000 bytes is too large; at most 1000 bytes" in legacy.stderr
+        modern = a.scp(big, "/var/cache/cloud/", legacy=False)
+        assert modern.returncode == 1
+        assert list(a.paths.cache.glob("*big1*")) == []
+    finally:
+        assert a.proc.stop() == 0
+
+
+# --- concurrency, reload, restart --------------------------------------------------------
+
+
+def test_twenty_concurrent_pushes_for_different_vms_are_all_applied(agent: Agent) -> None:
+    agent.vr_push("--accept-new", str(agent.payload("10.1.3.250", "warm-up")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    for i in range(20):
+        src = agent.payload(f"10.1.3.{i + 1}", f"conc-{i}")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "vr", "push", "--host", "127.0.0.1", "--port",
+             str(agent.port), "--key", str(agent.keys.ed25519), "--known-hosts",
+             str(agent.known_hosts), str(src)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        ))  # fmt: skip
+    results = [(p.wait(120), p.stdout.read() if p.stdout else b"") for p in procs]
+    assert [code for code, _ in results] == [0] * 20, results
+    assert [agent.hostname_of(f"10.1.3.{i + 1}") for i in range(20)] == [
+        f"conc-{i}".encode() for i in range(20)
+    ]
+
+
+def test_a_key_added_to_authorized_keys_works_without_restart(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys)
+    try:
+        newcomer = keygen(tmp_path / "newcomer", "ed25519")
+        assert a.ssh("update_config.py x", key=newcomer).returncode == 255
+        with open(a.paths.authorized_keys, "a") as f:
+            f.write(Path(f"{newcomer}.pub").read_text())
+        res = a.ssh("update_config.py x", key=newcomer)
+        assert res.returncode == 1 and "no such file" in res.stderr
+    finally:
+        a.proc.stop()
+
+
+def test_restart_keeps_the_host_key_and_sigterm_stops_cleanly(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys)
+    first = a.ssh("update_config.py none")
+    assert "no such file" in first.stderr
+    assert a.proc.stop() == 0
+    assert "push agent stopped" in a.proc.cloud_log()
+    for name in ("ssh_host_ed25519_key", "ssh_host_rsa_key"):
+        assert stat.S_IMODE(os.stat(a.paths.host_keys / name).st_mode) == 0o600
+    a.proc.start()  # same root, same port
+    try:
+        again = a.ssh("update_config.py none", strict="yes")
+        assert again.returncode == 1, again.stderr
+        assert "no such file" in again.stderr
+        assert "REMOTE HOST IDENTIFICATION HAS CHANGED" not in again.stderr
+    finally:
+        assert a.proc.stop() == 0
+
+
+def logged_in_client(a: Agent) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", a.port, "root", key_filename=str(a.keys.ed25519),
+                   look_for_keys=False, allow_agent=False)  # fmt: skip
+    return client
+
+
+def test_an_idle_connection_is_closed(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys, "--idle-timeout", "1")
+    try:
+        client = logged_in_client(a)
+        transport = client.get_transport()
+        assert transport is not None
+        deadline = time.monotonic() + 20
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not transport.is_active()
+        assert "closing connection from 127.0.0.1" in a.proc.cloud_log()
+        assert "idle for 1s" in a.proc.cloud_log()
+        client.close()
+    finally:
+        assert a.proc.stop() == 0
+
+
+def test_connections_beyond_the_session_limit_are_turned_away(tmp_path: Path, keys: Keys) -> None:
+    a = start_agent(tmp_path, keys, "--max-sessions", "1")
+    try:
+        holder = None
+        deadline = time.monotonic() + 20
+        while holder is None:  # the start-up port probe may still hold the one slot
+            try:
+                holder = logged_in_client(a)
+            except (paramiko.SSHException, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        res = a.ssh("update_config.py x")
+        assert res.returncode == 255
+        assert "sessions already open" in a.proc.cloud_log()
+        holder.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            res = a.ssh("update_config.py x")
+            if res.returncode != 255:
+                break
+            time.sleep(0.2)
+        assert res.returncode == 1 and "no such file" in res.stderr
+    finally:
+        assert a.proc.stop() == 0

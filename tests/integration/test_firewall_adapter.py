@@ -1,0 +1,89 @@
+"""python-iptables through our adapter, in a namespace of its own: atomic, legacy backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.netns import Namespace, lab
+
+pytestmark = pytest.mark.root
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from ipaddress import IPv4Address, IPv4Network
+    from vr.config import Config
+    from vr.errors import FirewallError
+    from vr.firewall.iptc_adapter import IptcTables
+    from vr.firewall.model import NAT_CHAIN, Chain, Rule, RuleSet, desired
+    from vr.firewall.sync import sync
+    from vr.payloads import GuestNetwork
+
+    net = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True)
+    good = desired(Config(), [net], [])
+    if sys.argv[1] == "good":
+        print(sync(IptcTables(), good).changed)
+    else:
+        # A second guest network plus one DNAT the kernel's parser refuses.
+        net2 = GuestNetwork("eth3", IPv4Address("10.2.0.1"), IPv4Network("10.2.0.0/16"), True)
+        bad = desired(Config(), [net, net2], [])
+        nat = bad.chain(NAT_CHAIN)
+        broken = Rule("DNAT", "vr: broken", in_interface="eth3", dports=(80,),
+                      to_destination="not-an-address")
+        bad = RuleSet((Chain(nat.table, nat.name, nat.hooks, (*nat.rules, broken)),
+                       *[c for c in bad.chains if c.name != NAT_CHAIN]))
+        try:
+            sync(IptcTables(), bad)
+        except FirewallError as exc:
+            print(exc)
+            sys.exit(3)
+    """
+)
+
+
+@pytest.fixture
+def ns() -> Iterator[Namespace]:
+    with lab() as lb:
+        yield lb.host("ipt")
+
+
+def run(ns: Namespace, which: str) -> subprocess.CompletedProcess[str]:
+    return ns.run(sys.executable, "-c", SCRIPT, which, check=False)
+
+
+def save(ns: Namespace) -> str:
+    dump = ns.run("iptables-legacy-save", "-c").stdout
+    return "\n".join(line for line in dump.splitlines() if not line.startswith("#"))
+
+
+def test_rules_land_in_the_legacy_backend_of_the_namespace(ns: Namespace) -> None:
+    res = run(ns, "good")
+    assert res.returncode == 0, res.stderr
+    assert "-A PREROUTING -j VR-PREROUTING" in ns.run("iptables-legacy", "-t", "nat", "-S").stdout
+    assert "-A INPUT -j VR-INPUT" in ns.run("iptables-legacy", "-S").stdout
+
+
+def test_a_rule_the_library_refuses_is_named_and_no_table_changes(ns: Namespace) -> None:
+    assert run(ns, "good").returncode == 0
+    ns.run("iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j", "ACCEPT")
+    before = save(ns)
+    res = run(ns, "bad")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "chain VR-PREROUTING rule 5" in res.stdout
+    assert "to-destination not-an-address" in res.stdout
+    assert "tables left as they were" in res.stdout
+    assert save(ns) == before
+
+
+def test_applying_the_same_rules_again_changes_nothing(ns: Namespace) -> None:
+    assert run(ns, "good").returncode == 0
+    before = save(ns)
+    res = run(ns, "good")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "{'nat': [], 'filter': []}"
+    assert save(ns) == before

@@ -1,0 +1,244 @@
+"""The metadata service as guests meet it: real gunicorn, curl and cloud-init in namespaces.
+
+A "vr" namespace runs ``python -m vr serve-metadata``; a "guest" namespace holds two
+VM addresses and routes by default through the VR, so cloud-init's CloudStack data
+source finds the VR from ``/proc/net/route`` exactly as on a real guest.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import netns
+from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
+from vr import metadata_counters
+from vr.paths import Paths
+
+pytestmark = pytest.mark.root
+
+VR = "10.50.0.1"
+VM1 = "10.50.0.5"
+VM2 = "10.50.0.6"
+KEYS = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKxyz alice@lab\nssh-rsa AAAAB3NzaC1yc2EAAAADAQAB bob@lab"
+)
+USERDATA = gzip.compress(b"#cloud-config\nruncmd:\n - echo hello\n" + bytes(range(256)), mtime=0)
+CLOUD_INIT_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class Setup:
+    lab: netns.Lab
+    vr: netns.Namespace
+    guest: netns.Namespace
+    paths: Paths
+    server: subprocess.Popen[bytes]
+    log: Path
+
+    def curl(self, *args: str, source: str = VM1) -> subprocess.CompletedProcess[bytes]:
+        return self.guest.run_bytes("curl", "-sS", "--interface", source, *args, timeout=30)
+
+    def get(self, path: str, source: str = VM1) -> bytes:
+        res = self.curl("--fail", f"http://{VR}{path}", source=source)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def status(self, *args: str, source: str = VM1) -> str:
+        res = self.curl("-o", "/dev/null", "-w", "%{http_code}", *args, source=source)
+        return res.stdout.decode()
+
+
+def start_server(
+    lab: netns.Lab, vr: netns.Namespace, paths: Paths, log: Path
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "vr", "serve-metadata", "--root", str(paths.root)]
+    cmd += ["--bind", f"{VR}:80", "--workers", "2"]
+    with open(log, "wb") as out:
+        proc = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT)
+    wait = f"from tests.helpers.procs import wait_port; wait_port({VR!r}, 80)"
+    vr.run(sys.executable, "-c", wait, timeout=30)
+    return proc
+
+
+@contextlib.contextmanager
+def metadata_lab(tmp: Path) -> Iterator[Setup]:
+    """VR and guest namespaces, two VMs stored, the service running."""
+    paths = Paths(tmp / "vrroot")
+    paths.ensure()
+    store_vm(paths, VM1, keys=KEYS, userdata=USERDATA)
+    store_vm(paths, VM2, name="second-vm", userdata=b"second VM's user-data")
+    with netns.lab() as lab:
+        vr = lab.host("vr")
+        guest = lab.host("guest")
+        lab.link(vr, "eth0", f"{VR}/24", guest, "eth0", f"{VM1}/24")
+        guest.run("ip", "addr", "add", f"{VM2}/24", "dev", "eth0")
+        guest.run("ip", "route", "add", "default", "via", VR)
+        log = tmp / "serve-metadata.log"
+        server = start_server(lab, vr, paths, log)
+        yield Setup(lab, vr, guest, paths, server, log)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    with metadata_lab(tmp_path_factory.mktemp("metadata")) as s:
+        yield s
+
+
+# --- curl ----------------------------------------------------------------------------
+
+
+def test_curl_reads_index_values_and_binary_user_data(setup: Setup) -> None:
+    index = setup.get("/latest/meta-data/").decode().split("\n")
+    assert index[0] == "service-offering" and index[-1] == ""
+    assert setup.get("/latest/meta-data") == setup.get("/latest/meta-data/")
+    assert setup.get("/latest/instance-id") == instance_id(VM1).encode()
+    assert setup.get("/latest/meta-data/instance-id/?x=1") == instance_id(VM1).encode()
+    assert setup.get("/latest/public-keys") == KEYS.encode()
+    assert setup.get("/latest/user-data") == USERDATA
+    assert (
+        setup.get("/2009-04-04/meta-data/public-keys/1/openssh-key") == KEYS.split("\n")[1].encode()
+    )
+    assert setup.get("/metadata/v1/interfaces/private/0/ipv4/address") == VM1.encode()
+    assert json.loads(setup.get("/metadata/v1.json"))["hostname"] == "vm-10-50-0-5"
+
+
+def test_each_vm_gets_only_its_own_data(setup: Setup) -> None:
+    assert setup.get("/latest/local-hostname", source=VM2) == b"second-vm"
+    assert setup.get("/latest/user-data", source=VM2) == b"second VM's user-data"
+    assert setup.get("/latest/local-hostname", source=VM1) == b"vm-10-50-0-5"
+    assert setup.status(f"http://{VR}/metadata/{VM2}/local-hostname", source=VM1) == "404"
+
+
+def test_headers_head_and_methods_over_the_wire(setup: Setup) -> None:
+    head = setup.curl("-I", f"http://{VR}/latest/user-data").stdout.decode()
+    assert head.startswith("HTTP/1.1 200")
+    assert f"Content-Length: {len(USERDATA)}\r\n" in head
+    assert "Content-Type: application/octet-stream\r\n" in head
+    res = setup.curl("-i", "-X", "PUT", "--data", "x", f"http://{VR}/latest/instance-id")
+    assert res.stdout.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD\r\n" in res.stdout
+    assert setup.status(f"http://{VR}/latest/no-such-key") == "404"
+
+
+def test_keep_alive_serves_a_whole_crawl_on_one_connection(setup: Setup) -> None:
+    urls = [f"http://{VR}/latest/meta-data/{k}" for k in ("instance-id", "local-hostname", "vm-id")]
+    res = setup.curl("-w", "[%{num_connects}]", *urls)
+    assert res.returncode == 0
+    assert res.stdout.count(b"[1]") == 1 and res.stdout.count(b"[0]") == 2
+
+
+def test_push_then_read_in_a_tight_loop_across_workers(setup: Setup) -> None:
+    """Every GET issued after update_config returned sees the pushed value, on any worker."""
+    urls = [f"http://{VR}/latest/local-hostname"] * 6
+    for _ in range(3):  # make both workers cache the VM first
+        setup.curl("-H", "Connection: close", *urls)
+    for i in range(25):
+        value = f"host-{i}-" + "x" * (i % 7)
+        name = drop_push_file(setup.paths, VM1, [["metadata", "local-hostname", value]])
+        push = subprocess.run(
+            [sys.executable, "-m", "vr", "update-config", "--root", str(setup.paths.root), name],
+            capture_output=True,
+            timeout=60,
+        )
+        assert push.returncode == 0, push.stderr
+        # A new connection per request: the kernel hands them to either worker.
+        got = setup.curl("-H", "Connection: close", *urls).stdout
+        assert got == value.encode() * len(urls), (i, got)
+
+
+# --- SSRF guard, counters, stopping --------------------------------------------------
+
+
+def test_forwarded_requests_are_refused_counted_and_sigterm_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    with metadata_lab(tmp_path) as s:
+        for header in ("X-Forwarded-For: 10.50.0.6", "Forwarded: for=10.50.0.6"):
+            for _ in range(2):
+                res = s.curl("-i", "-H", header, f"http://{VR}/latest/instance-id")
+                assert res.stdout.startswith(b"HTTP/1.1 403")
+                assert instance_id(VM1).encode() not in res.stdout
+        assert s.get("/latest/instance-id") == instance_id(VM1).encode()
+        s.server.send_signal(signal.SIGTERM)
+        assert s.server.wait(timeout=15) == 0
+        # Workers write their last counts when they exit.
+        assert metadata_counters.totals(s.paths) == {"forwarded_refused": 4}
+        assert "Shutting down: Master" in s.log.read_text()
+
+
+# --- cloud-init ----------------------------------------------------------------------
+
+CLOUD_INIT_DRIVER = textwrap.dedent(
+    """
+    import base64, json, sys
+    from cloudinit import distros, helpers
+    from cloudinit.sources import DataSourceCloudStack as cs
+
+    work = sys.argv[1]
+    paths = helpers.Paths({"cloud_dir": work + "/cloud", "run_dir": work + "/run"})
+    distro = distros.fetch("debian")("debian", {}, paths)
+    cfg = {"datasource": {"CloudStack": {"max_wait": 20, "timeout": 5}}}
+    ds = cs.DataSourceCloudStack(cfg, distro, paths)
+    ok = ds.get_data()
+    print(json.dumps({
+        "ok": ok,
+        "vr": ds.vr_addr,
+        "instance_id": ds.get_instance_id() if ok else None,
+        "local_hostname": ds.metadata.get("local-hostname") if ok else None,
+        "availability_zone": ds.availability_zone if ok else None,
+        "public_keys": ds.get_public_ssh_keys() if ok else None,
+        "userdata": base64.b64encode(ds.get_userdata_raw() or b"").decode(),
+    }))
+    """
+)
+
+
+@pytest.fixture
+def guest_etc(setup: Setup) -> Iterator[None]:
+    """Per-namespace /etc files: no DNS and no data-server name, so discovery falls
+    through to the default gateway (``ip netns exec`` bind-mounts /etc/netns/<ns>)."""
+    etc = Path("/etc/netns") / setup.guest.name
+    etc.mkdir(parents=True)
+    try:
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        yield
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    subprocess.run([CLOUD_INIT_PYTHON, "-c", "import cloudinit"], capture_output=True).returncode,
+    reason="Debian's cloud-init is not installed",
+)
+def test_cloud_init_cloudstack_datasource_reads_everything(
+    setup: Setup, guest_etc: None, tmp_path: Path
+) -> None:
+    # A fresh VM whose data nothing else in this module changes.
+    store_vm(setup.paths, "10.50.0.7", name="ci-guest", keys=KEYS, userdata=USERDATA)
+    setup.guest.run("ip", "addr", "add", "10.50.0.7/24", "dev", "eth0")
+    # The guest's own address is the source of everything it sends to the VR.
+    setup.guest.run("ip", "route", "replace", "10.50.0.0/24", "dev", "eth0", "src", "10.50.0.7")
+    driver = tmp_path / "driver.py"
+    driver.write_text(CLOUD_INIT_DRIVER)
+    res = setup.guest.run(CLOUD_INIT_PYTHON, str(driver), str(tmp_path), timeout=120)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ok"] is True, res.stderr[-3000:]
+    assert got["vr"] == VR
+    assert got["instance_id"] == instance_id("10.50.0.7")
+    assert got["local_hostname"] == "ci-guest"
+    assert got["availability_zone"] == "zone-a"
+    assert got["public_keys"] == KEYS.split("\n")
+    assert base64.b64decode(got["userdata"]) == USERDATA

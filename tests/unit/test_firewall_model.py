@@ -1,0 +1,174 @@
+"""The pure rule computation: config + guest networks + DHCP entries -> rules."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from vr.config import Config
+from vr.errors import FirewallError
+from vr.firewall.model import (
+    FILTER,
+    INPUT_CHAIN,
+    NAT,
+    NAT_CHAIN,
+    PREFIX,
+    Rule,
+    RuleSet,
+    desired,
+)
+from vr.payloads import DhcpEntry, GuestNetwork
+
+GUEST = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True)
+GUEST2 = GuestNetwork("eth3", IPv4Address("10.2.0.1"), IPv4Network("10.2.0.0/16"), True)
+VM = DhcpEntry("02:00:00:00:00:0a", IPv4Address("10.1.1.10"), "vm1")
+
+
+def rules(rs: RuleSet, chain: str) -> list[Rule]:
+    return list(rs.chain(chain).rules)
+
+
+def test_each_guest_network_redirects_link_local_80_and_8080_on_its_device_only() -> None:
+    rs = desired(Config(), [GUEST, GUEST2], [])
+    dnat = rules(rs, NAT_CHAIN)
+    assert {(r.in_interface, r.dports, r.to_destination) for r in dnat} == {
+        ("eth0", (80,), "10.1.1.1:80"),
+        ("eth0", (8080,), "10.1.1.1:8080"),
+        ("eth3", (80,), "10.2.0.1:80"),
+        ("eth3", (8080,), "10.2.0.1:8080"),
+    }
+    assert all(r.destination == IPv4Network("169.254.169.254/32") for r in dnat)
+    assert all(r.target == "DNAT" and r.protocol == "tcp" for r in dnat)
+
+
+def test_redirect_goes_to_the_configured_service_ports() -> None:
+    rs = desired(Config(metadata_port=8000, password_port=8001), [GUEST], [])
+    assert [r.to_destination for r in rules(rs, NAT_CHAIN)] == ["10.1.1.1:8000", "10.1.1.1:8001"]
+    guest_accept = [r for r in rules(rs, INPUT_CHAIN) if r.in_interface == "eth0"]
+    assert guest_accept[0].dports == (8000, 8001)
+
+
+def test_nothing_is_redirected_or_accepted_on_control_or_public_interfaces() -> None:
+    cfg = Config(control_device="eth1", public_devices=("eth2",))
+    rs = desired(cfg, [GUEST], [])
+    assert all(r.in_interface == "eth0" for r in rules(rs, NAT_CHAIN))
+    accepts = [r for r in rules(rs, INPUT_CHAIN) if r.target == "ACCEPT"]
+    eth1 = [r for r in accepts if r.in_interface == "eth1"]
+    assert [r.dports for r in eth1] == [(3922,)]
+    assert not [r for r in accepts if r.in_interface == "eth2"]
+
+
+def test_guests_are_accepted_from_their_cidr_on_their_device() -> None:
+    rs = desired(Config(), [GUEST], [])
+    (accept,) = [r for r in rules(rs, INPUT_CHAIN) if r.in_interface == "eth0"]
+    assert accept.target == "ACCEPT"
+    assert accept.source == IPv4Network("10.1.1.0/24")
+    assert accept.dports == (80, 8080)
+    assert "NEW" in accept.ctstate
+
+
+def test_guarded_ports_are_dropped_last_and_other_ports_fall_through() -> None:
+    rs = desired(Config(), [GUEST], [])
+    last = rules(rs, INPUT_CHAIN)[-1]
+    assert last.target == "DROP"
+    assert last.in_interface is None and last.source is None
+    assert last.dports == (80, 3922, 8080)
+
+
+def test_ssh_and_services_are_accepted_on_loopback_first() -> None:
+    first = rules(desired(Config(), [], []), INPUT_CHAIN)[0]
+    assert (first.target, first.in_interface, first.dports) == ("ACCEPT", "lo", (80, 3922, 8080))
+
+
+def test_a_dhcp_entry_drops_its_address_from_other_macs_before_any_accept() -> None:
+    rs = desired(Config(), [GUEST], [VM])
+    chain = rules(rs, INPUT_CHAIN)
+    binding = [r for r in chain if r.mac_source is not None]
+    assert len(binding) == 1
+    b = binding[0]
+    assert (b.target, b.source, b.mac_source, b.mac_negate) == (
+        "DROP",
+        IPv4Network("10.1.1.10/32"),
+        "02:00:00:00:00:0a",
+        True,
+    )
+    assert b.dports == (80, 8080)
+    first_guest_accept = next(
+        i for i, r in enumerate(chain) if r.target == "ACCEPT" and r.in_interface == "eth0"
+    )
+    assert chain.index(b) < first_guest_accept
+
+
+def test_removing_a_dhcp_entry_removes_exactly_its_rule() -> None:
+    other = DhcpEntry("02:00:00:00:00:0b", IPv4Address("10.1.1.11"), "vm2")
+    both = rules(desired(Config(), [GUEST], [VM, other]), INPUT_CHAIN)
+    one = rules(desired(Config(), [GUEST], [other]), INPUT_CHAIN)
+    assert [r for r in both if "10.1.1.10" not in r.comment] == one
+
+
+def test_removing_a_guest_network_removes_exactly_its_rules() -> None:
+    both = desired(Config(), [GUEST, GUEST2], [])
+    one = desired(Config(), [GUEST2], [])
+    for chain in (NAT_CHAIN, INPUT_CHAIN):
+        assert [r for r in rules(both, chain) if r.in_interface != "eth0"] == rules(one, chain)
+
+
+def test_unbound_addresses_are_refused_when_binding_is_required() -> None:
+    rs = desired(Config(require_mac_binding=True), [GUEST], [VM])
+    eth0 = [r for r in rules(rs, INPUT_CHAIN) if r.in_interface == "eth0"]
+    assert [(r.target, r.source) for r in eth0] == [
+        ("ACCEPT", IPv4Network("10.1.1.10/32")),
+        ("DROP", IPv4Network("10.1.1.0/24")),
+    ]
+
+
+def test_a_pushed_network_replaces_the_configured_one_on_the_same_device() -> None:
+    configured = GuestNetwork("eth0", IPv4Address("10.9.9.1"), IPv4Network("10.9.9.0/24"), True)
+    rs = desired(Config(guest_networks=(configured,)), [GUEST], [])
+    assert {r.to_destination for r in rules(rs, NAT_CHAIN)} == {"10.1.1.1:80", "10.1.1.1:8080"}
+
+
+def test_configured_networks_are_active_without_any_push() -> None:
+    rs = desired(Config(guest_networks=(GUEST,)), [], [])
+    assert len(rules(rs, NAT_CHAIN)) == 2
+
+
+def test_all_chains_carry_the_prefix_and_hook_into_builtin_chains() -> None:
+    rs = desired(Config(), [GUEST], [VM])
+    assert [(c.table, c.name, c.hooks) for c in rs.chains] == [
+        (NAT, NAT_CHAIN, ("PREROUTING",)),
+        (FILTER, INPUT_CHAIN, ("INPUT",)),
+    ]
+    assert all(c.name.startswith(PREFIX) for c in rs.chains)
+
+
+def test_same_inputs_give_the_same_rules_whatever_the_order() -> None:
+    other = DhcpEntry("02:00:00:00:00:0b", IPv4Address("10.1.1.11"), "vm2")
+    assert desired(Config(), [GUEST, GUEST2], [VM, other]) == desired(
+        Config(), [GUEST2, GUEST], [other, VM]
+    )
+
+
+def test_saved_state_round_trips_through_json() -> None:
+    rs = desired(Config(require_mac_binding=True), [GUEST, GUEST2], [VM])
+    assert RuleSet.from_json(rs.to_json()) == rs
+
+
+def test_saved_state_with_a_foreign_chain_is_refused() -> None:
+    chain = {"table": "filter", "name": "INPUT", "hooks": [], "rules": []}
+    doc = json.dumps({"version": 1, "chains": [chain]}).encode()
+    with pytest.raises(FirewallError, match="INPUT"):
+        RuleSet.from_json(doc)
+
+
+def test_render_shows_hooks_and_rules_like_iptables_save() -> None:
+    text = desired(Config(), [GUEST], [VM]).render()
+    assert "-A PREROUTING -j VR-PREROUTING" in text
+    assert "-A INPUT -j VR-INPUT" in text
+    assert (
+        "-d 169.254.169.254/32 -i eth0 -p tcp -m tcp --dport 80 -m comment "
+        '--comment "vr: eth0 metadata 169.254.169.254:80" -j DNAT --to-destination 10.1.1.1:80'
+    ) in text
+    assert "-m mac ! --mac-source 02:00:00:00:00:0a" in text

@@ -1,0 +1,183 @@
+"""Pushes of guest networks and DHCP entries drive the firewall (fake tables, no root)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from tests.helpers.fake_tables import FakeTables
+from vr import store
+from vr.apply import Applier
+from vr.errors import FirewallError
+from vr.firewall import apply as fw
+from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN
+from vr.paths import Paths
+
+DEVICES = {"lo", "eth0", "eth1", "eth2", "eth3"}
+
+
+class Push:
+    def __init__(self, paths: Paths, fake: FakeTables) -> None:
+        self.paths = paths
+        self.fake = fake
+        before, after = fw.push_hooks(paths, lambda: fake, lambda d: d in DEVICES)
+        self.applier = Applier(paths, before_commit=before, after_commit=after)
+
+    def __call__(self, name: str, obj: dict[str, Any]) -> tuple[int, str]:
+        (self.paths.cache / name).write_text(json.dumps(obj))
+        out, err = io.StringIO(), io.StringIO()
+        code = self.applier.update_config([name], out, err)
+        return code, out.getvalue() + err.getvalue()
+
+
+def network(device: str = "eth0", **kw: Any) -> dict[str, Any]:
+    return {
+        "type": "guestnetwork",
+        "device": device,
+        "router_guest_ip": "10.1.1.1",
+        "cidr": "10.1.1.0/24",
+        "add": True,
+        **kw,
+    }
+
+
+@pytest.fixture
+def fake() -> FakeTables:
+    return FakeTables()
+
+
+@pytest.fixture
+def push(paths: Paths, fake: FakeTables) -> Push:
+    fw.apply(paths, fake)  # the firewall is set up (what boot does)
+    return Push(paths, fake)
+
+
+def redirect_devices(fake: FakeTables) -> set[str | None]:
+    return {r.spec.in_interface for r in fake.live["nat"][NAT_CHAIN]}
+
+
+def test_a_guest_network_push_installs_its_redirect_and_saves_the_state(
+    push: Push, fake: FakeTables, paths: Paths
+) -> None:
+    code, text = push("guest_network.json.1", network())
+    assert code == 0, text
+    assert redirect_devices(fake) == {"eth0"}
+    saved = fw.load_saved(paths)
+    assert saved is not None
+    assert {r.in_interface for r in saved.chain(NAT_CHAIN).rules} == {"eth0"}
+    assert not paths.firewall_pending.exists()
+
+
+def test_removing_the_network_by_push_removes_its_redirect(push: Push, fake: FakeTables) -> None:
+    push("guest_network.json.1", network())
+    code, text = push("guest_network.json.2", network(add=False))
+    assert code == 0, text
+    assert redirect_devices(fake) == set()
+
+
+def test_a_dhcp_entry_push_adds_its_binding_rule(push: Push, fake: FakeTables) -> None:
+    code, text = push(
+        "vm_dhcp_entry.json.1",
+        {"type": "dhcpentry", "ipv4_address": "10.1.1.10", "mac_address": "02:00:00:00:00:0A"},
+    )
+    assert code == 0, text
+    comments = [r.spec.comment for r in fake.live["filter"][INPUT_CHAIN]]
+    assert "vr: binding 10.1.1.10 02:00:00:00:00:0a" in comments
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (network(device="eth9"), "device='eth9': expected an interface that exists"),
+        (network(device="eth1"), "device='eth1': expected a guest interface, not the control"),
+        (network(device="eth2"), "device='eth2': expected a guest interface"),
+        (network(cidr="10.1.1.0/33"), "cidr='10.1.1.0/33': expected an IPv4 network"),
+        (network(cidr="10.1.1.1/24"), "cidr='10.1.1.1/24'"),
+        (network(router_guest_ip="10.9.9.9"), "router_guest_ip='10.9.9.9': expected an address"),
+    ],
+)
+def test_a_malformed_network_push_is_rejected_and_changes_no_rule_and_no_state(
+    push: Push, fake: FakeTables, paths: Paths, payload: dict[str, Any], expected: str
+) -> None:
+    push("guest_network.json.0", network(device="eth3"))
+    rules_before = fake.snapshot()
+    state_before = paths.firewall_state.read_bytes()
+    networks_before = store.read_networks(paths)
+    commits = len(fake.commits)
+    code, text = push("guest_network.json.1", payload)
+    assert code == 1
+    assert "rejected" in text and expected in text
+    assert fake.live == rules_before
+    assert len(fake.commits) == commits
+    assert paths.firewall_state.read_bytes() == state_before
+    assert store.read_networks(paths) == networks_before
+    assert (paths.failed / "guest_network.json.1").exists()
+
+
+def test_a_metadata_push_does_not_touch_the_tables(push: Push, fake: FakeTables) -> None:
+    commits = len(fake.commits)
+    code, text = push(
+        "vm_metadata.json.1",
+        {"vm_ip_address": "10.1.1.10", "vm_metadata": [["metadata", "vm-id", "i-1"]]},
+    )
+    assert code == 0, text
+    assert len(fake.commits) == commits
+
+
+def test_before_the_firewall_is_set_up_pushes_only_update_the_store(
+    paths: Paths, fake: FakeTables
+) -> None:
+    unmanaged = Push(paths, fake)
+    code, text = unmanaged("guest_network.json.1", network(device="eth7"))
+    assert code == 0, text
+    assert fake.commits == []
+    assert [n.device for n in store.read_networks(paths)] == ["eth7"]
+    fw.apply(paths, fake)
+    assert redirect_devices(fake) == {"eth7"}
+
+
+def test_a_failed_firewall_apply_fails_the_push_and_the_next_push_retries(
+    push: Push, fake: FakeTables, paths: Paths
+) -> None:
+    fake.refuse_commit = {"nat"}
+    code, text = push("guest_network.json.1", network())
+    assert code == 1
+    assert "table nat" in text
+    assert paths.firewall_pending.exists()
+    assert redirect_devices(fake) == set()
+    fake.refuse_commit = set()
+    code, text = push(
+        "vm_metadata.json.1",
+        {"vm_ip_address": "10.1.1.10", "vm_metadata": [["metadata", "vm-id", "i-1"]]},
+    )
+    assert code == 0, text
+    assert redirect_devices(fake) == {"eth0"}
+    assert not paths.firewall_pending.exists()
+
+
+def test_restore_reapplies_the_saved_rule_set(push: Push, paths: Paths) -> None:
+    push("guest_network.json.1", network())
+    fresh = FakeTables()  # a rebooted kernel: empty tables
+    fw.restore(paths, fresh)
+    assert redirect_devices(fresh) == {"eth0"}
+
+
+def test_restore_recomputes_when_the_last_apply_did_not_finish(
+    push: Push, paths: Paths, fake: FakeTables
+) -> None:
+    fake.refuse_commit = {"nat"}
+    push("guest_network.json.1", network())
+    fresh = FakeTables()
+    fw.restore(paths, fresh)
+    assert redirect_devices(fresh) == {"eth0"}
+
+
+def test_a_corrupt_saved_state_is_reported_not_applied(paths: Paths) -> None:
+    paths.firewall_state.write_text("{not json")
+    fresh = FakeTables()
+    with pytest.raises(FirewallError, match=r"firewall\.json"):
+        fw.restore(paths, fresh)
+    assert fresh.commits == []

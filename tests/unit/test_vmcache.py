@@ -1,0 +1,96 @@
+"""The per-worker cache: one stat per lookup, reloads only what a commit changed."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+
+from tests.helpers.vmdata import store_vm
+from vr import vmcache
+from vr.paths import Paths
+from vr.store import read_vm
+from vr.vmcache import VmCache
+
+A, B = IPv4Address("10.1.1.5"), IPv4Address("10.1.1.6")
+
+
+def test_unchanged_store_is_served_from_memory(paths: Paths) -> None:
+    store_vm(paths, str(A))
+    cache = VmCache(paths)
+    first = cache.view(A)
+    assert first is not None and first.metadata["local-ipv4"] == b"10.1.1.5"
+    for _ in range(10):
+        assert cache.view(A) is first
+    assert cache.loads == 1
+
+
+def test_a_commit_reloads_only_the_vm_it_changed(paths: Paths) -> None:
+    store_vm(paths, str(A))
+    store_vm(paths, str(B))
+    cache = VmCache(paths)
+    a, b = cache.view(A), cache.view(B)
+    store_vm(paths, str(B), [["metadata", "local-hostname", "renamed"]])
+    assert cache.view(A) is a
+    new_b = cache.view(B)
+    assert new_b is not b and new_b is not None
+    assert new_b.metadata["local-hostname"] == b"renamed"
+    assert cache.loads == 3
+
+
+def test_unknown_vm_becomes_known_after_its_push(paths: Paths) -> None:
+    cache = VmCache(paths)
+    assert cache.view(A) is None
+    store_vm(paths, str(A))
+    view = cache.view(A)
+    assert view is not None and view.metadata["local-ipv4"] == b"10.1.1.5"
+
+
+def test_address_strings_map_through_identity(paths: Paths) -> None:
+    store_vm(paths, str(A))
+    cache = VmCache(paths)
+    assert cache.view_for_address("10.1.1.5") is cache.view(A)
+    assert cache.view_for_address("::ffff:10.1.1.5") is cache.view(A)
+    assert cache.view_for_address("not an address") is None
+    assert cache.view_for_address("2001:db8::1") is None
+
+
+def test_unknown_callers_are_bounded(paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vmcache, "MAX_UNKNOWN", 10)
+    store_vm(paths, str(A))
+    cache = VmCache(paths)
+    assert cache.view(A) is not None
+    for i in range(50):
+        assert cache.view(IPv4Address("10.2.0.0") + i) is None
+    assert len(cache._entries) <= 11
+    assert cache.view(A) is not None and cache.loads == 1
+
+
+def test_warm_loads_every_vm(paths: Paths) -> None:
+    store_vm(paths, str(A))
+    store_vm(paths, str(B))
+    cache = VmCache(paths)
+    assert cache.warm() == 2
+    assert cache.loads == 2
+    cache.view(A)
+    assert cache.loads == 2
+
+
+def test_loader_sees_the_generation_after_the_stamp(paths: Paths) -> None:
+    """A reader that checked the stamp must not keep data older than that commit."""
+    store_vm(paths, str(A))
+    seen: list[int] = []
+
+    def loader(p: Paths, ip: IPv4Address) -> object:
+        rec = read_vm(p, ip)
+        assert rec is not None
+        seen.append(rec.gen)
+        return rec
+
+    cache = VmCache(paths, loader=loader)  # type: ignore[arg-type]
+    cache.view(A)
+    for i in range(20):
+        store_vm(paths, str(A), [["metadata", "local-hostname", f"h{i}"]])
+        view = cache.view(A)
+        assert view is not None and view.metadata["local-hostname"] == f"h{i}".encode()
+    assert seen == sorted(seen) and len(seen) == 21

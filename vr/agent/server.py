@@ -1,0 +1,362 @@
+"""One SSH connection to the push agent: authentication, channels, requests.
+
+Runs in its own thread (see :mod:`vr.agent.daemon`). paramiko calls the
+``check_*`` methods from its transport thread; a request's work starts only after
+paramiko has answered it (see :func:`_handle_request_then_start`), so the exit
+status never overtakes the request's reply on the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paramiko
+from paramiko.channel import Channel
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    MSG_CHANNEL_REQUEST,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_RESOURCE_SHORTAGE,
+    OPEN_SUCCEEDED,
+)
+
+from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
+from vr.agent.limits import AgentLimits, AuthThrottle
+from vr.agent.requests import (
+    SHELL,
+    ApplyCfg,
+    Refused,
+    Request,
+    ScpSink,
+    UpdateConfig,
+    parse_exec,
+)
+from vr.agent.scp import ProtocolBroken
+from vr.agent.scp import ScpSink as ScpReceiver
+from vr.agent.sftp import CacheSFTP, CacheSFTPServer, SftpContext
+from vr.errors import shorten
+from vr.paths import Paths
+
+LOG = logging.getLogger(__name__)
+
+USER = "root"
+MAX_AUTH_FAILURES = 6
+VERSION = "SSH-2.0-vr_agent"
+
+
+@dataclass
+class AgentContext:
+    """Shared by every connection of one agent process."""
+
+    paths: Paths
+    limits: AgentLimits
+    host_keys: list[paramiko.PKey]
+    authorized: AuthorizedKeys
+    throttle: AuthThrottle
+    make_applier: Callable[[Paths], Any]
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class Activity:
+    """When a connection started, last moved, and whether a command is running."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.started = self.last = clock()
+        self.busy = 0
+        self._lock = threading.Lock()
+
+    def touch(self) -> None:
+        self.last = self._clock()
+
+    def begin(self) -> None:
+        with self._lock:
+            self.busy += 1
+            self.last = self._clock()
+
+    def end(self) -> None:
+        with self._lock:
+            self.busy -= 1
+            self.last = self._clock()
+
+
+class ChannelText(io.TextIOBase):
+    """A text stream onto a channel's stdout or stderr; a vanished client is not an error."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._send(s.encode("utf-8", "replace"))
+        return len(s)
+
+
+def _handle_request_then_start(chan: Channel, m: paramiko.Message) -> None:
+    Channel._handle_request(chan, m)  # type: ignore[attr-defined]
+    server = chan.transport.server_object  # type: ignore[union-attr]
+    if isinstance(server, AgentServer):
+        server.start_pending(chan)
+
+
+class AgentTransport(paramiko.Transport):
+    """paramiko's server transport, plus legacy ``ssh-rsa`` (SHA-1) client signatures."""
+
+    _preferred_pubkeys = (*paramiko.Transport._preferred_pubkeys, "ssh-rsa")  # type: ignore[attr-defined]
+    _key_info = {**paramiko.Transport._key_info, "ssh-rsa": LegacyRSAKey}  # type: ignore[attr-defined]
+    _channel_handler_table = {
+        **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
+        MSG_CHANNEL_REQUEST: _handle_request_then_start,
+    }
+
+
+class AgentServer(paramiko.ServerInterface):
+    """Decides every request of one connection; see the module docstring of :mod:`vr.agent`."""
+
+    def __init__(self, ctx: AgentContext, peer: str, activity: Activity) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.address = peer.rsplit(":", 1)[0]
+        self.activity = activity
+        self.transport: paramiko.Transport | None = None
+        self.auth_failures = 0
+        self.key_used: str | None = None
+        self._pending: dict[int, Request] = {}
+        self._stop_seen: float | None = None
+        self._lock = threading.Lock()
+
+    # --- authentication ---------------------------------------------------------------
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_none(self, username: str) -> int:
+        return AUTH_FAILED
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return self._failed(username, "password authentication is not accepted")
+
+    def check_auth_interactive(self, username: str, submethods: str) -> Any:
+        return self._failed(username, "keyboard-interactive authentication is not accepted")
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        what = f"{key.get_name()} key {key.fingerprint}"
+        if username != USER:
+            return self._failed(username, f"only user {USER} may log in ({what})")
+        if not self.ctx.authorized.allows(key):
+            return self._failed(username, f"{what} is not in {self.ctx.authorized.path}")
+        self.key_used = what
+        self.ctx.throttle.success(self.address)
+        return AUTH_SUCCESSFUL
+
+    def _failed(self, username: str, reason: str) -> int:
+        self.auth_failures += 1
+        count, delay = self.ctx.throttle.failure(self.address)
+        LOG.warning(
+            "auth failed for %s from %s: %s (failure %d from this address; answering in %.1fs)",
+            shorten(username, 40),
+            self.peer,
+            reason,
+            count,
+            delay,
+        )
+        # stalls only this connection's transport thread
+        time.sleep(delay)
+        return AUTH_FAILED
+
+    # --- channels and requests --------------------------------------------------------
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind != "session":
+            LOG.warning("refused %s channel from %s: no forwarding", kind, self.peer)
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if self.transport is not None:
+            open_now = len(self.transport._channels.values())  # type: ignore[attr-defined]
+            if open_now > self.ctx.limits.max_channels:
+                LOG.warning("refused channel from %s: %d already open", self.peer, open_now)
+                return OPEN_FAILED_RESOURCE_SHORTAGE
+        self.activity.touch()
+        return OPEN_SUCCEEDED
+
+    def check_channel_pty_request(self, channel: Channel, *args: Any) -> bool:
+        LOG.warning("refused pty request from %s", self.peer)
+        return False
+
+    def check_channel_shell_request(self, channel: Channel) -> bool:
+        return self._queue(channel, SHELL)
+
+    def check_channel_exec_request(self, channel: Channel, command: bytes) -> bool:
+        return self._queue(channel, parse_exec(command))
+
+    def check_channel_subsystem_request(self, channel: Channel, name: str) -> bool:
+        if name != "sftp":
+            LOG.warning("refused subsystem %s from %s", shorten(name, 40), self.peer)
+            return False
+        self.activity.touch()
+        ok: bool = super().check_channel_subsystem_request(channel, name)
+        return ok
+
+    def check_channel_forward_agent_request(self, channel: Channel) -> bool:
+        LOG.warning("refused agent forwarding from %s", self.peer)
+        return False
+
+    def check_channel_x11_request(self, channel: Channel, *args: Any) -> bool:
+        LOG.warning("refused X11 forwarding from %s", self.peer)
+        return False
+
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        LOG.warning("refused port forwarding %s:%s from %s", address, port, self.peer)
+        return False
+
+    def sftp_context(self) -> SftpContext:
+        return SftpContext(
+            self.ctx.paths.cache, self.ctx.limits.max_upload_bytes, self.peer, self.activity.touch
+        )
+
+    def _queue(self, channel: Channel, request: Request) -> bool:
+        with self._lock:
+            if channel.get_id() in self._pending:
+                return False
+            self._pending[channel.get_id()] = request
+        self.activity.touch()
+        return True
+
+    def start_pending(self, channel: Channel) -> None:
+        """Run the queued request of ``channel`` (its reply has been sent)."""
+        with self._lock:
+            request = self._pending.pop(channel.get_id(), None)
+        if request is not None:
+            self.activity.begin()
+            threading.Thread(
+                target=self._run, args=(channel, request), name=f"req-{self.peer}", daemon=True
+            ).start()
+
+    def _run(self, chan: Channel, request: Request) -> None:
+        code = 1
+        try:
+            code = self._execute(chan, request)
+        except Exception:
+            LOG.exception("request %r from %s failed", request, self.peer)
+            ChannelText(chan.sendall_stderr).write(
+                "vr-agent: internal error, see /var/log/cloud.log\n"
+            )
+        finally:
+            self.activity.end()
+            _finish(chan, code)
+
+    def _execute(self, chan: Channel, request: Request) -> int:
+        out, err = ChannelText(chan.sendall), ChannelText(chan.sendall_stderr)
+        if isinstance(request, UpdateConfig):
+            LOG.info("%s: update_config.py %s", self.peer, " ".join(request.args))
+            applier = self.ctx.make_applier(self.ctx.paths)
+            code: int = applier.update_config(list(request.args), out, err)
+            return code
+        if isinstance(request, ApplyCfg):
+            LOG.info("%s: vr_cfg.sh %s", self.peer, " ".join(request.args))
+            applier = self.ctx.make_applier(self.ctx.paths)
+            code = applier.apply_cfg(list(request.args), out, err)
+            return code
+        if isinstance(request, ScpSink):
+            return self._scp(chan, request)
+        assert isinstance(request, Refused)
+        LOG.warning("refused request from %s: %s", self.peer, request.reason)
+        err.write(f"vr-agent: {request.reason}\n")
+        return request.code
+
+    def _scp(self, chan: Channel, request: ScpSink) -> int:
+        chan.settimeout(self.ctx.limits.idle_timeout)
+        sink = ScpReceiver(
+            chan,
+            self.ctx.paths.cache,
+            request.name,
+            self.ctx.limits.max_upload_bytes,
+            self.peer,
+            self.activity.touch,
+        )
+        try:
+            if request.error is not None:
+                return sink.refuse_target(request.error).exit_code
+            return sink.run().exit_code
+        except (ProtocolBroken, TimeoutError, EOFError, OSError) as exc:
+            LOG.warning("scp from %s broke off: %s", self.peer, exc or type(exc).__name__)
+            return 1
+
+    # --- connection life ----------------------------------------------------------------
+
+    def close_reason(self, now: float) -> str | None:
+        """Why the connection should be closed now, if it should."""
+        limits, act = self.ctx.limits, self.activity
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            return f"{self.auth_failures} failed authentication attempts"
+        authed = self.transport is not None and self.transport.is_authenticated()
+        if not authed and now - act.started > limits.auth_timeout:
+            return f"not authenticated within {limits.auth_timeout:.0f}s"
+        if now - act.started > limits.session_timeout:
+            return f"session longer than {limits.session_timeout:.0f}s"
+        if act.busy == 0 and now - act.last > limits.idle_timeout:
+            return f"idle for {limits.idle_timeout:.0f}s"
+        if self.ctx.stopping.is_set():
+            if self._stop_seen is None:
+                self._stop_seen = now
+            if act.busy == 0 or now - self._stop_seen > limits.stop_grace:
+                return "agent stopping"
+        return None
+
+
+def _finish(chan: Channel, code: int) -> None:
+    """Report the exit status like OpenSSH: status, then EOF, then close."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        chan.send_exit_status(code)
+        chan.shutdown_write()
+        chan.close()
+
+
+def serve_connection(sock: socket.socket, peer: str, ctx: AgentContext) -> None:
+    """Speak SSH on ``sock`` until the client leaves or a limit closes the connection."""
+    activity = Activity()
+    transport = AgentTransport(sock)
+    transport.local_version = VERSION
+    transport.banner_timeout = ctx.limits.auth_timeout
+    transport.handshake_timeout = ctx.limits.auth_timeout
+    for key in ctx.host_keys:
+        transport.add_server_key(key)
+    transport.set_subsystem_handler("sftp", CacheSFTPServer, CacheSFTP)
+    server = AgentServer(ctx, peer, activity)
+    server.transport = transport
+    try:
+        transport.start_server(server=server)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        LOG.info("ssh handshake with %s failed: %s", peer, exc or type(exc).__name__)
+        transport.close()
+        return
+    logged_in = False
+    # paramiko holds channels weakly and closes them when collected: keep them here
+    channels: list[Channel] = []
+    try:
+        while transport.is_active():
+            chan = transport.accept(timeout=0.2)  # requests arrive in the check_* callbacks
+            channels = [c for c in channels if not c.closed]
+            if chan is not None:
+                channels.append(chan)
+            if not logged_in and transport.is_authenticated():
+                logged_in = True
+                LOG.info("%s logged in from %s with %s", USER, peer, server.key_used)
+            reason = server.close_reason(time.monotonic())
+            if reason is not None:
+                LOG.info("closing connection from %s: %s", peer, reason)
+                break
+    finally:
+        transport.close()

@@ -1,0 +1,138 @@
+"""Subcommand ``firewall``: apply, restore, show and counters.
+
+Run inside the VR's network namespace: the rules land in the namespace of the
+process (``ip netns exec <vr> vr firewall apply``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from vr import logs
+from vr.cli import add_root
+from vr.errors import VRError
+from vr.paths import Paths, root_from_env
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "firewall",
+        help="169.254.169.254 redirection, guest-only 80/8080, control-only 3922",
+        description="Manage the VR's iptables rules (chains VR-*, legacy backend): "
+        "compute them from the config and the pushed guest networks and DHCP entries, "
+        "apply them in one commit per table, re-apply the saved set at boot.",
+    )
+    fw = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    a = fw.add_parser(
+        "apply",
+        help="compute from config + store and apply",
+        description="Compute the rule set from <root>/etc/vr/vr.json and the pushed guest "
+        "networks and DHCP entries, apply it and save it. Applying twice changes nothing.",
+    )
+    add_root(a)
+    a.set_defaults(func=_apply)
+
+    r = fw.add_parser(
+        "restore",
+        help="re-apply the saved rule set (boot)",
+        description="Re-apply the rule set saved by the last apply; computes it afresh "
+        "when none is saved or the last apply did not finish.",
+    )
+    add_root(r)
+    r.set_defaults(func=_restore)
+
+    s = fw.add_parser(
+        "show",
+        help="print the saved rule set",
+        description="Print the saved desired rule set in iptables-save form (or JSON); "
+        "when nothing is saved yet, print what 'apply' would install.",
+    )
+    add_root(s)
+    s.add_argument("--json", action="store_true", help="print the saved JSON document")
+    s.set_defaults(func=_show)
+
+    c = fw.add_parser(
+        "counters",
+        help="print live packet counters of our rules",
+        description="Read every rule of the VR-* chains from the kernel with its packet "
+        "and byte counters (e.g. MAC/IP binding drops).",
+    )
+    add_root(c)
+    c.add_argument("--json", action="store_true", help="one JSON object per rule")
+    c.set_defaults(func=_counters)
+
+
+def _paths(args: argparse.Namespace, log_file: bool = True) -> Paths:
+    paths = Paths(root_from_env(args.root))
+    logs.setup(paths if log_file else None, args.verbose)
+    return paths
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from vr.firewall import apply as fw
+
+    paths = _paths(args)
+    try:
+        report = fw.apply(paths, fw.real_tables())
+    except VRError as exc:
+        print(f"firewall not applied: {exc}", file=sys.stderr)
+        return 1
+    print(f"firewall applied: {fw.summary(report)}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from vr.firewall import apply as fw
+
+    paths = _paths(args)
+    try:
+        report = fw.restore(paths, fw.real_tables())
+    except VRError as exc:
+        print(f"firewall not restored: {exc}", file=sys.stderr)
+        return 1
+    print(f"firewall restored: {fw.summary(report)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from vr.firewall import apply as fw
+
+    paths = _paths(args, log_file=False)
+    try:
+        ruleset = fw.load_saved(paths)
+        header = f"# saved in {paths.firewall_state}"
+        if ruleset is None:
+            ruleset = fw.compute(paths)
+            header = "# nothing saved yet: what 'vr firewall apply' would install"
+    except VRError as exc:
+        print(f"cannot show the firewall: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(ruleset.to_json().decode())
+    else:
+        print(header)
+        sys.stdout.write(ruleset.render())
+    return 0
+
+
+def _counters(args: argparse.Namespace) -> int:
+    from vr.firewall import apply as fw
+
+    _paths(args, log_file=False)
+    try:
+        rows = fw.live_counters(fw.real_tables())
+    except VRError as exc:
+        print(f"cannot read counters: {exc}", file=sys.stderr)
+        return 1
+    for row in rows:
+        if args.json:
+            print(json.dumps(asdict(row), sort_keys=True))
+        else:
+            where = f"{row.table}/{row.chain} #{row.index}"
+            print(f"{where} {row.packets} pkts {row.bytes} bytes  {row.rule}")
+    return 0

@@ -1,0 +1,118 @@
+"""Subcommand ``serve-metadata``: the guest-facing metadata HTTP service (port 80)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from vr import logs
+from vr.cli import add_root
+from vr.paths import Paths, root_from_env
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_BIND = "0.0.0.0:80"
+WORKER_CLASSES = {
+    "event": "vr.metadata_worker.EventWorker",
+    "gthread": "gthread",
+    "sync": "sync",
+}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve-metadata",
+        help="serve metadata and user-data to guests over HTTP (gunicorn)",
+        description="Serve /latest/... (CloudStack), dated EC2 versions and /metadata/v1 "
+        "(DigitalOcean style) from the store under --root until SIGTERM. The calling VM "
+        "is the TCP source address.",
+    )
+    add_root(p)
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"listen address, repeatable (default {DEFAULT_BIND})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: metadata_workers from the appliance config, 2)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="threads per worker (gthread only; default 2)"
+    )
+    p.add_argument(
+        "--worker-class",
+        choices=sorted(WORKER_CLASSES),
+        default="event",
+        help="gunicorn worker class: event (default; vr's single-threaded keep-alive "
+        "worker, see vr/metadata_worker.py), gthread or sync (gunicorn's own)",
+    )
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="load every VM into each worker at start instead of on first request",
+    )
+    p.set_defaults(func=_serve)
+
+
+def gunicorn_options(
+    binds: list[str], workers: int, worker_class: str, threads: int, paths: Paths
+) -> dict[str, Any]:
+    """gunicorn settings for the metadata service (pure; tested)."""
+    return {
+        "bind": binds,
+        "workers": workers,
+        "worker_class": WORKER_CLASSES[worker_class],
+        "threads": threads,
+        # Guests fetch a dozen URLs in a row at boot: keep their connection open.
+        "keepalive": 5,
+        # Enough for a boot storm of a few hundred guests (the kernel caps it at somaxconn).
+        "backlog": 2048,
+        "worker_connections": 1000,
+        "timeout": 30,
+        "graceful_timeout": 5,
+        "proc_name": f"vr-metadata[{paths.root}]",
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "preload_app": False,
+        # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn):
+        # several appliances (and the password server) would fight over it.
+        "control_socket_disable": True,
+    }
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vr import config, gunicorn_runner, metadata_counters
+    from vr.metadata_app import create_app
+
+    paths = Paths(root_from_env(args.root))
+    logs.setup(paths, args.verbose)
+    workers = args.workers
+    if workers is None:
+        workers = config.load(paths).metadata_workers
+    if workers < 1 or args.threads < 1:
+        raise SystemExit(f"--workers={workers} --threads={args.threads}: expected at least 1")
+    binds = args.bind or [DEFAULT_BIND]
+    paths.run.mkdir(parents=True, exist_ok=True)
+    metadata_counters.reset(paths)
+    LOG.info(
+        "metadata service for %s on %s: %s %s workers x %s threads (pid %s)",
+        paths.root,
+        ", ".join(binds),
+        workers,
+        args.worker_class,
+        args.threads,
+        os.getpid(),
+    )
+    warm = bool(args.warm)
+    gunicorn_runner.run(
+        lambda: create_app(paths, warm=warm),
+        gunicorn_options(binds, workers, args.worker_class, args.threads, paths),
+    )
+    return 0

@@ -1,0 +1,137 @@
+"""Subcommand ``serve-passwords``: the password server (TCP 8080) under gunicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from ipaddress import ip_address
+from typing import Any
+
+from vr import logs
+from vr.cli import add_root
+from vr.paths import Paths, root_from_env
+
+LOG = logging.getLogger(__name__)
+
+WORKER_CLASSES = {
+    # vr's single-threaded keep-alive worker (vr/metadata_worker.py): one selectors
+    # loop per process, so hundreds of guests asking at once wait in no backlog.
+    "event": "vr.metadata_worker.EventWorker",
+    "sync": "sync",
+}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve-passwords",
+        help="serve guest passwords on TCP 8080 (CloudStack DomU_Request protocol)",
+        description="Run the password server in the foreground under gunicorn until "
+        "SIGTERM/SIGINT. Guests GET their password with 'DomU_Request: send_my_password' "
+        "and ack it with 'DomU_Request: saved_password'; the VR itself may POST "
+        "'save_password' with the token from <root>/var/lib/vr/passwd_token (created "
+        "mode 0600 if missing). One audit line per fetch, ack and save goes to "
+        "<root>/var/log/cloud.log (and to stderr too with -v).",
+    )
+    add_root(p)
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help="address to listen on, repeatable (default 0.0.0.0:<password_port from "
+        "the appliance config>, i.e. 0.0.0.0:8080)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: password_workers from the appliance config)",
+    )
+    p.add_argument(
+        "--worker-class",
+        choices=sorted(WORKER_CLASSES),
+        default="event",
+        help="gunicorn worker class: event (default; vr's keep-alive event loop) or sync",
+    )
+    p.set_defaults(func=_serve)
+
+
+def parse_bind(value: str) -> str:
+    """Check ``HOST:PORT`` (IPv4 literal) and return it unchanged."""
+    host, sep, port = value.rpartition(":")
+    try:
+        ok = bool(sep) and ip_address(host).version == 4 and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--bind {value!r}: expected IPV4:PORT such as 0.0.0.0:8080")
+    return value
+
+
+def gunicorn_options(
+    binds: list[str], workers: int, worker_class: str, paths: Paths
+) -> dict[str, Any]:
+    """gunicorn settings for the password server (pure; tested)."""
+    return {
+        "bind": binds,
+        "workers": workers,
+        "worker_class": WORKER_CLASSES[worker_class],
+        "keepalive": 5,
+        "backlog": 2048,
+        "worker_connections": 1000,
+        # The protocol's header name has an underscore; gunicorn's own parser (sync
+        # worker) drops such headers by default. DomU-Request then means the same.
+        "header_map": "dangerous",
+        # Several gunicorns run per machine: no shared $HOME control socket.
+        "control_socket_disable": True,
+        "proc_name": f"vr-passwd[{paths.root}]",
+        "timeout": 30,
+        "graceful_timeout": 5,
+        "errorlog": "-",
+        "loglevel": "info",
+        "preload_app": False,
+        "limit_request_line": 4094,
+        "limit_request_fields": 50,
+        "limit_request_field_size": 8190,
+        "accesslog": None,
+    }
+
+
+def _audit_to_file_only() -> None:
+    """One audit line per request belongs in cloud.log, not on the supervisor's stderr
+    (it would be written twice at thousands of requests per second); warnings and
+    errors still go to both."""
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler:
+            h.setLevel(logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vr import config
+    from vr.errors import VRError
+    from vr.gunicorn_runner import run
+    from vr.passwd_app import ensure_token, make_app
+
+    paths = Paths(root_from_env(args.root))
+    paths.ensure()
+    logs.setup(paths, args.verbose)
+    if not args.verbose:
+        _audit_to_file_only()
+    try:
+        cfg = config.load(paths)
+        binds = [parse_bind(b) for b in (args.bind or [f"0.0.0.0:{cfg.password_port}"])]
+        workers = args.workers if args.workers is not None else cfg.password_workers
+        if workers < 1:
+            raise ValueError(f"--workers {workers}: expected at least 1")
+        ensure_token(paths)
+    except (VRError, ValueError) as exc:
+        LOG.error("password server not started: %s", exc)
+        return 2
+    LOG.info(
+        "password server for %s on %s: %d %s workers",
+        paths.root,
+        ", ".join(binds),
+        workers,
+        args.worker_class,
+    )
+    run(lambda: make_app(paths), gunicorn_options(binds, workers, args.worker_class, paths))
+    return 0

@@ -1,0 +1,176 @@
+"""Compute the firewall from config + store, apply it, save it; the push hooks.
+
+The rules are computed and applied under the store lock, so two pushes can never
+apply an older view after a newer one. The applied rule set is saved to
+``Paths.firewall_state`` (what ``vr firewall restore`` re-applies at boot). While
+an apply is in flight, or after one failed, ``Paths.firewall_pending`` exists: the
+next push (or ``restore``) then recomputes instead of trusting the saved state.
+
+The firewall is *managed* on a root once ``vr firewall apply`` or ``restore`` ran
+there (state or pending file present). Before that, pushes only update the store;
+this keeps a bare data root (tests, a build chroot) from programming the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from vr import atomic, config, store
+from vr.errors import FirewallError, PayloadError
+from vr.firewall import model
+from vr.firewall.sync import RuleCounter, SyncReport, Tables, counters, sync
+from vr.paths import Paths
+from vr.payloads import GuestNetwork, Payload
+from vr.store import ApplyResult, Store
+
+LOG = logging.getLogger(__name__)
+
+TablesFactory = Callable[[], Tables]
+DeviceExists = Callable[[str], bool]
+
+
+def device_exists(name: str) -> bool:
+    """Whether interface ``name`` exists in this process's network namespace."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def real_tables() -> Tables:
+    from vr.firewall.iptc_adapter import IptcTables
+
+    return IptcTables()
+
+
+def compute(paths: Paths) -> model.RuleSet:
+    """The rule set for the current config and store (read with the lock held)."""
+    return model.desired(config.load(paths), store.read_networks(paths), store.read_dhcp(paths))
+
+
+def managed(paths: Paths) -> bool:
+    return paths.firewall_state.exists() or paths.firewall_pending.exists()
+
+
+def load_saved(paths: Paths) -> model.RuleSet | None:
+    try:
+        data = paths.firewall_state.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FirewallError(f"{paths.firewall_state}: cannot read: {exc.strerror}") from None
+    return model.RuleSet.from_json(data, str(paths.firewall_state))
+
+
+def apply(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
+    """Compute from config + store and apply (``vr firewall apply``, the push hook)."""
+    with Store(paths).locked():
+        return _apply_locked(paths, tables, compute(paths), exists)
+
+
+def restore(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
+    """Re-apply the saved rule set (boot); recompute when none is saved or it is stale."""
+    with Store(paths).locked():
+        saved = load_saved(paths)
+        if saved is None or paths.firewall_pending.exists():
+            LOG.info(
+                "firewall: %s; computing from %s and the store",
+                "no saved state" if saved is None else "saved state may be stale",
+                paths.config,
+            )
+            return _apply_locked(paths, tables, compute(paths), exists)
+        return _apply_locked(paths, tables, saved, exists)
+
+
+def _apply_locked(
+    paths: Paths, tables: Tables, ruleset: model.RuleSet, exists: DeviceExists
+) -> SyncReport:
+    for device in _devices(ruleset):
+        if not exists(device):
+            # Rules on an absent interface match nothing until it appears; refusing
+            # the whole set would leave every other guest and port unprotected.
+            LOG.warning("firewall: interface %s does not exist (yet); rules kept", device)
+    atomic.atomic_write(paths.firewall_pending, b"", 0o600)
+    report = sync(tables, ruleset)
+    atomic.atomic_write(paths.firewall_state, ruleset.to_json(), 0o600)
+    paths.firewall_pending.unlink(missing_ok=True)
+    return report
+
+
+def _devices(ruleset: model.RuleSet) -> list[str]:
+    return sorted(
+        {
+            r.in_interface
+            for c in ruleset.chains
+            for r in c.rules
+            if r.in_interface and r.in_interface != "lo"
+        }
+    )
+
+
+def live_counters(tables: Tables, ruleset: model.RuleSet | None = None) -> list[RuleCounter]:
+    names = ruleset.tables() if ruleset else list(model.TABLE_ORDER)
+    return counters(tables, names)
+
+
+# --- the push path ------------------------------------------------------------------
+
+
+def validate_push(
+    paths: Paths, payloads: Sequence[Payload], exists: DeviceExists = device_exists
+) -> None:
+    """Refuse guest networks the VR cannot firewall, before anything is stored.
+
+    Raises :class:`PayloadError` naming the device and what was expected.
+    """
+    adds = [p for p in payloads if isinstance(p, GuestNetwork) and p.add]
+    if not adds:
+        return
+    cfg = config.load(paths)
+    for n in adds:
+        if n.device == cfg.control_device or n.device in cfg.public_devices:
+            raise PayloadError(
+                "device",
+                n.device,
+                f"a guest interface, not the control ({cfg.control_device}) or public "
+                f"({', '.join(cfg.public_devices)}) interface",
+            )
+        if managed(paths) and not exists(n.device):
+            raise PayloadError("device", n.device, "an interface that exists on this router")
+
+
+def push_hooks(
+    paths: Paths,
+    tables_factory: TablesFactory = real_tables,
+    exists: DeviceExists = device_exists,
+) -> tuple[Callable[[Sequence[Payload]], None], Callable[[ApplyResult], None]]:
+    """``(before_commit, after_commit)`` for :class:`vr.apply.Applier`."""
+
+    def before_commit(payloads: Sequence[Payload]) -> None:
+        validate_push(paths, payloads, exists)
+
+    def after_commit(result: ApplyResult) -> None:
+        changed = result.networks_changed or result.dhcp_changed
+        if not managed(paths):
+            if changed:
+                LOG.info("firewall not set up on %s yet; 'vr firewall apply' will", paths.root)
+            return
+        if changed:
+            report = apply(paths, tables_factory(), exists)
+            LOG.info("firewall re-applied after push: %s", summary(report))
+        elif paths.firewall_pending.exists():
+            # An earlier apply failed: retry, but do not fail an unrelated push.
+            try:
+                apply(paths, tables_factory(), exists)
+            except FirewallError as exc:
+                LOG.error("firewall still not applied (retry after push failed): %s", exc)
+
+    return before_commit, after_commit
+
+
+def summary(report: SyncReport) -> str:
+    parts = [f"{t}: {', '.join(c)}" for t, c in report.changed.items() if c]
+    return "; ".join(parts) or "no change"

@@ -1,0 +1,377 @@
+"""The firewall as data: which chains and rules the VR wants. Pure: no I/O, no iptc.
+
+:func:`desired` turns the appliance config, the pushed guest networks and the
+pushed DHCP entries into a :class:`RuleSet`. Every chain carries :data:`PREFIX` and
+is hooked once into a built-in chain; nothing outside those chains is ours.
+
+Ports: guests ask for 169.254.169.254 on the well-known ports 80 (metadata) and
+8080 (passwords); the DNAT sends them to the VR's guest address on the configured
+``metadata_port`` / ``password_port``. Filter rules match those configured service
+ports, which is what a packet carries in filter INPUT after the DNAT, so one rule
+covers both the direct and the redirected path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from vr.config import Config
+from vr.errors import FirewallError
+from vr.payloads import DhcpEntry, GuestNetwork
+
+PREFIX = "VR-"
+METADATA_ADDRESS = IPv4Address("169.254.169.254")
+LINK_LOCAL_METADATA_PORT = 80
+LINK_LOCAL_PASSWORD_PORT = 8080
+
+NAT = "nat"
+FILTER = "filter"
+TABLE_ORDER = (NAT, FILTER)
+"""Tables are committed in this order (one commit per table)."""
+
+NAT_CHAIN = PREFIX + "PREROUTING"
+INPUT_CHAIN = PREFIX + "INPUT"
+
+STATE_VERSION = 1
+
+Params = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class MatchSpec:
+    """One ``-m <name> --<param> <values>`` block, as python-iptables saves it."""
+
+    name: str
+    params: Params = ()
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule in the generic form the adapter speaks (and reads back for comparison)."""
+
+    target: str
+    target_params: Params = ()
+    protocol: str | None = None
+    src: str | None = None
+    dst: str | None = None
+    in_interface: str | None = None
+    matches: tuple[MatchSpec, ...] = ()
+
+    @property
+    def comment(self) -> str:
+        for m in self.matches:
+            if m.name == "comment":
+                for key, values in m.params:
+                    if key == "comment":
+                        return " ".join(values)
+        return ""
+
+    def render(self) -> str:
+        """iptables-save style text, for logs and error messages."""
+        parts: list[str] = []
+        if self.src:
+            parts += ["-s", self.src]
+        if self.dst:
+            parts += ["-d", self.dst]
+        if self.in_interface:
+            parts += ["-i", self.in_interface]
+        if self.protocol:
+            parts += ["-p", self.protocol]
+        for m in self.matches:
+            parts += ["-m", m.name, *_render_params(m.params)]
+        parts += ["-j", self.target, *_render_params(self.target_params)]
+        return " ".join(parts)
+
+
+def _render_params(params: Params) -> list[str]:
+    out: list[str] = []
+    for key, values in params:
+        vals = list(values)
+        neg = bool(vals) and vals[0] == "!"
+        if neg:
+            vals = vals[1:]
+        shown = [f'"{v}"' if " " in v else v for v in vals]
+        out += (["!"] if neg else []) + [f"--{key}", *shown]
+    return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of ours, typed. ``comment`` says why it exists (shown by iptables -L)."""
+
+    target: str
+    comment: str
+    in_interface: str | None = None
+    source: IPv4Network | None = None
+    destination: IPv4Network | None = None
+    protocol: str | None = "tcp"
+    dports: tuple[int, ...] = ()
+    ctstate: tuple[str, ...] = ()
+    mac_source: str | None = None
+    mac_negate: bool = False
+    to_destination: str | None = None
+
+    def spec(self) -> RuleSpec:
+        matches: list[MatchSpec] = []
+        if len(self.dports) == 1:
+            matches.append(MatchSpec("tcp", (("dport", (str(self.dports[0]),)),)))
+        elif self.dports:
+            ports = ",".join(str(p) for p in self.dports)
+            matches.append(MatchSpec("multiport", (("dports", (ports,)),)))
+        if self.mac_source is not None:
+            neg: tuple[str, ...] = ("!",) if self.mac_negate else ()
+            matches.append(MatchSpec("mac", (("mac-source", (*neg, self.mac_source)),)))
+        if self.ctstate:
+            matches.append(MatchSpec("conntrack", (("ctstate", (",".join(self.ctstate),)),)))
+        matches.append(MatchSpec("comment", (("comment", (self.comment,)),)))
+        target_params: Params = ()
+        if self.to_destination is not None:
+            target_params = (("to-destination", (self.to_destination,)),)
+        return RuleSpec(
+            target=self.target,
+            target_params=target_params,
+            protocol=self.protocol,
+            src=self.source.with_prefixlen if self.source else None,
+            dst=self.destination.with_prefixlen if self.destination else None,
+            in_interface=self.in_interface,
+            matches=tuple(matches),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "comment": self.comment,
+            "in_interface": self.in_interface,
+            "source": str(self.source) if self.source else None,
+            "destination": str(self.destination) if self.destination else None,
+            "protocol": self.protocol,
+            "dports": list(self.dports),
+            "ctstate": list(self.ctstate),
+            "mac_source": self.mac_source,
+            "mac_negate": self.mac_negate,
+            "to_destination": self.to_destination,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rule:
+        return cls(
+            target=str(d["target"]),
+            comment=str(d["comment"]),
+            in_interface=d.get("in_interface"),
+            source=IPv4Network(d["source"]) if d.get("source") else None,
+            destination=IPv4Network(d["destination"]) if d.get("destination") else None,
+            protocol=d.get("protocol"),
+            dports=tuple(int(p) for p in d.get("dports", ())),
+            ctstate=tuple(str(s) for s in d.get("ctstate", ())),
+            mac_source=d.get("mac_source"),
+            mac_negate=bool(d.get("mac_negate", False)),
+            to_destination=d.get("to_destination"),
+        )
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One chain of ours; ``hooks`` are the built-in chains that jump to it (once each)."""
+
+    table: str
+    name: str
+    hooks: tuple[str, ...]
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    chains: tuple[Chain, ...]
+
+    def tables(self) -> list[str]:
+        present = {c.table for c in self.chains}
+        return [t for t in TABLE_ORDER if t in present]
+
+    def in_table(self, table: str) -> list[Chain]:
+        return [c for c in self.chains if c.table == table]
+
+    def chain(self, name: str) -> Chain:
+        for c in self.chains:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def render(self) -> str:
+        """The rule set as iptables-save style text (our chains and hooks only)."""
+        lines: list[str] = []
+        for table in self.tables():
+            lines.append(f"*{table}")
+            for c in self.in_table(table):
+                lines.append(f":{c.name} - [0:0]")
+            for c in self.in_table(table):
+                for hook in c.hooks:
+                    lines.append(f"-A {hook} -j {c.name}")
+            for c in self.in_table(table):
+                for r in c.rules:
+                    lines.append(f"-A {c.name} {r.spec().render()}")
+            lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": STATE_VERSION,
+            "chains": [
+                {
+                    "table": c.table,
+                    "name": c.name,
+                    "hooks": list(c.hooks),
+                    "rules": [r.to_dict() for r in c.rules],
+                }
+                for c in self.chains
+            ],
+        }
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "firewall state") -> RuleSet:
+        try:
+            doc = json.loads(data)
+            if doc.get("version") != STATE_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}, expected {STATE_VERSION}")
+            chains = tuple(
+                Chain(
+                    table=str(c["table"]),
+                    name=str(c["name"]),
+                    hooks=tuple(str(h) for h in c["hooks"]),
+                    rules=tuple(Rule.from_dict(r) for r in c["rules"]),
+                )
+                for c in doc["chains"]
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FirewallError(f"{where}: not a saved rule set: {exc}") from None
+        for c in chains:
+            if c.table not in TABLE_ORDER or not c.name.startswith(PREFIX):
+                raise FirewallError(
+                    f"{where}: chain {c.table}/{c.name}: expected a {PREFIX}* chain "
+                    f"in one of {TABLE_ORDER}"
+                )
+        return cls(chains)
+
+
+# --- the rules the VR wants ---------------------------------------------------------
+
+
+def desired(
+    config: Config, networks: Iterable[GuestNetwork], dhcp_entries: Iterable[DhcpEntry]
+) -> RuleSet:
+    """The complete rule set for this config, these guest networks and DHCP entries.
+
+    ``networks`` from the store and from ``config.guest_networks`` are merged by
+    device (a pushed network replaces the configured one on the same device).
+    Deterministic: the same inputs always give the same rules in the same order.
+    """
+    nets = merge_networks(config.guest_networks, networks)
+    bindings = sorted(
+        {e.ipv4_address: e for e in dhcp_entries if not e.remove}.values(),
+        key=lambda e: e.ipv4_address,
+    )
+    return RuleSet(
+        (
+            Chain(NAT, NAT_CHAIN, ("PREROUTING",), tuple(_redirects(config, nets))),
+            Chain(FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bindings))),
+        )
+    )
+
+
+def merge_networks(
+    configured: Sequence[GuestNetwork], pushed: Iterable[GuestNetwork]
+) -> list[GuestNetwork]:
+    by_device = {n.device: n for n in configured if n.add}
+    for n in pushed:
+        if n.add:
+            by_device[n.device] = n
+        else:
+            by_device.pop(n.device, None)
+    return [by_device[d] for d in sorted(by_device)]
+
+
+def service_ports(config: Config) -> tuple[int, ...]:
+    return tuple(sorted({config.metadata_port, config.password_port}))
+
+
+def guarded_ports(config: Config) -> tuple[int, ...]:
+    return tuple(sorted({config.metadata_port, config.password_port, config.ssh_port}))
+
+
+def _redirects(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
+    link_local = IPv4Network(f"{METADATA_ADDRESS}/32")
+    for n in nets:
+        for asked, port, what in (
+            (LINK_LOCAL_METADATA_PORT, config.metadata_port, "metadata"),
+            (LINK_LOCAL_PASSWORD_PORT, config.password_port, "password"),
+        ):
+            yield Rule(
+                target="DNAT",
+                comment=f"vr: {n.device} {what} {METADATA_ADDRESS}:{asked}",
+                in_interface=n.device,
+                destination=link_local,
+                dports=(asked,),
+                to_destination=f"{n.router_guest_ip}:{port}",
+            )
+
+
+def _input(
+    config: Config, nets: Sequence[GuestNetwork], bindings: Sequence[DhcpEntry]
+) -> Iterable[Rule]:
+    service = service_ports(config)
+    guarded = guarded_ports(config)
+    # Local clients (health checks, the VR itself) talk to its services over lo.
+    yield Rule("ACCEPT", "vr: loopback", in_interface="lo", dports=guarded)
+    # MAC/IP binding before any accept: a bound address from another MAC is dropped.
+    # One rule per binding so each has its own counter; every packet is checked,
+    # not only NEW ones, so a spoofer cannot ride an established connection.
+    for e in bindings:
+        yield Rule(
+            "DROP",
+            f"vr: binding {e.ipv4_address} {e.mac_address}",
+            source=IPv4Network(f"{e.ipv4_address}/32"),
+            dports=service,
+            mac_source=e.mac_address,
+            mac_negate=True,
+        )
+    for n in nets:
+        if config.require_mac_binding:
+            for e in bindings:
+                if e.ipv4_address in n.cidr:
+                    yield Rule(
+                        "ACCEPT",
+                        f"vr: {n.device} bound guest {e.ipv4_address}",
+                        in_interface=n.device,
+                        source=IPv4Network(f"{e.ipv4_address}/32"),
+                        dports=service,
+                        ctstate=("NEW", "ESTABLISHED"),
+                    )
+            yield Rule(
+                "DROP",
+                f"vr: {n.device} unbound guest",
+                in_interface=n.device,
+                source=n.cidr,
+                dports=service,
+            )
+        else:
+            yield Rule(
+                "ACCEPT",
+                f"vr: {n.device} guests {n.cidr}",
+                in_interface=n.device,
+                source=n.cidr,
+                dports=service,
+                ctstate=("NEW", "ESTABLISHED"),
+            )
+    yield Rule(
+        "ACCEPT",
+        f"vr: {config.control_device} ssh",
+        in_interface=config.control_device,
+        dports=(config.ssh_port,),
+        ctstate=("NEW", "ESTABLISHED"),
+    )
+    # Drop the service ports everywhere else; other traffic returns to INPUT untouched.
+    yield Rule("DROP", "vr: guarded ports elsewhere", dports=guarded)

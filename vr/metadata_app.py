@@ -1,0 +1,168 @@
+"""The metadata HTTP service: a Flask application with a pure-WSGI fast path.
+
+The calling VM is the TCP peer (``REMOTE_ADDR``) mapped by ``vr.identity.vm_of``;
+no header is ever consulted for identity. Every URL is answered by
+``vr.metadata_views.resolve`` from the worker's :class:`vr.vmcache.VmCache`.
+
+Two doors to the same answers:
+
+* the fast path (a plain WSGI callable in front of Flask) serves every ``GET`` and
+  ``HEAD`` that carries no forwarding header: what every guest sends at boot,
+  hundreds at once. It skips Flask's request/response objects, which cost more
+  than the lookup itself;
+* Flask handles everything else: requests with ``X-Forwarded-For``/``Forwarded``
+  (403, counted: an SSRF guard as GCE and Azure have), other methods (405 with
+  ``Allow``), and errors. With ``fast_path=False`` Flask serves everything, which
+  the tests use to prove both doors answer byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from vr.metadata_counters import Counters
+from vr.metadata_views import NOT_FOUND, Reply, resolve
+from vr.paths import Paths
+from vr.vmcache import VmCache
+
+LOG = logging.getLogger(__name__)
+
+ALLOWED_METHODS = ("GET", "HEAD")
+ALLOW = ", ".join(ALLOWED_METHODS)
+FORWARD_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")
+FORBIDDEN = Reply(403, b"forwarded requests are refused\n")
+NOT_ALLOWED = Reply(405, b"method not allowed\n")
+INTERNAL = Reply(500, b"internal error\n")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_STATUS = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+
+
+def _headers(reply: Reply) -> list[tuple[str, str]]:
+    h = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
+    if reply.location is not None:
+        h.append(("Location", reply.location))
+    if reply.status == 405:
+        h.append(("Allow", ALLOW))
+    return h
+
+
+class FastPath:
+    """WSGI middleware answering plain GET/HEAD directly, the rest through Flask."""
+
+    def __init__(self, cache: VmCache, counters: Counters, fallback: WSGIApp) -> None:
+        self.cache = cache
+        self.counters = counters
+        self.fallback = fallback
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        if (
+            (method != "GET" and method != "HEAD")
+            or "HTTP_X_FORWARDED_FOR" in environ
+            or "HTTP_FORWARDED" in environ
+        ):
+            return self.fallback(environ, start_response)
+        if self.counters.dirty:
+            self.counters.flush()
+        try:
+            view = self.cache.view_for_address(environ.get("REMOTE_ADDR", ""))
+            reply = resolve(view, environ.get("PATH_INFO", ""))
+        except Exception:
+            LOG.exception(
+                "metadata request from %s for %r failed",
+                environ.get("REMOTE_ADDR"),
+                environ.get("PATH_INFO"),
+            )
+            reply = INTERNAL
+        start_response(_STATUS[reply.status], _headers(reply))
+        return [] if method == "HEAD" else [reply.body]
+
+
+def _response(reply: Reply) -> Response:
+    resp = Response(reply.body, status=_STATUS[reply.status])
+    # Set after construction so Flask does not append "; charset=utf-8".
+    for name, value in _headers(reply):
+        resp.headers[name] = value
+    return resp
+
+
+def create_app(
+    paths: Paths,
+    *,
+    cache: VmCache | None = None,
+    counters: Counters | None = None,
+    fast_path: bool = True,
+    warm: bool = False,
+) -> Flask:
+    """Build the metadata application for one worker (call after fork).
+
+    ``warm`` loads every stored VM before the first request; otherwise VMs are
+    loaded on first use. ``fast_path=False`` routes every request through Flask.
+    """
+    app = Flask(__name__)
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    vms = cache if cache is not None else VmCache(paths)
+    counts = counters if counters is not None else Counters(paths)
+    if warm:
+        LOG.info("metadata worker loaded %s VMs from %s", vms.warm(), paths.latest)
+    app.extensions["vr.vmcache"] = vms
+    app.extensions["vr.counters"] = counts
+
+    @app.before_request
+    def refuse_forwarded() -> Response | None:
+        for key in FORWARD_HEADERS:
+            if key in request.environ:
+                counts.count_forwarded()
+                LOG.warning(
+                    "refused %s %s from %s: it carries a forwarding header",
+                    request.method,
+                    request.path,
+                    request.remote_addr,
+                )
+                return _response(FORBIDDEN)
+        if request.method not in ALLOWED_METHODS:
+            return _response(NOT_ALLOWED)
+        return None
+
+    def serve(path: str = "") -> Response:
+        view = vms.view_for_address(request.environ.get("REMOTE_ADDR", ""))
+        return _response(resolve(view, request.environ.get("PATH_INFO", "")))
+
+    every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
+    app.add_url_rule(
+        "/<path:path>", "any", serve, methods=every_method, provide_automatic_options=False
+    )
+
+    @app.errorhandler(404)
+    def not_found(exc: Exception) -> Response:
+        return _response(NOT_FOUND)
+
+    @app.errorhandler(405)
+    def not_allowed(exc: Exception) -> Response:
+        return _response(NOT_ALLOWED)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        return _response(Reply(code, f"{HTTPStatus(code).phrase.lower()}\n".encode()))
+
+    @app.errorhandler(Exception)
+    def failed(exc: Exception) -> Response:
+        LOG.exception("metadata request from %s for %r failed", request.remote_addr, request.path)
+        return _response(INTERNAL)
+
+    if fast_path:
+        flask_wsgi: WSGIApp = app.wsgi_app
+        app.wsgi_app = FastPath(vms, counts, flask_wsgi)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,435 @@
+"""The password server's WSGI application: CloudStack's ``DomU_Request`` protocol on 8080.
+
+``GET`` (guests; the caller is its TCP source address, path and query ignored):
+
+- ``DomU_Request: send_my_password`` -> the caller's password, or ``saved_password``
+  when none is stored (the password is not cleared);
+- ``DomU_Request: saved_password`` -> the guest's ack: clears the password if the one
+  stored is the one it was served, answers ``saved_password``;
+- anything else -> ``bad_request``.
+
+Every GET answer is status 200, ``Content-Type: text/plain`` and the exact body with no
+newline, as CloudStack's clients (cloud-init, ``cloud-set-guest-password``,
+cloudbase-init) expect. ``POST`` with ``DomU_Request: save_password`` and form fields
+``ip``, ``password``, ``token`` stores a password, only from the VR's own addresses;
+unlike CloudStack it answers a real status (200, 400, 403). Other methods: 405.
+
+Passwords live in the store (:attr:`vr.paths.Paths.passwords`), so a push applied by
+update_config while this server is down is served when it comes back. Each worker
+keeps the parsed file and re-reads it when a ``stat`` shows a new version, so a push
+or an ack in one worker is seen by the next request in every other worker. The hot
+path (a password already served, or none stored) writes nothing and takes no lock.
+
+One audit line per fetch, ack and save names the VM and the outcome; never the
+password or the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.parser
+import email.policy
+import errno
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from vr import atomic
+from vr.errors import PayloadError, StoreError, VRError, shorten
+from vr.identity import Source, vm_of
+from vr.paths import Paths
+from vr.payloads import parse_vm_password
+from vr.store import Store
+
+LOG = logging.getLogger(__name__)
+
+SEND = "send_my_password"
+SAVED = "saved_password"
+SAVE = "save_password"
+BAD = "bad_request"
+
+MAX_BODY = 16 * 1024
+"""A save carries three short fields; anything bigger is refused unread."""
+MAX_FIELDS = 16
+TOKEN_BYTES = 16
+RACY_NS = 2_000_000_000
+"""A file younger than this when read may be replaced within the same mtime tick."""
+
+StartResponse = Callable[..., Any]
+IsOwnAddress = Callable[[IPv4Address], bool]
+
+
+# --- the token ---------------------------------------------------------------------
+
+
+def _valid_token(text: str) -> bool:
+    return len(text) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
+def read_token(paths: Paths) -> str | None:
+    """The save token, or None if the file is missing or not a token. Never log it."""
+    try:
+        text = paths.password_token.read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return text if _valid_token(text) else None
+
+
+def ensure_token(paths: Paths) -> str:
+    """Return the save token, creating ``Paths.password_token`` (mode 0600) if needed.
+
+    Safe when several processes start at once: a new token is linked into place only
+    if no other process created one first, so all of them end up with the same token.
+    """
+    paths.ensure()
+    target = paths.password_token
+    existing = read_token(paths)
+    if existing is not None:
+        if target.stat().st_mode & 0o077:
+            os.chmod(target, 0o600)
+            LOG.warning("%s was readable by others; mode set to 0600", target)
+        return existing
+    tmp = target.with_name(f"{atomic.TMP_PREFIX}{target.name}.{secrets.token_hex(4)}")
+    atomic.write_file(tmp, secrets.token_hex(TOKEN_BYTES).encode(), 0o600)
+    try:
+        if target.exists():
+            # present but not a token (empty, truncated): replace it
+            os.replace(tmp, target)
+            LOG.warning("%s did not hold a token; a new one was written", target)
+        else:
+            # another process may have won the race: then use its token
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic.fsync_dir(target.parent)
+    token = read_token(paths)
+    if token is None:
+        raise StoreError(f"{target}: could not create the password server token")
+    return token
+
+
+# --- who may save ------------------------------------------------------------------
+
+
+def _nonlocal_bind_enabled() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return True  # cannot tell: trust loopback only
+
+
+def is_own_address(addr: IPv4Address) -> bool:
+    """Whether ``addr`` is configured on this machine (in this network namespace).
+
+    The kernel only lets a socket bind an address of its own local table, and drops
+    packets that arrive from outside with a local source address, so a TCP peer with
+    such an address is the VR itself. When ``ip_nonlocal_bind`` is on the test proves
+    nothing and only loopback counts.
+    """
+    if addr.is_loopback:
+        return True
+    if addr.is_multicast or addr.is_unspecified or _nonlocal_bind_enabled():
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((str(addr), 0))
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                LOG.warning("cannot tell whether %s is local: %s", addr, exc)
+            return False
+    return True
+
+
+# --- the password file, cached per worker ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    password: str = field(repr=False)
+    gen: int
+    served: bool
+
+
+class PasswordCache:
+    """The parsed password file, re-read whenever ``stat`` shows another version.
+
+    The version is (inode, size, mtime, ctime) of the file read. Every store write
+    renames a new file into place, so the inode changes; an inode can be reused only
+    after its file is gone, and a file read while still "racy" (younger than
+    :data:`RACY_NS`) is read again on the next lookup, so two versions written in
+    the same timestamp tick are never confused.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._version: tuple[int, int, int, int] | None = None
+        self._racy = True
+        self._entries: dict[str, Entry] = {}
+
+    def get(self, ip: IPv4Address) -> Entry | None:
+        self._refresh()
+        return self._entries.get(str(ip))
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._version, self._entries, self._racy = None, {}, True
+            return
+        if not self._racy and self._version == _version(st):
+            return
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            self._version, self._entries, self._racy = None, {}, True
+            return
+        self._entries = _parse_passwords(data, self.path)
+        self._version = _version(st)
+        self._racy = time.time_ns() - st.st_mtime_ns < RACY_NS
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _parse_passwords(data: bytes, path: Path) -> dict[str, Entry]:
+    try:
+        raw = json.loads(data)
+        return {
+            ip: Entry(str(rec["password"]), int(rec["gen"]), bool(rec["served"]))
+            for ip, rec in raw.items()
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # the message names the file and the problem, never a value from it
+        raise StoreError(f"{path}: not a password store ({type(exc).__name__})") from None
+
+
+# --- form bodies -------------------------------------------------------------------
+
+
+class FormError(VRError):
+    """A save request's body is not a form we accept."""
+
+
+def parse_form(content_type: str, body: bytes) -> dict[str, str]:
+    """Fields of an urlencoded or multipart/form-data body; duplicates are refused."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded":
+        pairs = _urlencoded(body)
+    elif kind == "multipart/form-data":
+        pairs = _multipart(content_type, body)
+    else:
+        raise FormError(
+            f"Content-Type={shorten(content_type)}: expected "
+            "application/x-www-form-urlencoded or multipart/form-data"
+        )
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise FormError(f"field {shorten(name)} given twice: expected each field once")
+        fields[name] = value
+    return fields
+
+
+def _urlencoded(body: bytes) -> list[tuple[str, str]]:
+    try:
+        text = body.decode("ascii")
+        return urllib.parse.parse_qsl(
+            text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS
+        )
+    except UnicodeDecodeError:
+        raise FormError("urlencoded body: expected ASCII with UTF-8 %-escapes") from None
+    except ValueError:
+        raise FormError(f"urlencoded body: expected at most {MAX_FIELDS} fields") from None
+
+
+def _multipart(content_type: str, body: bytes) -> list[tuple[str, str]]:
+    if "\r" in content_type or "\n" in content_type:
+        raise FormError("Content-Type: expected a single header line")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart() or msg.get_boundary() is None:
+        raise FormError("multipart body: expected a boundary and form-data parts")
+    pairs = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or part.get_content_disposition() != "form-data":
+            raise FormError("multipart part: expected Content-Disposition: form-data; name=...")
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            raise FormError(f"multipart field {shorten(name)}: expected a plain value")
+        try:
+            pairs.append((name, payload.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise FormError(f"multipart field {shorten(name)}: expected UTF-8") from None
+        if len(pairs) > MAX_FIELDS:
+            raise FormError(f"multipart body: expected at most {MAX_FIELDS} fields")
+    return pairs
+
+
+# --- the application ---------------------------------------------------------------
+
+
+class Refused(Exception):
+    """Ends a save with ``status``; ``reason`` is safe to send and to log."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class PasswordApp:
+    """WSGI callable; build one per worker (after fork)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        store: Store | None = None,
+        is_own: IsOwnAddress = is_own_address,
+    ) -> None:
+        self.paths = paths
+        self.store = store or Store(paths)
+        self.is_own = is_own
+        self.cache = PasswordCache(paths.passwords)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        caller = environ.get("REMOTE_ADDR", "")
+        try:
+            method = environ.get("REQUEST_METHOD", "")
+            if method == "GET":
+                return _reply(start_response, "200 OK", self.get(environ, caller))
+            if method == "POST":
+                return self.post(environ, start_response, caller)
+            return _reply(start_response, "405 Method Not Allowed", b"", [("Allow", "GET, POST")])
+        except Exception:
+            # the boundary: log the traceback, answer a generic error
+            LOG.exception("password request from %s failed", caller)
+            return _reply(start_response, "503 Service Unavailable", b"internal_error")
+
+    # --- GET -------------------------------------------------------------------
+
+    def get(self, environ: dict[str, Any], caller: str) -> bytes:
+        request = environ.get("HTTP_DOMU_REQUEST")
+        vm = vm_of(Source(caller))
+        if request == SEND:
+            return self.fetch(vm, caller)
+        if request == SAVED:
+            return self.ack(vm, caller)
+        LOG.info(
+            "password request from %s: DomU_Request=%s unknown, answered %s",
+            caller,
+            shorten(request, 40),
+            BAD,
+        )
+        return BAD.encode()
+
+    def fetch(self, vm: IPv4Address | None, caller: str) -> bytes:
+        entry = self.cache.get(vm) if vm is not None else None
+        if entry is None:
+            LOG.info("password fetch by VM %s: none stored, answered %s", caller, SAVED)
+            return SAVED.encode()
+        assert vm is not None
+        if not entry.served:
+            # recorded before the guest can ack, so its ack can clear this password
+            self.store.mark_password_served(vm, entry.gen)
+        LOG.info("password fetch by VM %s: served generation %d", vm, entry.gen)
+        return entry.password.encode()
+
+    def ack(self, vm: IPv4Address | None, caller: str) -> bytes:
+        # no entry now: anything stored later is a newer push the ack must not clear
+        if vm is None or self.cache.get(vm) is None:
+            LOG.info("password ack by VM %s: none stored", caller)
+        elif self.store.ack_password(vm):
+            LOG.info("password ack by VM %s: cleared", vm)
+        else:
+            LOG.info("password ack by VM %s: kept (stored password not served yet)", vm)
+        return SAVED.encode()
+
+    # --- POST ------------------------------------------------------------------
+
+    def post(
+        self, environ: dict[str, Any], start_response: StartResponse, caller: str
+    ) -> list[bytes]:
+        try:
+            vm = self.save(environ, caller)
+        except Refused as exc:
+            LOG.warning("password save from %s: refused (%s)", caller, exc.reason)
+            return _reply(start_response, exc.status, exc.reason.encode())
+        LOG.info("password save from %s for VM %s: stored", caller, vm)
+        return _reply(start_response, "200 OK", b"")
+
+    def save(self, environ: dict[str, Any], caller: str) -> IPv4Address:
+        source = vm_of(Source(caller))
+        if source is None or not self.is_own(source):
+            raise Refused("403 Forbidden", "forbidden: saves are accepted from the VR only")
+        if environ.get("HTTP_DOMU_REQUEST") != SAVE:
+            raise Refused("400 Bad Request", f"bad_request: expected DomU_Request: {SAVE}")
+        fields = self._form(environ)
+        missing = [k for k in ("ip", "password", "token") if k not in fields]
+        if missing:
+            raise Refused("400 Bad Request", f"bad_request: missing form fields {missing}")
+        token = read_token(self.paths)
+        if token is None or not hmac.compare_digest(
+            fields["token"].encode("utf-8", "replace"), token.encode()
+        ):
+            raise Refused("403 Forbidden", "forbidden: wrong token")
+        try:
+            push = parse_vm_password({"ip_address": fields["ip"], "password": fields["password"]})
+        except PayloadError as exc:  # the message never carries the password
+            raise Refused("400 Bad Request", f"bad_request: {exc}") from None
+        self.store.apply([push])
+        return push.ip
+
+    def _form(self, environ: dict[str, Any]) -> dict[str, str]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            raise Refused("400 Bad Request", "bad_request: Content-Length not a number") from None
+        if length > MAX_BODY:
+            raise Refused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
+        body = environ["wsgi.input"].read(length if length >= 0 else MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise Refused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
+        try:
+            return parse_form(environ.get("CONTENT_TYPE", ""), body)
+        except FormError as exc:
+            raise Refused("400 Bad Request", f"bad_request: {exc}") from None
+
+
+def _reply(
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+    start_response(status, headers + (extra or []))
+    return [body]
+
+
+STORE_LOCK_TIMEOUT = 10.0
+"""A fetch waits this long for the store lock, then answers 503 (the guest retries);
+below gunicorn's worker timeout, so a long apply never gets the worker killed."""
+
+
+def make_app(paths: Paths) -> PasswordApp:
+    """The application for one worker."""
+    return PasswordApp(paths, Store(paths, lock_timeout=STORE_LOCK_TIMEOUT))

@@ -1,0 +1,121 @@
+"""Per-worker in-memory copy of the VMs guests ask about, never staler than the store.
+
+Every lookup costs one ``stat`` of the store's change stamp (``store.stamp_token``).
+When the stamp moved, each cached VM is revalidated lazily on its next lookup with
+one ``readlink`` (``store.current_gen``) and re-read only when its generation
+changed. Because the store swaps a VM's symlinks before it replaces the stamp, a
+request that starts after ``update_config`` returned always sees the new data; no
+file watcher, no timing window.
+
+Thread-safe for gunicorn's threaded worker without a lock: every shared structure
+is a dict replaced or updated by single assignments (atomic under the GIL); two
+threads racing to reload the same VM both load a correct generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from vr import store
+from vr.identity import Source, vm_of
+from vr.metadata_views import VmView, build_view
+from vr.paths import Paths
+
+LOG = logging.getLogger(__name__)
+
+MAX_ADDRESSES = 65536
+"""Bound on remembered source-address strings (cleared wholesale when reached)."""
+MAX_UNKNOWN = 4096
+"""Bound on remembered unknown callers, so a scan of addresses cannot grow memory."""
+
+
+class _Entry:
+    __slots__ = ("epoch", "gen", "view")
+
+    def __init__(self, epoch: int, gen: int | None, view: VmView | None) -> None:
+        self.epoch = epoch
+        self.gen = gen
+        self.view = view
+
+
+Loader = Callable[[Paths, IPv4Address], "store.VmRecord | None"]
+
+
+class VmCache:
+    """Answer "which VM data does this source address get?" from memory."""
+
+    def __init__(self, paths: Paths, loader: Loader = store.read_vm) -> None:
+        self._paths = paths
+        self._load = loader
+        self._stamp = store.stamp_token(paths)
+        self._epoch = 0
+        self._entries: dict[IPv4Address, _Entry] = {}
+        self._unknown = 0
+        self._addresses: dict[str, IPv4Address | None] = {}
+        self.loads = 0
+        """VM reads from disk so far (tests and benchmarks look at it)."""
+
+    def __len__(self) -> int:
+        return sum(1 for e in self._entries.values() if e.view is not None)
+
+    def view_for_address(self, remote_addr: str) -> VmView | None:
+        """The VM calling from ``remote_addr`` (the TCP peer), or None if unknown."""
+        ip = self._addresses.get(remote_addr, False)
+        if ip is False:
+            ip = vm_of(Source(remote_addr))
+            if len(self._addresses) >= MAX_ADDRESSES:
+                self._addresses = {}
+            self._addresses[remote_addr] = ip
+        if ip is None:
+            return None
+        assert isinstance(ip, IPv4Address)
+        return self.view(ip)
+
+    def view(self, ip: IPv4Address) -> VmView | None:
+        """The current data of VM ``ip``: from memory unless the store changed it."""
+        stamp = store.stamp_token(self._paths)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._epoch += 1
+        epoch = self._epoch
+        entry = self._entries.get(ip)
+        if entry is not None and entry.epoch == epoch:
+            return entry.view
+        gen = store.current_gen(self._paths, ip)
+        if entry is not None and entry.gen == gen:
+            entry.epoch = epoch
+            return entry.view
+        return self._reload(ip, epoch, gen)
+
+    def _reload(self, ip: IPv4Address, epoch: int, gen: int | None) -> VmView | None:
+        rec = self._load(self._paths, ip) if gen is not None else None
+        if rec is None:
+            self._remember_unknown(ip, epoch)
+            return None
+        self.loads += 1
+        view = build_view(rec.gen, rec.metadata, rec.userdata)
+        # rec.gen may be newer than ``gen`` (a commit in between); both are at least
+        # as new as the stamp read above, which is all a reader may ask for.
+        self._entries[ip] = _Entry(epoch, rec.gen, view)
+        LOG.debug("VM %s: loaded generation %s", ip, rec.gen)
+        return view
+
+    def _remember_unknown(self, ip: IPv4Address, epoch: int) -> None:
+        old = self._entries.get(ip)
+        if old is None or old.view is not None:
+            if self._unknown >= MAX_UNKNOWN:
+                self._forget_unknown()
+            self._unknown += 1
+        self._entries[ip] = _Entry(epoch, None, None)
+
+    def _forget_unknown(self) -> None:
+        self._entries = {ip: e for ip, e in self._entries.items() if e.view is not None}
+        self._unknown = 0
+
+    def warm(self) -> int:
+        """Load every stored VM now (e.g. at worker start); returns how many."""
+        for ip in store.list_vms(self._paths):
+            self.view(ip)
+        return len(self)

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
-          openssh-client openssh-server curl wget cloud-init)
+          openssh-client openssh-server curl wget cloud-init debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

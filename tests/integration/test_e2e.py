@@ -27,13 +27,31 @@ from vr.sandbox import (
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
 
 
+BEFORE_ANY_VM: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def sb() -> Iterator[Sandbox]:
     with sandbox() as box:
         box.start_vr()
-        res = box.push(box.write_payloads(box.initial_payloads()))
+        # The guest network arrives by push after start; then, before any VM is pushed,
+        # a guest asks (answers recorded for the test below).
+        network, *vms = box.initial_payloads()
+        assert box.push(box.write_payloads([network])).code == 0
+        for path in ("latest/instance-id", "latest/meta-data/"):
+            res = box.run(
+                "ga",
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                 f"http://{METADATA_IP}/{path}"],
+            )  # fmt: skip
+            BEFORE_ANY_VM[path] = res.stdout
+        res = box.push(box.write_payloads(vms))
         assert res.code == 0, res.stderr
         yield box
+
+
+def test_before_any_vm_is_pushed_guests_get_404_not_errors(sb: Sandbox) -> None:
+    assert BEFORE_ANY_VM == {"latest/instance-id": "404", "latest/meta-data/": "404"}
 
 
 def _status(sb: Sandbox) -> dict:

@@ -92,6 +92,9 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     except VRError:
         configured = 0
     status["networks"] = len(read_networks(paths)) + configured
+    from vr.metadata_counters import totals
+
+    status["metadata_counters"] = totals(paths)
     try:
         status["last_push"] = json.loads(paths.last_push.read_text())
     except (OSError, ValueError):
@@ -116,6 +119,8 @@ def _status(args: argparse.Namespace) -> int:
             f"restarts {svc['restarts']}"
         )
     print(f"VMs: {st['vms']}  guest networks: {st['networks']}")
+    refused = st["metadata_counters"].get("forwarded_refused", 0)
+    print(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
     lp = st["last_push"]
     if lp:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lp["time"]))

@@ -152,9 +152,21 @@ def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service
     assert sb.wget_password(g.role).stdout == f"kept-{service}"
 
 
-def test_vr_status_counts_vms_networks_and_last_push(sb: Sandbox) -> None:
-    out = sb.run("vr", sb.vr_cmd("status", "--root", str(sb.vr_root), "--json")).stdout
-    st = json.loads(out)
+def test_vr_status_counts_vms_networks_last_push_and_refused_requests(sb: Sandbox) -> None:
+    g = sb.guests[1]
+    refused = sb.run(
+        g.role,
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "X-Forwarded-For: 10.1.1.23",
+         f"http://{METADATA_IP}/latest/instance-id"],
+    )  # fmt: skip
+    assert refused.stdout == "403"
+
+    def status() -> dict:
+        out = sb.run("vr", sb.vr_cmd("status", "--root", str(sb.vr_root), "--json")).stdout
+        return json.loads(out)
+
+    _wait(lambda: status()["metadata_counters"]["forwarded_refused"] >= 1)
+    st = status()
     assert st["vms"] >= 2
     assert st["networks"] == 1
     assert st["last_push"]["ok"] is True

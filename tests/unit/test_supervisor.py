@@ -115,10 +115,11 @@ def test_crashed_service_is_restarted_and_counted(running) -> None:
     assert "exited with -9" in paths.log_file.read_text()
 
 
-def test_sigterm_stops_every_service_within_five_seconds(running) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_stops_every_service_within_five_seconds(running, signum) -> None:
     proc, paths = running
     pids = [s["pid"] for s in _status(paths)["services"].values()]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.wait(5) == 0
     assert not any(_alive(p) for p in pids)
     assert _status(paths)["stopped"] is True

@@ -14,11 +14,7 @@ from vr.paths import Paths, root_from_env
 LOG = logging.getLogger(__name__)
 
 DEFAULT_BIND = "0.0.0.0:80"
-WORKER_CLASSES = {
-    "event": "vr.metadata_worker.EventWorker",
-    "gthread": "gthread",
-    "sync": "sync",
-}
+WORKER_CLASSES = ("event", "gthread", "sync")  # see vr.gunicorn_runner.WORKER_CLASSES
 
 
 def register(sub: Any) -> None:
@@ -64,26 +60,11 @@ def gunicorn_options(
     binds: list[str], workers: int, worker_class: str, threads: int, paths: Paths
 ) -> dict[str, Any]:
     """gunicorn settings for the metadata service (pure; tested)."""
+    from vr.gunicorn_runner import base_options
+
     return {
-        "bind": binds,
-        "workers": workers,
-        "worker_class": WORKER_CLASSES[worker_class],
+        **base_options(binds, workers, worker_class, f"vr-metadata[{paths.root}]"),
         "threads": threads,
-        # Guests fetch a dozen URLs in a row at boot: keep their connection open.
-        "keepalive": 5,
-        # Enough for a boot storm of a few hundred guests (the kernel caps it at somaxconn).
-        "backlog": 2048,
-        "worker_connections": 1000,
-        "timeout": 30,
-        "graceful_timeout": 5,
-        "proc_name": f"vr-metadata[{paths.root}]",
-        "accesslog": None,
-        "errorlog": "-",
-        "loglevel": "info",
-        "preload_app": False,
-        # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn):
-        # several appliances (and the password server) would fight over it.
-        "control_socket_disable": True,
     }
 
 

@@ -13,12 +13,7 @@ from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
 
-WORKER_CLASSES = {
-    # vr's single-threaded keep-alive worker (vr/metadata_worker.py): one selectors
-    # loop per process, so hundreds of guests asking at once wait in no backlog.
-    "event": "vr.metadata_worker.EventWorker",
-    "sync": "sync",
-}
+WORKER_CLASSES = ("event", "sync")  # see vr.gunicorn_runner.WORKER_CLASSES
 
 
 def register(sub: Any) -> None:
@@ -71,28 +66,16 @@ def gunicorn_options(
     binds: list[str], workers: int, worker_class: str, paths: Paths
 ) -> dict[str, Any]:
     """gunicorn settings for the password server (pure; tested)."""
+    from vr.gunicorn_runner import base_options
+
     return {
-        "bind": binds,
-        "workers": workers,
-        "worker_class": WORKER_CLASSES[worker_class],
-        "keepalive": 5,
-        "backlog": 2048,
-        "worker_connections": 1000,
+        **base_options(binds, workers, worker_class, f"vr-passwd[{paths.root}]"),
         # The protocol's header name has an underscore; gunicorn's own parser (sync
         # worker) drops such headers by default. DomU-Request then means the same.
         "header_map": "dangerous",
-        # Several gunicorns run per machine: no shared $HOME control socket.
-        "control_socket_disable": True,
-        "proc_name": f"vr-passwd[{paths.root}]",
-        "timeout": 30,
-        "graceful_timeout": 5,
-        "errorlog": "-",
-        "loglevel": "info",
-        "preload_app": False,
         "limit_request_line": 4094,
         "limit_request_fields": 50,
         "limit_request_field_size": 8190,
-        "accesslog": None,
     }
 
 

@@ -14,6 +14,40 @@ from gunicorn.app.base import BaseApplication
 
 WSGIApp = Callable[..., Any]
 
+WORKER_CLASSES = {
+    # vr's single-threaded keep-alive worker (vr/metadata_worker.py): one selectors
+    # loop per process, so hundreds of guests asking at once wait in no backlog.
+    "event": "vr.metadata_worker.EventWorker",
+    "gthread": "gthread",
+    "sync": "sync",
+}
+
+
+def base_options(
+    binds: list[str], workers: int, worker_class: str, proc_name: str
+) -> dict[str, Any]:
+    """Settings shared by vr's gunicorn services; callers add their own."""
+    return {
+        "bind": binds,
+        "workers": workers,
+        "worker_class": WORKER_CLASSES[worker_class],
+        # Guests fetch a dozen URLs in a row at boot: keep their connection open.
+        "keepalive": 5,
+        # Enough for a boot storm of a few hundred guests (the kernel caps it at somaxconn).
+        "backlog": 2048,
+        "worker_connections": 1000,
+        "timeout": 30,
+        "graceful_timeout": 5,
+        "proc_name": proc_name,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "preload_app": False,
+        # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn):
+        # several appliances and both services would fight over it.
+        "control_socket_disable": True,
+    }
+
 
 class _App(BaseApplication):  # type: ignore[misc]
     def __init__(self, app_factory: Callable[[], WSGIApp], options: dict[str, Any]) -> None:

@@ -96,6 +96,11 @@ class Paths:
         return self.state / "passwords.json"
 
     @property
+    def passwords_lock(self) -> Path:
+        """Guards ``passwords`` alone, so guests' fetches and acks never wait for a batch."""
+        return self.state / "passwords.lock"
+
+    @property
     def password_token(self) -> Path:
         return self.state / "passwd_token"
 

@@ -298,10 +298,11 @@ class Store:
         """
         p = self.paths
         owned_in_state = tuple(
-            f"{atomic.TMP_PREFIX}{f.name}." for f in (p.passwords, p.networks, p.dhcp, p.journal)
+            f"{atomic.TMP_PREFIX}{f.name}." for f in (p.networks, p.dhcp, p.journal)
         )
         anything = (atomic.TMP_PREFIX,)
-        # Archives and the last-push record are written after the lock is released:
+        # Archives, the last-push record and the password server's writes happen
+        # without this lock:
         # only old temporaries of those.
         for d, prefixes, min_age in (
             (p.generations, anything, 0.0),
@@ -310,6 +311,8 @@ class Store:
             (p.latest, (f"{atomic.TMP_PREFIX}{p.stamp.name}.",), 0.0),
             (p.state, owned_in_state, 0.0),
             (p.state, (f"{atomic.TMP_PREFIX}{p.last_push.name}.",), STALE_ARCHIVE_TEMP),
+            # The password server writes passwords.json under the passwords lock only.
+            (p.state, (f"{atomic.TMP_PREFIX}{p.passwords.name}.",), STALE_ARCHIVE_TEMP),
             (p.processed, anything, STALE_ARCHIVE_TEMP),
             (p.failed, anything, STALE_ARCHIVE_TEMP),
         ):
@@ -352,7 +355,7 @@ class Store:
         gen = self._next_gen()
         vms: dict[IPv4Address, VmRecord] = {}
         superseded: list[tuple[IPv4Address, int]] = []
-        passwords = read_passwords(self.paths)
+        new_passwords: dict[str, str] = {}
         networks = _read_json(self.paths.networks)
         dhcp = _read_json(self.paths.dhcp)
         for p in payloads:
@@ -364,7 +367,7 @@ class Store:
                     superseded.append((p.ip, old.gen))
                 result.vms.append(change)
             elif isinstance(p, VmPassword):
-                passwords[str(p.ip)] = {"password": p.password, "gen": gen, "served": False}
+                new_passwords[str(p.ip)] = p.password
                 result.passwords.append(p.ip)
             elif isinstance(p, GuestNetwork):
                 before = dict(networks)
@@ -394,14 +397,20 @@ class Store:
         with atomic.Transaction(self.paths.journal) as tx:
             for rec in vms.values():
                 self._stage_vm(tx, rec)
-            if result.passwords:
-                tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
             if result.networks_changed:
                 tx.stage_file(self.paths.networks, _dumps(networks), 0o600)
             if result.dhcp_changed:
                 tx.stage_file(self.paths.dhcp, _dumps(dhcp), 0o600)
-            tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
-            tx.commit()
+            # The passwords lock is held only from reading the file to the renames, so
+            # the password server's fetches and acks never wait for the VM trees above.
+            with self.passwords_locked() if new_passwords else contextlib.nullcontext():
+                if new_passwords:
+                    passwords = read_passwords(self.paths)
+                    for ip, password in new_passwords.items():
+                        passwords[ip] = {"password": password, "gen": gen, "served": False}
+                    tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
+                tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
+                tx.commit()
         self._drop_old_generations(superseded, keep=gen)
         return result
 
@@ -438,9 +447,20 @@ class Store:
 
     # --- password life cycle (used by the password server) ------------------------
 
+    @contextlib.contextmanager
+    def passwords_locked(self) -> Iterator[None]:
+        """Hold the passwords file's own lock (taken after the store lock, never before).
+
+        Fetches and acks take only this lock: a batch holding the store lock, or a
+        firewall apply behind it, does not stall the password server's event loop.
+        """
+        self.paths.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with locking.exclusive(self.paths.passwords_lock, self.lock_timeout, "passwords lock"):
+            yield
+
     def mark_password_served(self, ip: IPv4Address, gen: int) -> None:
         """Record that generation ``gen`` of ``ip``'s password reached the guest."""
-        with self.locked():
+        with self.passwords_locked():
             pw = read_passwords(self.paths)
             rec = pw.get(str(ip))
             if rec is None or rec["gen"] != gen or rec["served"]:
@@ -454,7 +474,7 @@ class Store:
         A password pushed after the guest's last fetch survives the ack of the old one.
         Returns whether an entry was removed.
         """
-        with self.locked():
+        with self.passwords_locked():
             pw = read_passwords(self.paths)
             rec = pw.get(str(ip))
             if rec is None or not rec["served"]:

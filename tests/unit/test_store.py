@@ -232,12 +232,17 @@ def test_next_writer_removes_leftover_temporaries_but_not_young_ones_of_others(
         paths.state / ".tmp-passwords.json.abcd",
         paths.processed / ".tmp-old.gz.abcd",
     ]
-    young = [paths.processed / ".tmp-young.gz.abcd", paths.state / ".tmp-last_push.json.ab"]
+    young = [
+        paths.processed / ".tmp-young.gz.abcd",
+        paths.state / ".tmp-last_push.json.ab",
+        paths.state / ".tmp-passwords.json.young",  # the password server's, in flight
+    ]
     foreign = paths.state / ".tmp-firewall.json.abcd"  # another service's, in flight
     for f in [*leftovers, *young, foreign]:
         f.write_bytes(b"x")
     os.utime(paths.processed / ".tmp-old.gz.abcd", (0, 0))
+    os.utime(paths.state / ".tmp-passwords.json.abcd", (0, 0))
     with Store(paths).locked():
         pass
     assert [f.exists() for f in leftovers] == [False, False, False]
-    assert [f.exists() for f in [*young, foreign]] == [True, True, True]
+    assert [f.exists() for f in [*young, foreign]] == [True, True, True, True]

@@ -100,11 +100,13 @@ def clone(src: Path, dst: Path) -> Paths:
 
 def no_leftovers(paths: Paths) -> list[str]:
     """Temporaries the next writer did not clean up. Those of files written outside
-    the lock (archives, the last-push record) are only removed once they are old,
+    the store lock (archives, the last-push record, the passwords file, which the
+    password server writes under its own lock) are only removed once they are old,
     as another process may be writing them right now."""
     with Store(paths).locked():
         pass
-    state = [n for n in temp_names(paths.state) if not n.startswith(".tmp-last_push.json.")]
+    outside = (".tmp-last_push.json.", ".tmp-passwords.json.")
+    state = [n for n in temp_names(paths.state) if not n.startswith(outside)]
     return temp_names(paths.html) + state
 
 

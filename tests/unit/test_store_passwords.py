@@ -88,3 +88,28 @@ def test_a_metadata_push_leaves_passwords_alone(paths: Paths) -> None:
     store.apply([VmMetadata(VM, ())])
     assert served is not None and served["served"] is True
     assert stored(paths) == served
+
+
+def test_fetch_and_ack_do_not_wait_for_a_push_holding_the_store_lock(paths: Paths) -> None:
+    """A long batch (or a firewall apply) holds the store lock; the password server's
+    single-threaded workers must not stall behind it."""
+    store = Store(paths, lock_timeout=1.0)
+    store.apply([VmPassword(VM, "pw")])
+    rec = stored(paths)
+    assert rec is not None
+    with Store(paths).locked():  # another writer, mid-batch
+        store.mark_password_served(VM, int(str(rec["gen"])))
+        assert store.ack_password(VM) is True
+    assert stored(paths) is None
+
+
+def test_a_push_waits_for_the_passwords_lock_and_keeps_the_served_mark_of_others(
+    paths: Paths,
+) -> None:
+    store = Store(paths)
+    other = IPv4Address("10.1.1.11")
+    store.apply([VmPassword(other, "other-pw")])
+    rec = read_passwords(paths)[str(other)]
+    store.mark_password_served(other, int(str(rec["gen"])))
+    store.apply([VmPassword(VM, "new-pw")])
+    assert read_passwords(paths)[str(other)]["served"] is True

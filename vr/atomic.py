@@ -109,6 +109,7 @@ class Transaction:
 
     def __init__(self, journal: Path | None = None) -> None:
         self._journal = journal
+        self._decided = False
         self._renames: list[tuple[Path, Path]] = []
         self._temps: list[Path] = []
         self._dirs: set[Path] = set()
@@ -167,13 +168,27 @@ class Transaction:
         self._dirs.add(link.parent)
 
     def commit(self) -> None:
-        """Make every staged change visible (renames only), then fsync the folders."""
+        """Make every staged change visible (renames only), then fsync the folders.
+
+        Once the journal is written the change is decided: if a rename fails or the
+        process is interrupted half-way, the remaining renames are finished from the
+        journal (now, or by the next writer's :func:`roll_forward`), never undone.
+        """
         journal = self._journal if len(self._renames) > 1 else None
         if journal is not None:
             pairs = [[str(tmp), str(final)] for tmp, final in self._renames]
             atomic_write(journal, json.dumps(pairs).encode(), 0o600)
-        for tmp, final in self._renames:
-            os.replace(tmp, final)
+            self._decided = True
+        try:
+            for tmp, final in self._renames:
+                os.replace(tmp, final)
+        except BaseException as exc:
+            if journal is not None:
+                with contextlib.suppress(Exception):
+                    roll_forward(journal)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot make the change visible: {exc}") from exc
+            raise
         self._renames.clear()
         self._temps.clear()
         for d in sorted(self._dirs):
@@ -183,10 +198,12 @@ class Transaction:
             fsync_dir(journal.parent)
 
     def abort(self) -> None:
-        """Remove everything staged; real names were never touched."""
-        if self._journal is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._journal.unlink()
+        """Remove everything staged; real names were never touched.
+
+        After the journal was written nothing is removed: the journal decides.
+        """
+        if self._decided:
+            return
         for tmp in self._temps:
             remove_tree(tmp)
         self._temps.clear()

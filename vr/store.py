@@ -352,7 +352,16 @@ class Store:
     def apply_locked(self, payloads: Sequence[Payload]) -> ApplyResult:
         """Apply with the lock already held (see :meth:`locked`)."""
         result = ApplyResult()
-        gen = self._next_gen()
+        # Above the stamp and above every pushed VM's current generation, so a stamp
+        # left behind by an interrupted commit can never make a generation name clash.
+        gen = max(
+            [self._next_gen()]
+            + [
+                (current_gen(self.paths, p.ip) or 0) + 1
+                for p in payloads
+                if isinstance(p, VmMetadata)
+            ]
+        )
         vms: dict[IPv4Address, VmRecord] = {}
         superseded: list[tuple[IPv4Address, int]] = []
         new_passwords: dict[str, str] = {}
@@ -418,6 +427,9 @@ class Store:
         """Stage the VM's new generation, its pointer and (first time) its two links."""
         p = self.paths
         gen_name = gen_dir(p, rec.ip, rec.gen).name
+        if (p.generations / gen_name).exists():
+            # Left by a commit that never switched the pointer to it (see apply_locked).
+            atomic.discard_tree(p.generations / gen_name)
         tx.stage_tree(
             p.generations / gen_name,
             {"metadata": {**rec.metadata, INDEX_NAME: rec.index}, "userdata": rec.userdata},
@@ -435,15 +447,27 @@ class Store:
             tx.stage_symlink(link, target)
 
     def _drop_old_generations(self, superseded: list[tuple[IPv4Address, int]], keep: int) -> None:
-        """Remove generations older than the one just replaced (readers may still hold it)."""
-        for ip, old_gen in superseded:
-            prefix = f"{ip}@"
-            for n in os.listdir(self.paths.generations):
-                if not n.startswith(prefix):
-                    continue
-                g = _gen_of(n)
-                if g is not None and g not in (keep, old_gen):
-                    atomic.discard_tree(self.paths.generations / n)
+        """Remove generations older than the one just replaced (readers may still hold it).
+
+        Lists ``.vms`` once per apply, not once per VM: a router restart re-sends
+        every VM in one batch.
+        """
+        if not superseded:
+            return
+        kept = {ip: old_gen for ip, old_gen in superseded}
+        for n in os.listdir(self.paths.generations):
+            ip_text, sep, _ = n.rpartition("@")
+            if not sep:
+                continue
+            try:
+                ip = IPv4Address(ip_text)
+            except ValueError:
+                continue
+            if ip not in kept:
+                continue
+            g = _gen_of(n)
+            if g is not None and g not in (keep, kept[ip]):
+                atomic.discard_tree(self.paths.generations / n)
 
     # --- password life cycle (used by the password server) ------------------------
 

@@ -246,3 +246,34 @@ def test_next_writer_removes_leftover_temporaries_but_not_young_ones_of_others(
         pass
     assert [f.exists() for f in leftovers] == [False, False, False]
     assert [f.exists() for f in [*young, foreign]] == [True, True, True, True]
+
+
+def test_a_commit_interrupted_between_renames_is_finished_and_the_next_push_works(
+    paths: Paths, monkeypatch: Any
+) -> None:
+    """Ctrl-C (or a failing rename) in the middle of a batch's renames: the journal
+    decides, so the batch completes instead of being half undone, and the next
+    push for the same VM is not blocked by a leftover generation."""
+    import pytest
+
+    from vr import atomic
+
+    store = Store(paths)
+    store.apply([vm(A, ["metadata", "k", "a1"]), vm(B, ["metadata", "k", "b1"])])
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def interrupted(src: Any, dst: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.apply([vm(A, ["metadata", "k", "a2"]), vm(B, ["metadata", "k", "b2"])])
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert {ip: read_vm(paths, ip).metadata["k"] for ip in (A, B)} == {A: b"a2", B: b"b2"}
+    assert not paths.journal.exists()
+    store.apply([vm(A, ["metadata", "k", "a3"])])
+    assert read_vm(paths, A).metadata["k"] == b"a3"

@@ -6,6 +6,7 @@ import argparse
 import base64
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -46,6 +47,13 @@ def _demo(args: argparse.Namespace) -> int:
     from vr.sandbox import METADATA_IP, VR_GUEST_IP, VR_PUBLIC_IP, sandbox
 
     logs.setup(None, args.verbose)
+
+    def unwind(signum: int, frame: object) -> None:
+        # A closed terminal (SIGHUP) or kill (SIGTERM) must still tear the sandbox down.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+    signal.signal(signal.SIGHUP, unwind)
     try:
         with sandbox() as sb:
             _say(f"network namespaces: {', '.join(sorted(sb.namespaces.values()))}")

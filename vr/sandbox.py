@@ -285,6 +285,7 @@ class Sandbox:
             ["ip", "netns", "exec", self.ns("vr"), *self.vr_cmd("up", "--root", str(self.vr_root))],
             stdout=log.fileno(),
             stderr=log.fileno(),
+            die_with_parent=True,
         )
         log.close()
         self.procs.append(proc)

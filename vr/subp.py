@@ -8,10 +8,12 @@ the ``allow_subp`` fixture; by default tests may not run anything.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vr.errors import REDACTED, CommandError
@@ -67,6 +69,14 @@ def run(
     return Result(shown, proc.returncode, out, err)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def spawn(
     cmd: Sequence[str],
     *,
@@ -74,9 +84,13 @@ def spawn(
     stdout: int | None = None,
     stderr: int | None = None,
     new_session: bool = True,
-    preexec_fn: Callable[[], None] | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running child (a supervised service); the caller owns the PID."""
+    """Start a long-running child (a supervised service); the caller owns the PID.
+
+    ``die_with_parent``: the child gets SIGTERM when this process dies, even by
+    SIGKILL (Linux parent-death signal; kept across exec), so no orphan is left.
+    """
     LOG.debug("spawning %s", list(cmd))
     full_env = None if env is None else {**os.environ, **env}
     return subprocess.Popen(
@@ -85,5 +99,5 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=new_session,
-        preexec_fn=preexec_fn,
+        preexec_fn=_die_with_parent if die_with_parent else None,
     )

@@ -9,7 +9,6 @@ supervisor leaves no orphans. A crashed child is restarted with exponential back
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -36,12 +35,6 @@ STOP_TIMEOUT = 4.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -206,7 +199,7 @@ class Supervisor:
             return True
         if now < svc.next_start:
             return False
-        svc.proc = subp.spawn(svc.argv, preexec_fn=_die_with_parent)
+        svc.proc = subp.spawn(svc.argv, die_with_parent=True)
         svc.started = now
         LOG.info("started service %s (pid %d)", svc.name, svc.proc.pid)
         return True

@@ -84,7 +84,11 @@ def collect_status(paths: Paths) -> dict[str, Any]:
         up = {"stopped": True, "services": {}}
     for svc in up.get("services", {}).values():
         # re-check now: the file is as old as the last change the supervisor saw
-        svc["up"] = bool(svc.get("pid")) and not up.get("stopped") and port_answers(svc["port"])
+        svc["up"] = (
+            bool(svc.get("pid"))
+            and not up.get("stopped")
+            and port_answers(svc["port"], svc.get("host", "127.0.0.1"))
+        )
     status["supervisor"] = up
     status["vms"] = len(list_vms(paths))
     try:

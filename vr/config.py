@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address
 from typing import Any
 
 from vr.errors import ConfigError, PayloadError
@@ -68,4 +69,12 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             if type(value) is not type(default):
                 raise ConfigError(f"{where}: {key}={value!r}: expected {type(default).__name__}")
             values[key] = value
-    return Config(**values)
+    cfg = Config(**values)
+    try:
+        IPv4Address(cfg.ssh_listen)
+    except ValueError:
+        # IPv6 is not firewalled (no ip6tables rules): never listen there.
+        raise ConfigError(
+            f"{where}: ssh_listen={cfg.ssh_listen!r}: expected an IPv4 address"
+        ) from None
+    return cfg

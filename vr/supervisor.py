@@ -42,6 +42,8 @@ class Service:
     name: str
     argv: list[str]
     port: int
+    host: str = "127.0.0.1"
+    """Where readiness is probed: the address the service binds (any -> loopback)."""
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = 0.0
@@ -61,6 +63,7 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
             "agent",
             [*vr, "agent", *root, "--listen", cfg.ssh_listen, "--port", str(cfg.ssh_port)],
             cfg.ssh_port,
+            probe_address(cfg.ssh_listen),
         ),
         Service(
             "metadata",
@@ -115,6 +118,11 @@ def single_instance(paths: Paths) -> Iterator[None]:
         os.close(fd)
 
 
+def probe_address(listen: str) -> str:
+    """A bind address -> where to connect to check it answers."""
+    return "127.0.0.1" if listen in ("", "0.0.0.0") else listen
+
+
 def port_answers(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -160,7 +168,7 @@ class Supervisor:
             for svc in self.services:
                 changed |= self._check(svc, now)
             if not self._ready and all(
-                s.pid is not None and port_answers(s.port) for s in self.services
+                s.pid is not None and port_answers(s.port, s.host) for s in self.services
             ):
                 self._ready = True
                 changed = True
@@ -234,7 +242,8 @@ class Supervisor:
             "services": {
                 s.name: {
                     "pid": None if stopped else s.pid,
-                    "up": (not stopped) and s.pid is not None and port_answers(s.port),
+                    "up": (not stopped) and s.pid is not None and port_answers(s.port, s.host),
+                    "host": s.host,
                     "port": s.port,
                     "restarts": s.restarts,
                 }

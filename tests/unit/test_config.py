@@ -38,3 +38,20 @@ def test_config_with_wrong_type_names_value_and_type(paths: Paths) -> None:
     paths.config.write_text(json.dumps({"metadata_port": "80"}))
     with pytest.raises(ConfigError, match="metadata_port='80': expected int"):
         config.load(paths)
+
+
+@pytest.mark.parametrize("listen", ["::", "fe80::1", "eth1", ""])
+def test_ssh_listen_must_be_an_ipv4_address(paths: Paths, listen: str) -> None:
+    paths.config.write_text(json.dumps({"ssh_listen": listen}))
+    with pytest.raises(ConfigError, match=r"ssh_listen=.*expected an IPv4 address"):
+        config.load(paths)
+
+
+def test_vr_up_probes_the_agent_where_it_listens(paths: Paths) -> None:
+    from vr.supervisor import services_for
+
+    paths.config.write_text(json.dumps({"ssh_listen": "169.254.10.10"}))
+    agent = next(s for s in services_for(paths, config.load(paths)) if s.name == "agent")
+    assert agent.host == "169.254.10.10"
+    default = next(s for s in services_for(paths, config.Config()) if s.name == "agent")
+    assert default.host == "127.0.0.1"

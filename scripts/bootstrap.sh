@@ -18,9 +18,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The appliance programs the legacy netfilter tables (python-iptables); keep the
-# iptables commands on the same backend so what we inspect is what we program.
-update-alternatives --set iptables /usr/sbin/iptables-legacy >/dev/null 2>&1 || true
+# The appliance programs the legacy netfilter tables through python-iptables and the
+# tests inspect them with iptables-legacy explicitly: the host's own iptables
+# alternative (nft or legacy) is left as it is.
 
 py=/usr/bin/python3
 if [ ! -x .venv/bin/python ]; then

@@ -15,4 +15,8 @@ except ImportError:
     from vr.cli import main
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        # CloudStack's script exits 1 on a wrong argument count (argparse would say 2)
+        print("usage: update_config.py <file> [false]", file=sys.stderr)
+        sys.exit(1)
     sys.exit(main(["update-config", *sys.argv[1:]]))

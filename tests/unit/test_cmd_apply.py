@@ -93,6 +93,15 @@ def test_update_config_script_missing_file_exits_one_with_a_message(paths: Paths
     assert run.stderr.strip() == f"vm_metadata.json.missing: no such file in {paths.cache}"
 
 
+@pytest.mark.parametrize("args", [(), ("a.json", "false", "extra")])
+def test_update_config_script_with_a_wrong_argument_count_exits_one(
+    paths: Paths, args: tuple[str, ...]
+) -> None:
+    run = script(paths, "update_config.py", *args)
+    assert run.returncode == 1
+    assert run.stderr.strip() == "usage: update_config.py <file> [false]"
+
+
 def test_update_config_script_invalid_payload_one_line_store_unchanged(paths: Paths) -> None:
     drop(paths, "vm_metadata.json.c", vm_metadata("10.1.1.6", ["metadata", "vm-id", "c"]))
     assert script(paths, "update_config.py", "vm_metadata.json.c").returncode == 0

@@ -176,14 +176,22 @@ class Applier:
                 )
         try:
             result = self.store.apply(payloads)
-            if self.after_commit is not None:
-                self.after_commit(result)
         except VRError as exc:
             # Not the payload's fault (disk full, lock): the file stays for a retry.
             return self._fail(err, f"{name}: not applied: {exc}", record=name)
         except Exception:
             LOG.exception("%s: unexpected error while applying", name)
             return self._fail(err, f"{name}: internal error, see cloud.log", record=name)
+        if self.after_commit is not None:
+            try:
+                self.after_commit(result)
+            except Exception as exc:
+                # The data is stored; a retry of the same file re-runs the hook.
+                if not isinstance(exc, VRError):
+                    LOG.exception("%s: unexpected error after the store commit", name)
+                return self._fail(
+                    err, f"{name}: stored, but follow-up failed (retry is safe): {exc}", record=name
+                )
         for item_name, src, data, archive in archives:
             self._archive(item_name, src, data, archive)
         _prune(self.paths.processed, self.keep_processed, {f"{a[0]}.gz" for a in archives})

@@ -139,9 +139,11 @@ def test_new_vm_pushed_while_guests_fetch_is_served_at_once(sb: Sandbox) -> None
 @pytest.mark.parametrize("service", ["metadata", "passwords"])
 def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service: str) -> None:
     g = sb.guests[0]
-    sb.push(sb.write_payloads([("vm_password.json", password_payload(g, f"kept-{service}"))]))
     before = _status(sb)["services"][service]
     os.kill(before["pid"], signal.SIGKILL)
+    # pushed while the killed server is down or restarting: it must not be lost
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, f"kept-{service}"))]))
+    assert res.code == 0, res.stderr
     _wait(
         lambda: (
             _status(sb)["ready"]

@@ -145,6 +145,7 @@ def test_a_failed_firewall_apply_fails_the_push_and_the_next_push_retries(
     fake.refuse_commit = {"nat"}
     code, text = push("guest_network.json.1", network())
     assert code == 1
+    assert "stored, but follow-up failed (retry is safe)" in text
     assert "table nat" in text
     assert paths.firewall_pending.exists()
     assert redirect_devices(fake) == set()

@@ -187,10 +187,14 @@ class Applier:
                 self.after_commit(result)
             except Exception as exc:
                 # The data is stored; a retry of the same file re-runs the hook.
+                reason = str(exc)
                 if not isinstance(exc, VRError):
                     LOG.exception("%s: unexpected error after the store commit", name)
+                    reason = "internal error, see cloud.log"
                 return self._fail(
-                    err, f"{name}: stored, but follow-up failed (retry is safe): {exc}", record=name
+                    err,
+                    f"{name}: stored, but follow-up failed (retry is safe): {reason}",
+                    record=name,
                 )
         for item_name, src, data, archive in archives:
             self._archive(item_name, src, data, archive)

@@ -1,10 +1,10 @@
-"""The event worker's HTTP/1.x parsing and response framing (pure parts)."""
+"""HTTP/1.x parsing and response framing of the event worker (pure parts)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vr.metadata_worker import (
+from vr.http1 import (
     MAX_BODY,
     MAX_HEAD,
     BadRequest,

@@ -14,7 +14,7 @@ import io
 import time
 from collections.abc import Callable, Iterable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Final, Literal
 from urllib.parse import unquote_to_bytes
 
 MAX_HEAD = 8192
@@ -24,6 +24,7 @@ SERVER = "vr-metadata"
 REASONS = {
     400: "Bad Request",
     413: "Content Too Large",
+    417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -60,11 +61,19 @@ class Request:
         self.keep_alive = keep_alive
 
 
-def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
+CONTINUE: Final = "100-continue"
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def parse_request(
+    buf: bytes | bytearray,
+) -> tuple[Request, int] | Literal["100-continue"] | None:
     """Parse one request from the front of ``buf``.
 
-    Returns the request and the bytes it used, None if more bytes are needed, or
-    raises :class:`BadRequest`. Pure; unit-tested.
+    Returns the request and the bytes it used, None if more bytes are needed,
+    :data:`CONTINUE` if more bytes are needed and the client waits for
+    ``100 Continue`` before it sends its body (``Expect: 100-continue``), or raises
+    :class:`BadRequest`. Pure; unit-tested.
     """
     end = buf.find(b"\r\n\r\n")
     if end < 0:
@@ -93,6 +102,7 @@ def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     headers: list[tuple[str, str]] = []
     length = 0
     conn_tokens = ""
+    expect = ""
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or not all(ord(c) in _TOKEN for c in name):
@@ -109,11 +119,15 @@ def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
             raise BadRequest(501, "Transfer-Encoding is not supported")
         elif lname == "connection":
             conn_tokens += "," + value.lower()
+        elif lname == "expect" and version == "HTTP/1.1":  # HTTP/1.0 ignores it (RFC 9110)
+            if expect or value.lower() != CONTINUE:
+                raise BadRequest(417, f"Expect {value[:40]!r}")
+            expect = CONTINUE
         headers.append((name, value))
     if length > MAX_BODY:
         raise BadRequest(413, f"body of {length} bytes")
     if len(buf) < end + 4 + length:
-        return None
+        return CONTINUE if expect and len(buf) == end + 4 else None
     body = bytes(buf[end + 4 : end + 4 + length])
     tokens = {t.strip() for t in conn_tokens.split(",")}
     keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens

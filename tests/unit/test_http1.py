@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vr.http1 import (
+    CONTINUE,
     MAX_BODY,
     MAX_HEAD,
     BadRequest,
@@ -96,3 +97,20 @@ def test_response_framing() -> None:
         "404 Not Found", [("Content-Length", "0")], b"", False, "HTTP/1.1", "D"
     )
     assert b"Connection: close\r\n" in closing and closing.count(b"Content-Length") == 1
+
+
+def test_expect_100_continue_asks_for_the_interim_reply_until_body_bytes_arrive() -> None:
+    head = b"POST /a HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n"
+    assert parse_request(head) == CONTINUE
+    assert parse_request(head + b"a") is None
+    req, used = parse_request(head + b"abc")  # type: ignore[misc]
+    assert req.body == b"abc" and used == len(head) + 3
+    assert parse_request(head.replace(b"3", b"0")) is not None  # no body: no interim reply
+
+
+def test_expectations_other_than_100_continue_are_refused_in_http11_only() -> None:
+    with pytest.raises(BadRequest) as exc:
+        parse_request(b"POST /a HTTP/1.1\r\nExpect: teapot\r\nContent-Length: 3\r\n\r\n")
+    assert exc.value.status == 417
+    http10 = b"POST /a HTTP/1.0\r\nExpect: teapot\r\nContent-Length: 3\r\n\r\n"
+    assert parse_request(http10) is None

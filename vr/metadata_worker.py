@@ -8,6 +8,22 @@ loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http1`) an
 calls the WSGI application directly. Everything else stays gunicorn's: the arbiter,
 worker supervision, heartbeat, signals and graceful stop.
 
+What a client cannot do to a worker (each a constant or setting below):
+
+* grow its memory: a connection buffers at most one request (:data:`BUF_LIMIT`) and
+  one reply; while a reply is pending nothing is read, so TCP pushes back on a
+  client that sends without reading;
+* pin connections: a new or idle connection closes after ``keepalive`` seconds, a
+  begun request must be complete within :data:`REQUEST_TIME`, a reply nobody reads
+  is dropped after ``timeout``;
+* lock others out: one address holds at most ``vr_connections_per_address``
+  (:data:`PER_ADDRESS`) connections per worker, and at ``worker_connections`` the
+  oldest idle connection makes room for a new one.
+
+A client that half-closes still gets every answer it asked for; ``Expect:
+100-continue`` is honoured; error replies are followed by a lingering close so a
+client still sending reads them.
+
 :class:`EventLoop` is the loop itself and knows nothing of gunicorn (tests run it
 in-process against a loopback listener); :class:`EventWorker` is the gunicorn
 worker that runs it. Use it with ``worker_class="vr.metadata_worker.EventWorker"``.
@@ -27,9 +43,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gunicorn.config import Setting, validate_pos_int
 from gunicorn.workers.base import Worker
 
 from vr.http1 import (
+    CONTINUE,
+    CONTINUE_RESPONSE,
+    MAX_BODY,
+    MAX_HEAD,
     REASONS,
     BadRequest,
     Date,
@@ -44,47 +65,132 @@ LOG = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64
+# The largest request the parser accepts: a connection's input buffer never holds
+# more (it stops reading at this size), so a client cannot grow a worker's memory.
+BUF_LIMIT = MAX_HEAD + 4 + MAX_BODY
+# A request that has begun (its first byte arrived) must be complete within this, at
+# most: a client trickling a head byte by byte cannot pin a connection (slowloris).
+REQUEST_TIME = 10.0
+# Connections one source address (one VM) may hold open in one worker: one guest's
+# idle connections cannot fill the worker and lock other guests out.
+PER_ADDRESS = 64
+# After an error reply the client may still be sending; its bytes are read and
+# dropped for this long (at most LINGER_BYTES) so that closing with unread input
+# does not send a reset that destroys the reply in flight.
+LINGER_TIME = 2.0
+LINGER_BYTES = 1 << 20
+
+
+class ConnectionsPerAddress(Setting):  # type: ignore[misc]
+    """gunicorn setting ``vr_connections_per_address`` (registered on import)."""
+
+    name = "vr_connections_per_address"
+    section = "Worker Processes"
+    cli = None
+    validator = validate_pos_int
+    type = int
+    default = PER_ADDRESS
+    desc = """\
+        The most connections one client address may hold open in one worker
+        (vr.metadata_worker.EventWorker only). Above it the client's oldest idle
+        connection is closed, or the new one refused with 503.
+        """
 
 
 @dataclass(frozen=True)
 class Limits:
     """How long and how many, per worker."""
 
-    keepalive: float  # an idle keep-alive connection is closed after this long
-    timeout: float  # a slow request or response is dropped after this long
-    connections: int  # open connections at most
+    keepalive: float  # an idle connection (also a new one before its first byte) closes then
+    request_time: float  # a request that has begun must be complete within this
+    timeout: float  # a response the client does not read for this long is dropped
+    connections: int  # open connections at most; at the limit the oldest idle one goes
+    per_address: int  # open connections from one source address (one VM) at most
     graceful: float  # on stop, pending responses get this long to finish
+    linger: float = LINGER_TIME  # after an error reply, extra client bytes are drained this long
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> Limits:
-        """From gunicorn's settings (``keepalive``, ``timeout``, ``worker_connections``...)."""
+        """From gunicorn's settings: ``keepalive``, ``timeout``, ``worker_connections``,
+        ``graceful_timeout`` and ``vr_connections_per_address``."""
         return cls(
-            keepalive=float(cfg.keepalive),
+            # keepalive 0 (gunicorn: "off") must not close a new connection at once.
+            keepalive=max(float(cfg.keepalive), 1.0),
+            request_time=min(float(cfg.timeout), REQUEST_TIME),
             timeout=float(cfg.timeout),
             connections=int(cfg.worker_connections),
+            per_address=_per_address(cfg),
             graceful=float(cfg.graceful_timeout),
         )
 
 
+def _per_address(cfg: Any) -> int:
+    # The setting exists once this module is imported before gunicorn builds its
+    # config (vr.gunicorn_runner does); a plain gunicorn run gets the default.
+    setting = cfg.settings.get(ConnectionsPerAddress.name)
+    return PER_ADDRESS if setting is None else int(setting.get())
+
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+
+
 class _Conn:
-    __slots__ = ("buf", "closing", "deadline", "out", "peer", "server", "sock")
+    """One client connection. At any time it is in one of these states:
+
+    * reading: no reply pending; registered for reading. ``started`` says whether a
+      request has begun (bytes in ``buf``) — else the connection is idle;
+    * writing: a reply (``out`` from offset ``sent``) pending; registered for writing
+      only, nothing is read, so a client that does not read is pushed back by TCP;
+    * lingering: the last reply went out, our side is shut down; the client's
+      remaining bytes are read and dropped until it closes or ``deadline``.
+    ``closing`` means no further request is served; ``eof`` that the client
+    half-closed: buffered requests are still answered, then the connection closes.
+    """
+
+    __slots__ = (
+        "addr",
+        "buf",
+        "closing",
+        "continued",
+        "deadline",
+        "eof",
+        "events",
+        "linger",
+        "lingered",
+        "lingering",
+        "out",
+        "peer",
+        "sent",
+        "server",
+        "sock",
+        "started",
+    )
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], server: tuple[str, int]) -> None:
         self.sock = sock
         self.peer = peer
+        self.addr = peer[0]
         self.server = server
         self.buf = bytearray()
         self.out = b""
+        self.sent = 0
         self.deadline = 0.0
+        self.events = _READ
+        self.started = False
+        self.continued = False
         self.closing = False
+        self.eof = False
+        self.linger = False
+        self.lingering = False
+        self.lingered = 0
 
 
 class EventLoop:
     """Every connection of one worker in one ``selectors`` loop.
 
-    ``listeners`` are non-blocking-capable listening sockets; ``app`` the WSGI
-    application; ``wake_fd`` (optional) a pipe whose read end wakes the loop
-    (gunicorn's signal pipe).
+    ``listeners`` are listening sockets; ``app`` the WSGI application; ``wake_fd``
+    (optional) the read end of a pipe that wakes the loop (gunicorn's signal pipe).
     """
 
     def __init__(
@@ -100,6 +206,10 @@ class EventLoop:
         self.wake_fd = wake_fd
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
+        # Idle connections by file descriptor, oldest idle first (dicts keep order).
+        self.idle: dict[int, _Conn] = {}
+        self.per_address: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
         self.date = Date()
         self.accepting = False
         self.running = True
@@ -110,13 +220,14 @@ class EventLoop:
         for s in self.listeners:
             s.setblocking(False)
         if self.wake_fd is not None:
-            self.selector.register(self.wake_fd, selectors.EVENT_READ, self._wakeup)
+            self.selector.register(self.wake_fd, _READ, self._wakeup)
         last_sweep = last_tick = time.monotonic()
         while True:
             self.running = alive()
             if not self.running:
                 break
-            self._set_accepting(len(self.conns) < self.limits.connections)
+            # At the limit, accept only while an idle connection can make room.
+            self._set_accepting(len(self.conns) < self.limits.connections or bool(self.idle))
             for key, mask in self.selector.select(1.0):
                 key.data(key.fileobj, mask)
             now = time.monotonic()
@@ -132,20 +243,21 @@ class EventLoop:
         self._stop(tick)
 
     def _stop(self, tick: Callable[[], bool]) -> None:
-        """Graceful stop: no new connections; finish pending writes, close idle ones."""
+        """Graceful stop: no new connections; finish pending replies, close the rest."""
         self._set_accepting(False)
         deadline = time.monotonic() + self.limits.graceful
         for conn in list(self.conns.values()):
-            if not conn.out:
-                self._close(conn)
-            else:
+            if conn.out:
                 conn.closing = True
+            elif not conn.lingering:
+                self._close(conn)
         while self.conns and time.monotonic() < deadline:
             tick()
             for key, mask in self.selector.select(0.2):
                 key.data(key.fileobj, mask)
         for conn in list(self.conns.values()):
             self._close(conn)
+        self._report_refused()
         self.selector.close()
 
     def _wakeup(self, fileobj: Any, mask: int) -> None:
@@ -161,12 +273,16 @@ class EventLoop:
         self.accepting = on
         for s in self.listeners:
             if on:
-                self.selector.register(s, selectors.EVENT_READ, self._accept)
+                self.selector.register(s, _READ, self._accept)
             else:
                 self.selector.unregister(s)
 
+    # --- accepting ---------------------------------------------------------------------
+
     def _accept(self, listener: Any, mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
+            if len(self.conns) >= self.limits.connections and not self.idle:
+                return
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -178,74 +294,234 @@ class EventLoop:
                     LOG.error("event worker %s: out of file descriptors", os.getpid())
                     return
                 raise
+            self._admit(sock, peer[:2] if isinstance(peer, tuple) else ("", 0))
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        addr = peer[0]
+        if self.per_address.get(addr, 0) >= self.limits.per_address and not self._evict(addr):
+            self._refuse(sock, addr)
+            return
+        if len(self.conns) >= self.limits.connections:
+            self._evict(None)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, peer, sock.getsockname()[:2])
+        # The first request gets the keep-alive time to begin, not the long timeout.
+        conn.deadline = time.monotonic() + self.limits.keepalive
+        fd = sock.fileno()
+        self.conns[fd] = conn
+        self.idle[fd] = conn
+        self.per_address[addr] = self.per_address.get(addr, 0) + 1
+        self.selector.register(sock, _READ, self._ready)
+
+    def _evict(self, addr: str | None) -> bool:
+        """Close the oldest idle connection (of ``addr``, if given); False if none."""
+        for conn in self.idle.values():
+            if addr is None or conn.addr == addr:
+                self._close(conn)
+                return True
+        return False
+
+    def _refuse(self, sock: socket.socket, addr: str) -> None:
+        """Over the per-address limit with nothing idle to close: a 503, best effort."""
+        self.refused[addr] = self.refused.get(addr, 0) + 1
+        reply = render_response(
+            "503 Service Unavailable",
+            [("Content-Type", "text/plain"), ("Retry-After", "1")],
+            b"too many connections from this address\n",
+            False,
+            "HTTP/1.1",
+            self.date.value(),
+        )
+        with contextlib.suppress(OSError):
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            server = sock.getsockname()
-            conn = _Conn(sock, peer[:2] if isinstance(peer, tuple) else ("", 0), server[:2])
-            conn.deadline = time.monotonic() + self.limits.timeout
-            self.conns[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ, self._readable)
-            if len(self.conns) >= self.limits.connections:
-                return
+            sock.send(reply)
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def _sweep(self, now: float) -> None:
         for conn in list(self.conns.values()):
             if conn.deadline < now:
                 self._close(conn)
+        self._report_refused()
+
+    def _report_refused(self) -> None:
+        for addr, count in self.refused.items():
+            LOG.warning(
+                "refused %s connections from %s: it holds %s, the most one address may",
+                count,
+                addr,
+                self.limits.per_address,
+            )
+        self.refused.clear()
 
     # --- connections -------------------------------------------------------------------
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
-        if fd >= 0 and self.conns.pop(fd, None) is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(conn.sock)
+        if fd < 0 or self.conns.pop(fd, None) is None:
+            return
+        self.idle.pop(fd, None)
+        left = self.per_address[conn.addr] - 1
+        if left:
+            self.per_address[conn.addr] = left
+        else:
+            del self.per_address[conn.addr]
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
         with contextlib.suppress(OSError):
             conn.sock.close()
 
-    def _readable(self, sock: socket.socket, mask: int) -> None:
+    def _ready(self, sock: socket.socket, mask: int) -> None:
         conn = self.conns.get(sock.fileno())
         if conn is None:
             return
-        if mask & selectors.EVENT_WRITE:
-            self._flush(conn)
-            if conn.out or conn.sock.fileno() < 0:
-                return
+        if conn.lingering:
+            self._drain(conn)
+        elif conn.out:
+            self._send(conn)
+            if not conn.out:
+                self._serve(conn)
+        else:
+            self._read(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        # Never more than the largest request: the buffer stays bounded. (A buffer
+        # waiting for more always holds less; parse_request refuses larger.)
+        room = BUF_LIMIT - len(conn.buf)
+        if room <= 0:  # pragma: no cover - defensive
+            self._fail(conn, BadRequest(431, f"{len(conn.buf)} bytes of request"))
+            self._settle(conn)
+            return
         try:
-            data = sock.recv(RECV_SIZE)
+            data = conn.sock.recv(min(RECV_SIZE, room))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(conn)
             return
-        if not data:
-            self._close(conn)
-            return
-        conn.buf += data
+        if data:
+            conn.buf += data
+        else:
+            # Half-close: answer what is buffered, then close.
+            conn.eof = True
         self._serve(conn)
 
     def _serve(self, conn: _Conn) -> None:
-        """Answer every complete request in the buffer (pipelining), in order."""
+        """Answer the complete requests in the buffer in order (pipelining), while
+        each reply goes out at once; then wait for the socket in the right state."""
         while conn.buf and not conn.out and not conn.closing:
             try:
                 parsed = parse_request(conn.buf)
             except BadRequest as exc:
                 self._fail(conn, exc)
-                return
+                break
             if parsed is None:
-                # An incomplete head must complete within ``timeout``.
-                conn.deadline = min(conn.deadline, time.monotonic() + self.limits.timeout)
-                return
+                break
+            if parsed == CONTINUE:
+                if not conn.continued:
+                    conn.continued = True
+                    conn.out = CONTINUE_RESPONSE
+                    self._send(conn)
+                    continue
+                break
             req, used = parsed
             del conn.buf[:used]
+            conn.started = conn.continued = False
             keep_alive = req.keep_alive and self.running
-            data = self._respond(conn, req, keep_alive)
+            conn.out = self._respond(conn, req, keep_alive)
             if not keep_alive:
                 conn.closing = True
-            conn.out = data
-            self._flush(conn)
-        if not conn.buf and not conn.out and not conn.closing:
+            self._send(conn)
+        self._settle(conn)
+
+    def _settle(self, conn: _Conn) -> None:
+        """Register for what the connection waits for next and set its deadline."""
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.out:
+            self.idle.pop(fd, None)
+            if conn.events != _WRITE:
+                conn.deadline = time.monotonic() + self.limits.timeout
+                self._want(conn, _WRITE)
+            return
+        if conn.closing:
+            self._finish(conn)
+            return
+        if conn.eof:
+            self._close(conn)
+            return
+        self._want(conn, _READ)
+        if conn.buf:
+            if not conn.started:  # a request began: it has request_time to complete
+                conn.started = True
+                conn.deadline = time.monotonic() + self.limits.request_time
+                self.idle.pop(fd, None)
+        else:
             conn.deadline = time.monotonic() + self.limits.keepalive
+            self.idle.pop(fd, None)
+            self.idle[fd] = conn
+
+    def _want(self, conn: _Conn, events: int) -> None:
+        if conn.events != events:
+            conn.events = events
+            self.selector.modify(conn.sock, events, self._ready)
+
+    def _send(self, conn: _Conn) -> None:
+        try:
+            if conn.sent:
+                sent = conn.sock.send(memoryview(conn.out)[conn.sent :])
+            else:
+                sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.sent += sent
+        if conn.sent >= len(conn.out):
+            conn.out = b""
+            conn.sent = 0
+        elif sent and conn.events == _WRITE:
+            # The client reads, slowly: it keeps its connection.
+            conn.deadline = time.monotonic() + self.limits.timeout
+
+    def _finish(self, conn: _Conn) -> None:
+        """The last reply is out: close, or linger if the client may still be sending
+        (closing with unread input would reset the connection and could destroy the
+        reply before the client read it)."""
+        if not conn.linger and (conn.eof or not self._more_input(conn)):
+            self._close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.lingering = True
+        conn.deadline = time.monotonic() + self.limits.linger
+        self.idle.pop(conn.sock.fileno(), None)
+        self._want(conn, _READ)
+
+    def _more_input(self, conn: _Conn) -> bool:
+        if conn.buf:
+            return True
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def _drain(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_BYTES:
+            self._close(conn)
 
     def _respond(self, conn: _Conn, req: Request, keep_alive: bool) -> bytes:
         environ = build_environ(req, conn.peer, conn.server, sys.stderr)
@@ -287,32 +563,9 @@ class EventLoop:
             status, [("Content-Type", "text/plain")], body, False, "HTTP/1.1", self.date.value()
         )
         conn.closing = True
+        conn.linger = True
         conn.buf.clear()
-        self._flush(conn)
-
-    def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        conn.out = conn.out[sent:]
-        if conn.out:
-            conn.deadline = time.monotonic() + self.limits.timeout
-            self.selector.modify(
-                conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._readable
-            )
-            return
-        if conn.closing:
-            self._close(conn)
-            return
-        key = self.selector.get_key(conn.sock)
-        if key.events & selectors.EVENT_WRITE:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, self._readable)
-            if conn.buf:
-                self._serve(conn)
+        self._send(conn)
 
 
 class EventWorker(Worker):  # type: ignore[misc]

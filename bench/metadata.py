@@ -359,6 +359,10 @@ def our_server(
         args.worker_class,
         "--threads",
         str(args.threads),
+        # wrk opens all its connections (up to 400) from the guest's one address;
+        # the default per-VM limit (64 per worker) would refuse most of them.
+        "--connections-per-address",
+        "1000",
     ] + (["--warm"] if args.warm else [])
     with open(log, "wb") as out:
         p = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))

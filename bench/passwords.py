@@ -226,6 +226,9 @@ def bench(args: argparse.Namespace) -> None:
         ours = [sys.executable, "-m", "vr", "serve-passwords", "--root", str(paths.root)]
         ours += ["--bind", f"{VR_ADDR}:{OUR_PORT}", "--workers", str(args.workers)]
         ours += ["--worker-class", args.worker_class]
+        # wrk's 400 connections all come from one address; the default per-VM
+        # limit (64 per worker) would refuse most of them.
+        ours += ["--connections-per-address", "1000"]
         ref = [sys.executable, str(Path(__file__).resolve()), "--reference-server"]
         ref += [VR_ADDR, str(REF_PORT), str(ref_file)]
         for name, cmd, port in (("ours", ours, OUR_PORT), ("reference", ref, REF_PORT)):

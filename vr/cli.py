@@ -36,6 +36,29 @@ def add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of at least 1")
+    return n
+
+
+def add_connections_per_address(p: argparse.ArgumentParser) -> None:
+    """``--connections-per-address`` of the gunicorn services (event worker only)."""
+    p.add_argument(
+        "--connections-per-address",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="most connections one client address (one VM) may hold open per event "
+        "worker (default 64); beyond it that client's oldest idle connection is closed "
+        "or the new one refused with 503",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vr",

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from vr import logs
-from vr.cli import add_root
+from vr.cli import add_connections_per_address, add_root
 from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
@@ -53,17 +53,23 @@ def register(sub: Any) -> None:
         action="store_true",
         help="load every VM into each worker at start instead of on first request",
     )
+    add_connections_per_address(p)
     p.set_defaults(func=_serve)
 
 
 def gunicorn_options(
-    binds: list[str], workers: int, worker_class: str, threads: int, paths: Paths
+    binds: list[str],
+    workers: int,
+    worker_class: str,
+    threads: int,
+    paths: Paths,
+    per_address: int | None = None,
 ) -> dict[str, Any]:
     """gunicorn settings for the metadata service (pure; tested)."""
     from vr.gunicorn_runner import base_options
 
     return {
-        **base_options(binds, workers, worker_class, f"vr-metadata[{paths.root}]"),
+        **base_options(binds, workers, worker_class, f"vr-metadata[{paths.root}]", per_address),
         "threads": threads,
     }
 
@@ -94,6 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     warm = bool(args.warm)
     gunicorn_runner.run(
         lambda: create_app(paths, warm=warm),
-        gunicorn_options(binds, workers, args.worker_class, args.threads, paths),
+        gunicorn_options(
+            binds, workers, args.worker_class, args.threads, paths, args.connections_per_address
+        ),
     )
     return 0

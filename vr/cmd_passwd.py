@@ -8,7 +8,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from vr import logs
-from vr.cli import add_root
+from vr.cli import add_connections_per_address, add_root
 from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def register(sub: Any) -> None:
         default="event",
         help="gunicorn worker class: event (default; vr's keep-alive event loop) or sync",
     )
+    add_connections_per_address(p)
     p.set_defaults(func=_serve)
 
 
@@ -63,13 +64,17 @@ def parse_bind(value: str) -> str:
 
 
 def gunicorn_options(
-    binds: list[str], workers: int, worker_class: str, paths: Paths
+    binds: list[str],
+    workers: int,
+    worker_class: str,
+    paths: Paths,
+    per_address: int | None = None,
 ) -> dict[str, Any]:
     """gunicorn settings for the password server (pure; tested)."""
     from vr.gunicorn_runner import base_options
 
     return {
-        **base_options(binds, workers, worker_class, f"vr-passwd[{paths.root}]"),
+        **base_options(binds, workers, worker_class, f"vr-passwd[{paths.root}]", per_address),
         # The protocol's header name has an underscore; gunicorn's own parser (sync
         # worker) drops such headers by default. DomU-Request then means the same.
         "header_map": "dangerous",
@@ -116,5 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers,
         args.worker_class,
     )
-    run(lambda: make_app(paths), gunicorn_options(binds, workers, args.worker_class, paths))
+    options = gunicorn_options(
+        binds, workers, args.worker_class, paths, args.connections_per_address
+    )
+    run(lambda: make_app(paths), options)
     return 0

@@ -12,6 +12,9 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+# Registers the worker's own gunicorn setting before any config is built.
+from vr.metadata_worker import ConnectionsPerAddress
+
 WSGIApp = Callable[..., Any]
 
 WORKER_CLASSES = {
@@ -24,9 +27,18 @@ WORKER_CLASSES = {
 
 
 def base_options(
-    binds: list[str], workers: int, worker_class: str, proc_name: str
+    binds: list[str],
+    workers: int,
+    worker_class: str,
+    proc_name: str,
+    per_address: int | None = None,
 ) -> dict[str, Any]:
-    """Settings shared by vr's gunicorn services; callers add their own."""
+    """Settings shared by vr's gunicorn services; callers add their own.
+
+    ``per_address``: the most connections one client address (one VM) may hold in
+    one event worker; None keeps the worker's default
+    (:data:`vr.metadata_worker.PER_ADDRESS`).
+    """
     return {
         "bind": binds,
         "workers": workers,
@@ -46,6 +58,7 @@ def base_options(
         # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn):
         # several appliances and both services would fight over it.
         "control_socket_disable": True,
+        ConnectionsPerAddress.name: per_address,
     }
 
 

@@ -1,306 +1,268 @@
-"""A single-threaded event-loop gunicorn worker for the metadata service.
+"""A single-threaded event-loop gunicorn worker for the metadata and password services.
 
 Why: a guest's boot is a dozen tiny GETs, and hundreds of guests boot at once. With
 gunicorn's threaded worker most of the time per request goes to handing the socket
 between the poller thread and a pool thread and to its general-purpose HTTP parser,
 not to the application. This worker keeps every connection in one ``selectors``
-loop, parses the small subset of HTTP/1.x the service needs and calls the same WSGI
-application (``vr.metadata_app``) directly. Everything else stays gunicorn's: the
-arbiter, worker supervision, heartbeat, signals and graceful stop.
+loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http1`) and
+calls the WSGI application directly. Everything else stays gunicorn's: the arbiter,
+worker supervision, heartbeat, signals and graceful stop.
 
-Scope and limits (each enforced, each answered with a clear status and a close):
+What a client cannot do to a worker (each a constant or setting below):
 
-* HTTP/1.0 and HTTP/1.1, keep-alive, pipelining; request head at most
-  :data:`MAX_HEAD` bytes (431); a request body only with ``Content-Length`` up to
-  :data:`MAX_BODY` (larger: 413; ``Transfer-Encoding``: 501) — the service has no
-  use for bodies, it answers such requests 405 anyway.
-* Idle keep-alive connections are closed after ``keepalive`` seconds; a request
-  head that stays incomplete is dropped after ``timeout`` seconds (slow clients
-  cannot pin connections). At most ``worker_connections`` connections per worker.
-* The application must return its whole body in memory (ours does): responses
-  are written as one buffer, with non-blocking partial sends handled.
+* grow its memory: a connection buffers at most one request (:data:`BUF_LIMIT`) and
+  one reply; while a reply is pending nothing is read, so TCP pushes back on a
+  client that sends without reading;
+* pin connections: a new or idle connection closes after ``keepalive`` seconds, a
+  begun request must be complete within :data:`REQUEST_TIME`, a reply nobody reads
+  is dropped after ``timeout``;
+* lock others out: one address holds at most ``vr_connections_per_address``
+  (:data:`PER_ADDRESS`) connections per worker, and at ``worker_connections`` the
+  oldest idle connection makes room for a new one.
 
-Use it with ``worker_class="vr.metadata_worker.EventWorker"``.
+A client that half-closes still gets every answer it asked for; ``Expect:
+100-continue`` is honoured; error replies are followed by a lingering close so a
+client still sending reads them.
+
+:class:`EventLoop` is the loop itself and knows nothing of gunicorn (tests run it
+in-process against a loopback listener); :class:`EventWorker` is the gunicorn
+worker that runs it. Use it with ``worker_class="vr.metadata_worker.EventWorker"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
+import logging
 import os
 import selectors
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
-from email.utils import formatdate
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
+from gunicorn.config import Setting, validate_pos_int
 from gunicorn.workers.base import Worker
 
-MAX_HEAD = 8192
-MAX_BODY = 65536
+from vr.http1 import (
+    CONTINUE,
+    CONTINUE_RESPONSE,
+    MAX_BODY,
+    MAX_HEAD,
+    REASONS,
+    BadRequest,
+    Date,
+    Request,
+    WSGIApp,
+    build_environ,
+    parse_request,
+    render_response,
+)
+
+LOG = logging.getLogger(__name__)
+
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64
-SERVER = "vr-metadata"
-
-_REASONS = {
-    400: "Bad Request",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    505: "HTTP Version Not Supported",
-}
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-
-
-class BadRequest(Exception):
-    """The request cannot be served; ``status`` says why. The connection closes."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
+# The largest request the parser accepts: a connection's input buffer never holds
+# more (it stops reading at this size), so a client cannot grow a worker's memory.
+BUF_LIMIT = MAX_HEAD + 4 + MAX_BODY
+# A request that has begun (its first byte arrived) must be complete within this, at
+# most: a client trickling a head byte by byte cannot pin a connection (slowloris).
+REQUEST_TIME = 10.0
+# Connections one source address (one VM) may hold open in one worker: one guest's
+# idle connections cannot fill the worker and lock other guests out.
+PER_ADDRESS = 64
+# After an error reply the client may still be sending; its bytes are read and
+# dropped for this long (at most LINGER_BYTES) so that closing with unread input
+# does not send a reset that destroys the reply in flight.
+LINGER_TIME = 2.0
+LINGER_BYTES = 1 << 20
 
 
-class Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "target", "version")
+class ConnectionsPerAddress(Setting):  # type: ignore[misc]
+    """gunicorn setting ``vr_connections_per_address`` (registered on import)."""
 
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        version: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        keep_alive: bool,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
+    name = "vr_connections_per_address"
+    section = "Worker Processes"
+    cli = None
+    validator = validate_pos_int
+    type = int
+    default = PER_ADDRESS
+    desc = """\
+        The most connections one client address may hold open in one worker
+        (vr.metadata_worker.EventWorker only). Above it the client's oldest idle
+        connection is closed, or the new one refused with 503.
+        """
 
 
-def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
-    """Parse one request from the front of ``buf``.
+@dataclass(frozen=True)
+class Limits:
+    """How long and how many, per worker."""
 
-    Returns the request and the bytes it used, None if more bytes are needed, or
-    raises :class:`BadRequest`. Pure; unit-tested.
-    """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > MAX_HEAD:
-            raise BadRequest(431, "request head too large")
-        return None
-    if end > MAX_HEAD:
-        raise BadRequest(431, "request head too large")
-    try:
-        head = bytes(buf[:end]).decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise BadRequest(400, "undecodable head") from None
-    lines = head.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise BadRequest(400, f"request line {lines[0][:80]!r}")
-    method, target, version = parts
-    if not method or not all(ord(c) in _TOKEN for c in method):
-        raise BadRequest(400, f"method {method[:20]!r}")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if version.startswith("HTTP/"):
-            raise BadRequest(505, f"version {version[:20]!r}")
-        raise BadRequest(400, f"version {version[:20]!r}")
-    if not target or any(c <= " " or c == "\x7f" for c in target):
-        raise BadRequest(400, "request target")
-    headers: list[tuple[str, str]] = []
-    length = 0
-    conn_tokens = ""
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or not all(ord(c) in _TOKEN for c in name):
-            raise BadRequest(400, f"header line {line[:40]!r}")
-        value = value.strip(" \t")
-        if any(c < " " and c != "\t" for c in value):
-            raise BadRequest(400, f"header {name!r} value")
-        lname = name.lower()
-        if lname == "content-length":
-            if not value.isdigit() or (length and int(value) != length):
-                raise BadRequest(400, f"Content-Length {value[:20]!r}")
-            length = int(value)
-        elif lname == "transfer-encoding":
-            raise BadRequest(501, "Transfer-Encoding is not supported")
-        elif lname == "connection":
-            conn_tokens += "," + value.lower()
-        headers.append((name, value))
-    if length > MAX_BODY:
-        raise BadRequest(413, f"body of {length} bytes")
-    if len(buf) < end + 4 + length:
-        return None
-    body = bytes(buf[end + 4 : end + 4 + length])
-    tokens = {t.strip() for t in conn_tokens.split(",")}
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    return Request(method, target, version, headers, body, keep_alive), end + 4 + length
+    keepalive: float  # an idle connection (also a new one before its first byte) closes then
+    request_time: float  # a request that has begun must be complete within this
+    timeout: float  # a response the client does not read for this long is dropped
+    connections: int  # open connections at most; at the limit the oldest idle one goes
+    per_address: int  # open connections from one source address (one VM) at most
+    graceful: float  # on stop, pending responses get this long to finish
+    linger: float = LINGER_TIME  # after an error reply, extra client bytes are drained this long
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> Limits:
+        """From gunicorn's settings: ``keepalive``, ``timeout``, ``worker_connections``,
+        ``graceful_timeout`` and ``vr_connections_per_address``."""
+        return cls(
+            # keepalive 0 (gunicorn: "off") must not close a new connection at once.
+            keepalive=max(float(cfg.keepalive), 1.0),
+            request_time=min(float(cfg.timeout), REQUEST_TIME),
+            timeout=float(cfg.timeout),
+            connections=int(cfg.worker_connections),
+            per_address=_per_address(cfg),
+            graceful=float(cfg.graceful_timeout),
+        )
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """Request target -> (PATH_INFO, QUERY_STRING) as WSGI wants them (latin-1 str)."""
-    if target.startswith(("http://", "https://")):
-        rest = target.split("://", 1)[1]
-        slash = rest.find("/")
-        target = rest[slash:] if slash >= 0 else "/"
-    path, _, query = target.partition("?")
-    path = path.split("#", 1)[0]
-    return unquote_to_bytes(path).decode("latin-1"), query
+def _per_address(cfg: Any) -> int:
+    # The setting exists once this module is imported before gunicorn builds its
+    # config (vr.gunicorn_runner does); a plain gunicorn run gets the default.
+    setting = cfg.settings.get(ConnectionsPerAddress.name)
+    return PER_ADDRESS if setting is None else int(setting.get())
 
 
-def build_environ(
-    req: Request, peer: tuple[str, int], server: tuple[str, int], errors: Any
-) -> dict[str, Any]:
-    path, query = split_target(req.target)
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": req.method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": query,
-        "RAW_URI": req.target,
-        "SERVER_PROTOCOL": req.version,
-        "SERVER_NAME": server[0],
-        "SERVER_PORT": str(server[1]),
-        "REMOTE_ADDR": peer[0],
-        "REMOTE_PORT": str(peer[1]),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(req.body),
-        "wsgi.errors": errors,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-    }
-    for name, value in req.headers:
-        key = name.upper().replace("-", "_")
-        if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
-            environ[key] = value
-            continue
-        # Underscore and dash spellings meet in one key, so "X_Forwarded_For"
-        # cannot slip past a check for X-Forwarded-For.
-        key = "HTTP_" + key
-        environ[key] = environ[key] + "," + value if key in environ else value
-    return environ
-
-
-class _Date:
-    """The ``Date`` header, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = ""
-
-    def value(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = formatdate(now, usegmt=True)
-        return self._value
-
-
-def render_response(
-    status: str,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    keep_alive: bool,
-    version: str,
-    date: str,
-) -> bytes:
-    lines = [f"HTTP/1.1 {status}", f"Date: {date}", f"Server: {SERVER}"]
-    has_length = False
-    for name, value in headers:
-        if name.lower() == "content-length":
-            has_length = True
-        lines.append(f"{name}: {value}")
-    if not has_length:
-        lines.append(f"Content-Length: {len(body)}")
-    if not keep_alive:
-        lines.append("Connection: close")
-    elif version == "HTTP/1.0":
-        lines.append("Connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 
 
 class _Conn:
-    __slots__ = ("buf", "closing", "deadline", "out", "peer", "server", "sock")
+    """One client connection. At any time it is in one of these states:
+
+    * reading: no reply pending; registered for reading. ``started`` says whether a
+      request has begun (bytes in ``buf``) — else the connection is idle;
+    * writing: a reply (``out`` from offset ``sent``) pending; registered for writing
+      only, nothing is read, so a client that does not read is pushed back by TCP;
+    * lingering: the last reply went out, our side is shut down; the client's
+      remaining bytes are read and dropped until it closes or ``deadline``.
+    ``closing`` means no further request is served; ``eof`` that the client
+    half-closed: buffered requests are still answered, then the connection closes.
+    """
+
+    __slots__ = (
+        "addr",
+        "buf",
+        "closing",
+        "continued",
+        "deadline",
+        "eof",
+        "events",
+        "linger",
+        "lingered",
+        "lingering",
+        "out",
+        "peer",
+        "sent",
+        "server",
+        "sock",
+        "started",
+    )
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], server: tuple[str, int]) -> None:
         self.sock = sock
         self.peer = peer
+        self.addr = peer[0]
         self.server = server
         self.buf = bytearray()
         self.out = b""
+        self.sent = 0
         self.deadline = 0.0
+        self.events = _READ
+        self.started = False
+        self.continued = False
         self.closing = False
+        self.eof = False
+        self.linger = False
+        self.lingering = False
+        self.lingered = 0
 
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+class EventLoop:
+    """Every connection of one worker in one ``selectors`` loop.
 
+    ``listeners`` are listening sockets; ``app`` the WSGI application; ``wake_fd``
+    (optional) the read end of a pipe that wakes the loop (gunicorn's signal pipe).
+    """
 
-class EventWorker(Worker):  # type: ignore[misc]
-    """gunicorn worker: one thread, one ``selectors`` loop, keep-alive HTTP/1.x."""
-
-    def init_process(self) -> None:
+    def __init__(
+        self,
+        listeners: list[Any],
+        app: WSGIApp,
+        limits: Limits,
+        wake_fd: int | None = None,
+    ) -> None:
+        self.listeners = listeners
+        self.app = app
+        self.limits = limits
+        self.wake_fd = wake_fd
         self.selector = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
-        self.date = _Date()
+        # Idle connections by file descriptor, oldest idle first (dicts keep order).
+        self.idle: dict[int, _Conn] = {}
+        self.per_address: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.date = Date()
         self.accepting = False
-        super().init_process()
+        self.running = True
 
-    # --- loop --------------------------------------------------------------------------
-
-    def run(self) -> None:
-        for s in self.sockets:
+    def run(self, alive: Callable[[], bool], tick: Callable[[], bool]) -> None:
+        """Serve until ``alive()`` is false or ``tick()`` (called about twice a
+        second: gunicorn's heartbeat) returns false, then stop gracefully."""
+        for s in self.listeners:
             s.setblocking(False)
-        self.selector.register(self.PIPE[0], selectors.EVENT_READ, self._wakeup)
-        self._set_accepting(True)
-        last_sweep = last_notify = time.monotonic()
-        self.notify()
-        while self.alive:
-            self._set_accepting(len(self.conns) < self.cfg.worker_connections)
+        if self.wake_fd is not None:
+            self.selector.register(self.wake_fd, _READ, self._wakeup)
+        last_sweep = last_tick = time.monotonic()
+        while True:
+            self.running = alive()
+            if not self.running:
+                break
+            # At the limit, accept only while an idle connection can make room.
+            self._set_accepting(len(self.conns) < self.limits.connections or bool(self.idle))
             for key, mask in self.selector.select(1.0):
                 key.data(key.fileobj, mask)
             now = time.monotonic()
-            if now - last_notify >= 0.5:
+            if now - last_tick >= 0.5:
                 # The heartbeat costs a syscall: not once per loop turn under load.
-                last_notify = now
-                self.notify()
+                last_tick = now
+                if not tick():
+                    break
             if now - last_sweep >= 1.0:
                 last_sweep = now
                 self._sweep(now)
-                if self.ppid != os.getppid():
-                    self.log.info("Parent changed, shutting down: %s", self)
-                    break
-        self._stop()
+        self.running = False
+        self._stop(tick)
 
-    def _stop(self) -> None:
-        """Graceful stop: no new connections; finish pending writes, close idle ones."""
+    def _stop(self, tick: Callable[[], bool]) -> None:
+        """Graceful stop: no new connections; finish pending replies, close the rest."""
         self._set_accepting(False)
-        deadline = time.monotonic() + self.cfg.graceful_timeout
+        deadline = time.monotonic() + self.limits.graceful
         for conn in list(self.conns.values()):
-            if not conn.out:
-                self._close(conn)
-            else:
+            if conn.out:
                 conn.closing = True
+            elif not conn.lingering:
+                self._close(conn)
         while self.conns and time.monotonic() < deadline:
-            self.notify()
+            tick()
             for key, mask in self.selector.select(0.2):
                 key.data(key.fileobj, mask)
         for conn in list(self.conns.values()):
             self._close(conn)
+        self._report_refused()
         self.selector.close()
 
     def _wakeup(self, fileobj: Any, mask: int) -> None:
         try:
-            while os.read(self.PIPE[0], 512):
+            while os.read(fileobj, 512):
                 pass
         except BlockingIOError:
             pass
@@ -309,14 +271,18 @@ class EventWorker(Worker):  # type: ignore[misc]
         if on == self.accepting:
             return
         self.accepting = on
-        for s in self.sockets:
+        for s in self.listeners:
             if on:
-                self.selector.register(s, selectors.EVENT_READ, self._accept)
+                self.selector.register(s, _READ, self._accept)
             else:
                 self.selector.unregister(s)
 
+    # --- accepting ---------------------------------------------------------------------
+
     def _accept(self, listener: Any, mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
+            if len(self.conns) >= self.limits.connections and not self.idle:
+                return
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -325,77 +291,237 @@ class EventWorker(Worker):  # type: ignore[misc]
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self.log.error("metadata worker %s: out of file descriptors", self.pid)
+                    LOG.error("event worker %s: out of file descriptors", os.getpid())
                     return
                 raise
+            self._admit(sock, peer[:2] if isinstance(peer, tuple) else ("", 0))
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        addr = peer[0]
+        if self.per_address.get(addr, 0) >= self.limits.per_address and not self._evict(addr):
+            self._refuse(sock, addr)
+            return
+        if len(self.conns) >= self.limits.connections:
+            self._evict(None)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, peer, sock.getsockname()[:2])
+        # The first request gets the keep-alive time to begin, not the long timeout.
+        conn.deadline = time.monotonic() + self.limits.keepalive
+        fd = sock.fileno()
+        self.conns[fd] = conn
+        self.idle[fd] = conn
+        self.per_address[addr] = self.per_address.get(addr, 0) + 1
+        self.selector.register(sock, _READ, self._ready)
+
+    def _evict(self, addr: str | None) -> bool:
+        """Close the oldest idle connection (of ``addr``, if given); False if none."""
+        for conn in self.idle.values():
+            if addr is None or conn.addr == addr:
+                self._close(conn)
+                return True
+        return False
+
+    def _refuse(self, sock: socket.socket, addr: str) -> None:
+        """Over the per-address limit with nothing idle to close: a 503, best effort."""
+        self.refused[addr] = self.refused.get(addr, 0) + 1
+        reply = render_response(
+            "503 Service Unavailable",
+            [("Content-Type", "text/plain"), ("Retry-After", "1")],
+            b"too many connections from this address\n",
+            False,
+            "HTTP/1.1",
+            self.date.value(),
+        )
+        with contextlib.suppress(OSError):
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            server = sock.getsockname()
-            conn = _Conn(sock, peer[:2] if isinstance(peer, tuple) else ("", 0), server[:2])
-            conn.deadline = time.monotonic() + self.cfg.timeout
-            self.conns[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ, self._readable)
-            if len(self.conns) >= self.cfg.worker_connections:
-                return
+            sock.send(reply)
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def _sweep(self, now: float) -> None:
         for conn in list(self.conns.values()):
             if conn.deadline < now:
                 self._close(conn)
+        self._report_refused()
+
+    def _report_refused(self) -> None:
+        for addr, count in self.refused.items():
+            LOG.warning(
+                "refused %s connections from %s: it holds %s, the most one address may",
+                count,
+                addr,
+                self.limits.per_address,
+            )
+        self.refused.clear()
 
     # --- connections -------------------------------------------------------------------
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
-        if fd >= 0 and self.conns.pop(fd, None) is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(conn.sock)
+        if fd < 0 or self.conns.pop(fd, None) is None:
+            return
+        self.idle.pop(fd, None)
+        left = self.per_address[conn.addr] - 1
+        if left:
+            self.per_address[conn.addr] = left
+        else:
+            del self.per_address[conn.addr]
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
         with contextlib.suppress(OSError):
             conn.sock.close()
 
-    def _readable(self, sock: socket.socket, mask: int) -> None:
+    def _ready(self, sock: socket.socket, mask: int) -> None:
         conn = self.conns.get(sock.fileno())
         if conn is None:
             return
-        if mask & selectors.EVENT_WRITE:
-            self._flush(conn)
-            if conn.out or conn.sock.fileno() < 0:
-                return
+        if conn.lingering:
+            self._drain(conn)
+        elif conn.out:
+            self._send(conn)
+            if not conn.out:
+                self._serve(conn)
+        else:
+            self._read(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        # Never more than the largest request: the buffer stays bounded. (A buffer
+        # waiting for more always holds less; parse_request refuses larger.)
+        room = BUF_LIMIT - len(conn.buf)
+        if room <= 0:  # pragma: no cover - defensive
+            self._fail(conn, BadRequest(431, f"{len(conn.buf)} bytes of request"))
+            self._settle(conn)
+            return
         try:
-            data = sock.recv(RECV_SIZE)
+            data = conn.sock.recv(min(RECV_SIZE, room))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(conn)
             return
-        if not data:
-            self._close(conn)
-            return
-        conn.buf += data
+        if data:
+            conn.buf += data
+        else:
+            # Half-close: answer what is buffered, then close.
+            conn.eof = True
         self._serve(conn)
 
     def _serve(self, conn: _Conn) -> None:
-        """Answer every complete request in the buffer (pipelining), in order."""
+        """Answer the complete requests in the buffer in order (pipelining), while
+        each reply goes out at once; then wait for the socket in the right state."""
         while conn.buf and not conn.out and not conn.closing:
             try:
                 parsed = parse_request(conn.buf)
             except BadRequest as exc:
                 self._fail(conn, exc)
-                return
+                break
             if parsed is None:
-                # An incomplete head must complete within ``timeout``.
-                conn.deadline = min(conn.deadline, time.monotonic() + self.cfg.timeout)
-                return
+                break
+            if parsed == CONTINUE:
+                if not conn.continued:
+                    conn.continued = True
+                    conn.out = CONTINUE_RESPONSE
+                    self._send(conn)
+                    continue
+                break
             req, used = parsed
             del conn.buf[:used]
-            keep_alive = req.keep_alive and self.alive
-            data = self._respond(conn, req, keep_alive)
+            conn.started = conn.continued = False
+            keep_alive = req.keep_alive and self.running
+            conn.out = self._respond(conn, req, keep_alive)
             if not keep_alive:
                 conn.closing = True
-            conn.out = data
-            self._flush(conn)
-        if not conn.buf and not conn.out and not conn.closing:
-            conn.deadline = time.monotonic() + self.cfg.keepalive
+            self._send(conn)
+        self._settle(conn)
+
+    def _settle(self, conn: _Conn) -> None:
+        """Register for what the connection waits for next and set its deadline."""
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.out:
+            self.idle.pop(fd, None)
+            if conn.events != _WRITE:
+                conn.deadline = time.monotonic() + self.limits.timeout
+                self._want(conn, _WRITE)
+            return
+        if conn.closing:
+            self._finish(conn)
+            return
+        if conn.eof:
+            self._close(conn)
+            return
+        self._want(conn, _READ)
+        if conn.buf:
+            if not conn.started:  # a request began: it has request_time to complete
+                conn.started = True
+                conn.deadline = time.monotonic() + self.limits.request_time
+                self.idle.pop(fd, None)
+        else:
+            conn.deadline = time.monotonic() + self.limits.keepalive
+            self.idle.pop(fd, None)
+            self.idle[fd] = conn
+
+    def _want(self, conn: _Conn, events: int) -> None:
+        if conn.events != events:
+            conn.events = events
+            self.selector.modify(conn.sock, events, self._ready)
+
+    def _send(self, conn: _Conn) -> None:
+        try:
+            if conn.sent:
+                sent = conn.sock.send(memoryview(conn.out)[conn.sent :])
+            else:
+                sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.sent += sent
+        if conn.sent >= len(conn.out):
+            conn.out = b""
+            conn.sent = 0
+        elif sent and conn.events == _WRITE:
+            # The client reads, slowly: it keeps its connection.
+            conn.deadline = time.monotonic() + self.limits.timeout
+
+    def _finish(self, conn: _Conn) -> None:
+        """The last reply is out: close, or linger if the client may still be sending
+        (closing with unread input would reset the connection and could destroy the
+        reply before the client read it)."""
+        if not conn.linger and (conn.eof or not self._more_input(conn)):
+            self._close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.lingering = True
+        conn.deadline = time.monotonic() + self.limits.linger
+        self.idle.pop(conn.sock.fileno(), None)
+        self._want(conn, _READ)
+
+    def _more_input(self, conn: _Conn) -> bool:
+        if conn.buf:
+            return True
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def _drain(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_BYTES:
+            self._close(conn)
 
     def _respond(self, conn: _Conn, req: Request, keep_alive: bool) -> bytes:
         environ = build_environ(req, conn.peer, conn.server, sys.stderr)
@@ -408,7 +534,7 @@ class EventWorker(Worker):  # type: ignore[misc]
             return None
 
         try:
-            result = self.wsgi(environ, start_response)
+            result = self.app(environ, start_response)
             try:
                 body = b"".join(result)
             finally:
@@ -417,9 +543,7 @@ class EventWorker(Worker):  # type: ignore[misc]
                     close()
             status, headers = captured
         except Exception:
-            self.log.exception(
-                "metadata request %s %r from %s failed", req.method, req.target, conn.peer[0]
-            )
+            LOG.exception("request %s %r from %s failed", req.method, req.target, conn.peer[0])
             status, headers, body = (
                 "500 Internal Server Error",
                 [("Content-Type", "text/plain")],
@@ -432,36 +556,29 @@ class EventWorker(Worker):  # type: ignore[misc]
         return render_response(status, headers, body, keep_alive, req.version, self.date.value())
 
     def _fail(self, conn: _Conn, exc: BadRequest) -> None:
-        self.log.debug("bad request from %s: %s", conn.peer[0], exc)
-        status = f"{exc.status} {_REASONS[exc.status]}"
-        body = f"{_REASONS[exc.status].lower()}\n".encode()
+        LOG.debug("bad request from %s: %s", conn.peer[0], exc)
+        status = f"{exc.status} {REASONS[exc.status]}"
+        body = f"{REASONS[exc.status].lower()}\n".encode()
         conn.out = render_response(
             status, [("Content-Type", "text/plain")], body, False, "HTTP/1.1", self.date.value()
         )
         conn.closing = True
+        conn.linger = True
         conn.buf.clear()
-        self._flush(conn)
+        self._send(conn)
 
-    def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        conn.out = conn.out[sent:]
-        if conn.out:
-            conn.deadline = time.monotonic() + self.cfg.timeout
-            self.selector.modify(
-                conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._readable
-            )
-            return
-        if conn.closing:
-            self._close(conn)
-            return
-        key = self.selector.get_key(conn.sock)
-        if key.events & selectors.EVENT_WRITE:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, self._readable)
-            if conn.buf:
-                self._serve(conn)
+
+class EventWorker(Worker):  # type: ignore[misc]
+    """gunicorn worker: one thread, one :class:`EventLoop`, keep-alive HTTP/1.x."""
+
+    def run(self) -> None:
+        loop = EventLoop(self.sockets, self.wsgi, Limits.from_cfg(self.cfg), self.PIPE[0])
+        self.notify()
+        loop.run(lambda: bool(self.alive), self._tick)
+
+    def _tick(self) -> bool:
+        self.notify()
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            return False
+        return True

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import gzip
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from tests.helpers import netns
 from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
 from vr import metadata_counters
 from vr.paths import Paths
+from vr.store import current_gen
 
 pytestmark = pytest.mark.root
 
@@ -65,7 +68,8 @@ def start_server(
     lab: netns.Lab, vr: netns.Namespace, paths: Paths, log: Path
 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "vr", "serve-metadata", "--root", str(paths.root)]
-    cmd += ["--bind", f"{VR}:80", "--workers", "2"]
+    # -v: each worker logs (with its pid) every VM generation it loads.
+    cmd += ["--bind", f"{VR}:80", "--workers", "2", "-v"]
     with open(log, "wb") as out:
         proc = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT)
     wait = f"from tests.helpers.procs import wait_port; wait_port({VR!r}, 80)"
@@ -139,11 +143,26 @@ def test_keep_alive_serves_a_whole_crawl_on_one_connection(setup: Setup) -> None
     assert res.stdout.count(b"[1]") == 1 and res.stdout.count(b"[0]") == 2
 
 
+def generation_loads(s: Setup, vm: str) -> dict[int, set[int]]:
+    """Generation of ``vm`` -> pids of the workers that loaded it (their debug log)."""
+    pattern = re.compile(
+        rf"^\S+ \S+ (\d+) vr\.vmcache DEBUG VM {re.escape(vm)}: loaded generation (\d+)$"
+    )
+    out: dict[int, set[int]] = {}
+    for line in s.paths.log_file.read_text().splitlines():
+        m = pattern.match(line)
+        if m:
+            out.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return out
+
+
 def test_push_then_read_in_a_tight_loop_across_workers(setup: Setup) -> None:
-    """Every GET issued after update_config returned sees the pushed value, on any worker."""
+    """Every GET issued after update_config returned sees the pushed value, on any worker;
+    and the answers really came from both workers."""
     urls = [f"http://{VR}/latest/local-hostname"] * 6
     for _ in range(3):  # make both workers cache the VM first
         setup.curl("-H", "Connection: close", *urls)
+    pushed = []
     for i in range(25):
         value = f"host-{i}-" + "x" * (i % 7)
         name = drop_push_file(setup.paths, VM1, [["metadata", "local-hostname", value]])
@@ -153,9 +172,76 @@ def test_push_then_read_in_a_tight_loop_across_workers(setup: Setup) -> None:
             timeout=60,
         )
         assert push.returncode == 0, push.stderr
+        pushed.append(current_gen(setup.paths, ip_address(VM1)))
         # A new connection per request: the kernel hands them to either worker.
         got = setup.curl("-H", "Connection: close", *urls).stdout
         assert got == value.encode() * len(urls), (i, got)
+    # A worker caches a VM until its generation changes, and logs each load: every
+    # pushed generation was loaded by the worker(s) that answered for it.
+    loads = generation_loads(setup, VM1)
+    assert all(loads.get(gen) for gen in pushed), (pushed, loads)
+    answering = set().union(*(loads[gen] for gen in pushed))
+    assert len(answering) == 2, answering
+
+
+HOG_CLIENT = textwrap.dedent(
+    """
+    import json, select, socket, sys
+    vr, port, source, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect((vr, port))
+        socks.append(s)
+    # Over the limit the server closes this address's oldest idle connections at
+    # once (or refuses the new one with a 503); the ones it holds stay silent.
+    closed, waiting = 0, list(socks)
+    for _ in range(10):  # until a second passes with no news (at most 10 s)
+        ready, _, _ = select.select(waiting, [], [], 1.0)
+        if not ready:
+            break
+        for s in ready:
+            s.recv(4096)
+            closed += 1
+            waiting.remove(s)
+    print(json.dumps({"closed": closed}))
+    sys.stdout.flush()
+    sys.stdin.read()  # hold the rest open until told
+    """
+)
+
+
+def test_one_vm_holding_connections_is_limited_and_others_are_still_served(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """A second server, one worker, at most 3 connections per address: VM2 opening 12
+    idle connections keeps 3 of them, and VM1 is answered meanwhile."""
+    log = tmp_path / "limited.log"
+    cmd = [sys.executable, "-m", "vr", "serve-metadata", "--root", str(setup.paths.root)]
+    cmd += ["--bind", f"{VR}:81", "--workers", "1", "--connections-per-address", "3"]
+    with open(log, "wb") as out:
+        server = setup.lab.spawn(setup.vr, cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait = f"from tests.helpers.procs import wait_port; wait_port({VR!r}, 81)"
+        setup.vr.run(sys.executable, "-c", wait, timeout=30)
+        hog = setup.guest.popen(
+            [sys.executable, "-c", HOG_CLIENT, VR, "81", VM2, "12"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert hog.stdout is not None
+            report = json.loads(hog.stdout.readline())
+            assert report == {"closed": 9}
+            res = setup.curl("--fail", f"http://{VR}:81/latest/instance-id")
+            assert res.returncode == 0 and res.stdout == instance_id(VM1).encode()
+        finally:
+            hog.kill()
+            hog.wait(timeout=10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
 
 
 # --- SSRF guard, counters, stopping --------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from vr.cli import build_parser
 from vr.cmd_metadata import gunicorn_options
 from vr.paths import Paths
@@ -24,3 +26,12 @@ def test_gunicorn_options_keep_connections_alive_and_build_the_app_per_worker() 
     assert opts["keepalive"] > 0
     assert opts["preload_app"] is False
     assert opts["workers"] == 2 and opts["threads"] == 2
+
+
+def test_connections_per_address_reaches_the_gunicorn_settings() -> None:
+    args = build_parser().parse_args(["serve-metadata", "--connections-per-address", "8"])
+    opts = gunicorn_options(["0.0.0.0:80"], 2, "event", 1, Paths(Path("/r")), 8)
+    assert args.connections_per_address == 8
+    assert opts["vr_connections_per_address"] == 8
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve-metadata", "--connections-per-address", "0"])

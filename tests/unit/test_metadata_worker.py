@@ -1,98 +1,265 @@
-"""The event worker's HTTP/1.x parsing and response framing (pure parts)."""
+"""The event worker's connection handling, its loop run in-process on loopback.
+
+Each test drives real sockets against :class:`vr.metadata_worker.EventLoop` with
+small limits (tests/helpers/loop_server.py). No timing is asserted: "soon" means
+within a generous bound, and every wait ends.
+"""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import select
+import socket
+import threading
 
-from vr.metadata_worker import (
-    MAX_BODY,
-    MAX_HEAD,
-    BadRequest,
-    build_environ,
-    parse_request,
-    render_response,
-    split_target,
+from tests.helpers.loop_server import (
+    Reader,
+    body_for,
+    closed_within_wait,
+    limits,
+    request,
+    serving,
 )
+from vr.http1 import MAX_BODY, MAX_HEAD
+from vr.metadata_worker import BUF_LIMIT
+
+# --- pipelining and large responses ----------------------------------------------------
 
 
-def test_incomplete_head_needs_more_bytes() -> None:
-    assert parse_request(b"GET /latest/instance-id HTTP/1.1\r\nHost: x\r\n") is None
+def test_pipelined_requests_split_across_reads_are_answered_in_order() -> None:
+    reqs = [request(f"/r{i}?size={100 + i}") for i in range(12)]
+    stream = b"".join(reqs)
+    cut = sum(len(r) for r in reqs[:5]) + len(reqs[5]) // 2  # inside request 5's head
+    with serving(limits()) as srv, srv.connect() as c:
+        reader = Reader(c)
+        c.sendall(stream[:cut])
+        for i in range(5):
+            assert reader.response()[2] == body_for(f"/r{i}", 100 + i)
+        c.sendall(stream[cut:])
+        for i in range(5, 12):
+            status, _, body = reader.response()
+            assert (status, body) == (200, body_for(f"/r{i}", 100 + i))
 
 
-def test_http11_keeps_alive_unless_told_to_close() -> None:
-    req, used = parse_request(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")  # type: ignore[misc]
-    assert (req.method, req.target, req.keep_alive) == ("GET", "/a", True)
-    assert used == len(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-    req, _ = parse_request(b"GET /a HTTP/1.1\r\nConnection: Close\r\n\r\n")  # type: ignore[misc]
-    assert req.keep_alive is False
+def test_large_bodies_reach_a_slow_reader_byte_exact_and_in_order() -> None:
+    sizes = [3_000_000, 17, 2_500_001]
+    with serving(limits()) as srv, srv.connect(rcvbuf=8192) as c:
+        c.sendall(b"".join(request(f"/big{i}?size={n}") for i, n in enumerate(sizes)))
+        reader = Reader(c)
+        for i, n in enumerate(sizes):
+            status, headers, body = reader.response(chunk=4096)
+            assert status == 200 and int(headers["content-length"]) == n
+            assert body == body_for(f"/big{i}", n)
 
 
-def test_http10_closes_unless_asked_to_keep_alive() -> None:
-    req, _ = parse_request(b"GET /a HTTP/1.0\r\n\r\n")  # type: ignore[misc]
-    assert req.keep_alive is False
-    req, _ = parse_request(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # type: ignore[misc]
-    assert req.keep_alive is True
+# --- a client that does not read --------------------------------------------------------
 
 
-def test_body_is_read_by_content_length_before_the_request_is_complete() -> None:
-    head = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
-    assert parse_request(head + b"abc") is None
-    req, used = parse_request(head + b"abcdeGET")  # type: ignore[misc]
-    assert req.body == b"abcde" and used == len(head) + 5
+def test_client_that_pipelines_without_reading_is_stalled_and_server_buffers_stay_bounded() -> None:
+    """Once its answers back up, the server stops reading: TCP pushes back on the
+    client instead of the worker buffering everything it sends."""
+    size = 256 * 1024
+    one = request(f"/p?size={size}", "X-Pad: " + "p" * 4000)
+    block = one * 64  # about 256 KB of requests per send
+    cap = 256 * len(block)  # 64 MB: far beyond every socket buffer on the way
+    with serving(limits()) as srv, srv.connect(rcvbuf=65536) as c:
+        c.setblocking(False)
+        sent = 0
+        stalled = False
+        while sent < cap:
+            _, writable, _ = select.select([], [c], [], 2.0)
+            if not writable:
+                stalled = True
+                break
+            try:
+                sent += c.send(block)
+            except BlockingIOError:
+                continue
+        assert stalled, f"the server read {sent} bytes of requests it could not answer"
+        conns = list(srv.loop.conns.values())
+        assert len(conns) == 1
+        assert len(conns[0].buf) <= BUF_LIMIT
+        assert len(conns[0].out) <= size + 1024
+        # The connection still works: the answers come, in order, once the client reads.
+        c.setblocking(True)
+        c.settimeout(10)
+        reader = Reader(c)
+        for _ in range(3):
+            assert reader.response()[2] == body_for("/p", size)
 
 
-@pytest.mark.parametrize(
-    ("raw", "status"),
-    [
-        (b"GET /a\r\n\r\n", 400),
-        (b"GET  /a HTTP/1.1\r\n\r\n", 400),
-        (b"G(T /a HTTP/1.1\r\n\r\n", 400),
-        (b"GET /a HTTP/2.0\r\n\r\n", 505),
-        (b"GET /a FTP/1.0\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\n folded\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"GET /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-        (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
-        (b"POST /a HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1), 413),
-        (b"GET /a HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431),
-        (b"GET /a HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 1), 431),
-    ],
-)
-def test_malformed_requests_are_refused_with_a_status(raw: bytes, status: int) -> None:
-    with pytest.raises(BadRequest) as exc:
-        parse_request(raw)
-    assert exc.value.status == status
+def test_buffer_limit_covers_the_largest_request_allowed() -> None:
+    assert BUF_LIMIT >= MAX_HEAD + 4 + MAX_BODY
 
 
-def test_target_is_split_and_percent_decoded() -> None:
-    assert split_target("/latest/meta-data/instance-id?x=1") == (
-        "/latest/meta-data/instance-id",
-        "x=1",
-    )
-    assert split_target("/latest/%75ser-data") == ("/latest/user-data", "")
-    assert split_target("http://169.254.169.254/latest/x?q") == ("/latest/x", "q")
+# --- half-close -------------------------------------------------------------------------
 
 
-def test_environ_names_the_tcp_peer_and_merges_header_spellings() -> None:
-    req, _ = parse_request(  # type: ignore[misc]
-        b"GET /a?b HTTP/1.1\r\nX_Forwarded_For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n"
-    )
-    env = build_environ(req, ("10.1.1.5", 40000), ("10.1.1.1", 80), None)
-    assert env["REMOTE_ADDR"] == "10.1.1.5"
-    assert env["PATH_INFO"] == "/a" and env["QUERY_STRING"] == "b"
-    assert env["HTTP_X_FORWARDED_FOR"] == "1.2.3.4,5.6.7.8"
+def test_half_closed_client_gets_every_pipelined_answer_before_the_close() -> None:
+    sizes = [1_500_000, 10, 5] + [100_000 + i for i in range(60)]
+    with serving(limits()) as srv, srv.connect(rcvbuf=16384) as c:
+        c.sendall(b"".join(request(f"/h{i}?size={n}") for i, n in enumerate(sizes)))
+        c.shutdown(socket.SHUT_WR)
+        reader = Reader(c)
+        for i, n in enumerate(sizes):
+            assert reader.response(chunk=8192)[2] == body_for(f"/h{i}", n)
+        assert reader.closed() and not reader.buf
 
 
-def test_response_framing() -> None:
-    out = render_response(
-        "200 OK", [("Content-Type", "text/plain")], b"v", True, "HTTP/1.0", "D"
-    ).decode()
-    assert out.startswith("HTTP/1.1 200 OK\r\nDate: D\r\n")
-    assert "Content-Length: 1\r\n" in out and "Connection: keep-alive\r\n" in out
-    assert out.endswith("\r\n\r\nv")
-    closing = render_response(
-        "404 Not Found", [("Content-Length", "0")], b"", False, "HTTP/1.1", "D"
-    )
-    assert b"Connection: close\r\n" in closing and closing.count(b"Content-Length") == 1
+def test_half_close_after_an_incomplete_request_closes_the_connection() -> None:
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(request("/done") + b"GET /half HTTP/1.1\r\nHo")
+        c.shutdown(socket.SHUT_WR)
+        reader = Reader(c)
+        assert reader.response()[2] == body_for("/done", 16)
+        assert reader.closed() and not reader.buf
+
+
+# --- idle and slow clients --------------------------------------------------------------
+
+
+def test_connection_that_never_sends_is_closed_after_the_keepalive_time() -> None:
+    with serving(limits(keepalive=0.3, timeout=60)) as srv, srv.connect() as c:
+        assert closed_within_wait(c)
+
+
+def test_request_head_trickled_byte_by_byte_is_dropped_after_the_request_time() -> None:
+    """Slowloris: every byte arrives before the idle deadline, the head never ends."""
+    with serving(limits(keepalive=0.5, request_time=1.0, timeout=60)) as srv, srv.connect() as c:
+        dropped = False
+        for _ in range(200):  # at most 20 s
+            try:
+                c.send(b"X")
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+                break
+            ready, _, _ = select.select([c], [], [], 0.1)
+            if ready:
+                dropped = closed_within_wait(c)
+                break
+        assert dropped
+
+
+def test_keepalive_time_applies_again_after_a_large_response_was_written() -> None:
+    with serving(limits(keepalive=0.3, timeout=60)) as srv, srv.connect(rcvbuf=8192) as c:
+        c.sendall(request("/large?size=4000000"))
+        reader = Reader(c)
+        assert reader.response(chunk=4096)[2] == body_for("/large", 4_000_000)
+        assert closed_within_wait(c)
+
+
+# --- connection limits ------------------------------------------------------------------
+
+
+def test_one_address_holding_idle_connections_cannot_lock_out_another() -> None:
+    with serving(limits(connections=8, per_address=3)) as srv:
+        hogs = [srv.connect(source="127.0.0.2") for _ in range(20)]
+        try:
+            refused = [s for s in hogs if closed_within_wait_or_open(s)]
+            assert len(refused) >= 17
+            assert srv.conns_from("127.0.0.2") <= 3
+            with srv.connect() as c:
+                c.sendall(request("/other"))
+                assert Reader(c).response()[2] == body_for("/other", 16)
+        finally:
+            for s in hogs:
+                s.close()
+
+
+def test_at_the_connection_limit_the_oldest_idle_connection_makes_room() -> None:
+    with serving(limits(connections=4, per_address=4)) as srv:
+        idle = [srv.connect(source=f"127.0.0.{2 + i}") for i in range(4)]
+        try:
+            for s in idle:  # each one answered once: all four are idle keep-alive conns
+                s.sendall(request("/first"))
+                assert Reader(s).response()[2] == body_for("/first", 16)
+            with srv.connect() as c:
+                c.sendall(request("/newcomer"))
+                assert Reader(c).response()[2] == body_for("/newcomer", 16)
+            assert closed_within_wait(idle[0])
+            idle[3].sendall(request("/still-open"))
+            assert Reader(idle[3]).response()[2] == body_for("/still-open", 16)
+        finally:
+            for s in idle:
+                s.close()
+
+
+def closed_within_wait_or_open(sock: socket.socket) -> bool:
+    """True if the server closed ``sock`` at once; False if it keeps it open (the
+    socket stays silent for a second — only used where closing is immediate)."""
+    ready, _, _ = select.select([sock], [], [], 1.0)
+    return bool(ready) and closed_within_wait(sock)
+
+
+# --- Expect, error replies ----------------------------------------------------------------
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    head = b"POST /up HTTP/1.1\r\nHost: vr\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(head)
+        reader = Reader(c)
+        while b"\r\n\r\n" not in reader.buf:
+            reader._more()
+        assert bytes(reader.buf).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        del reader.buf[: len(b"HTTP/1.1 100 Continue\r\n\r\n")]
+        c.sendall(b"hello")
+        assert reader.response()[:1] == (200,)
+
+
+def test_unknown_expectation_is_refused_with_417() -> None:
+    head = b"POST /up HTTP/1.1\r\nHost: vr\r\nExpect: teapot\r\nContent-Length: 5\r\n\r\n"
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(head)
+        reader = Reader(c)
+        assert reader.response()[0] == 417
+        assert reader.closed()
+
+
+def _error_reply_survives_a_client_still_sending(bad: bytes, status: int) -> None:
+    """A slow reader pipelines a large GET, then a bad request and more bytes. The
+    error reply queues behind the large one; closing with the client's bytes unread
+    would reset the connection and throw both away."""
+    big = 2_000_000
+    stream = request(f"/big?size={big}") + bad + b"j" * 300_000
+    with serving(limits(linger=5.0)) as srv, srv.connect(rcvbuf=4096) as c:
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the server may stop reading: fine
+                c.sendall(stream)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            reader = Reader(c)
+            assert reader.response(chunk=4096)[2] == body_for("/big", big)
+            assert reader.response()[0] == status
+            assert reader.closed()
+        finally:
+            c.shutdown(socket.SHUT_RDWR)
+            sender.join(timeout=15)
+
+
+def test_oversized_head_gets_its_431_though_the_client_keeps_sending() -> None:
+    bad = b"GET /a HTTP/1.1\r\nX-Big: " + b"a" * (3 * MAX_HEAD)
+    _error_reply_survives_a_client_still_sending(bad, 431)
+
+
+def test_oversized_body_gets_its_413_though_the_client_keeps_sending() -> None:
+    bad = b"POST /a HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 * MAX_BODY)
+    _error_reply_survives_a_client_still_sending(bad, 413)
+
+
+def test_over_the_address_limit_with_nothing_idle_the_newcomer_gets_503() -> None:
+    with serving(limits(per_address=2)) as srv:
+        busy = [srv.connect(source="127.0.0.2") for _ in range(2)]
+        try:
+            for s in busy:  # a request begun: these connections are not idle
+                s.sendall(b"GET /slow HTTP/1.1\r\nHo")
+            with srv.connect(source="127.0.0.2") as extra:
+                assert Reader(extra).response()[0] == 503
+            busy[0].sendall(b"st: vr\r\n\r\n")
+            assert Reader(busy[0]).response()[2] == body_for("/slow", 16)
+        finally:
+            for s in busy:
+                s.close()

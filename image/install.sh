@@ -141,6 +141,7 @@ install_config() {
   "control_device": "eth1",
   "public_devices": ["eth2"],
   "ssh_port": 3922,
+  "ssh_legacy_algorithms": true,
   "metadata_port": 80,
   "password_port": 8080
 }

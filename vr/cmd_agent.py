@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from vr import logs
 from vr.cli import add_root
 from vr.paths import Paths, root_from_env
+
+LOG = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
@@ -76,7 +79,9 @@ def _agent(args: argparse.Namespace) -> int:
     }
     limits = replace(DEFAULT_AGENT_LIMITS, **{k: v for k, v in overrides.items() if v is not None})
     listen = Listen(args.listen or cfg.ssh_listen, args.port or cfg.ssh_port)
-    agent = Agent(build_context(paths, limits), listen)
+    if not cfg.ssh_legacy_algorithms:
+        LOG.info("ssh_legacy_algorithms is off: SHA-1 clients (CloudStack's Trilead) are refused")
+    agent = Agent(build_context(paths, limits, cfg.ssh_legacy_algorithms), listen)
     agent.install_signals()
     try:
         sock = open_listener(listen)

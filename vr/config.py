@@ -24,6 +24,10 @@ class Config:
     public_devices: tuple[str, ...] = ("eth2",)
     ssh_listen: str = "0.0.0.0"
     ssh_port: int = 3922
+    ssh_legacy_algorithms: bool = True
+    """Also offer SHA-1 SSH algorithms (diffie-hellman-group14-sha1 key exchange, ssh-rsa
+    host-key and client signatures), after every modern one: CloudStack's management
+    server (Trilead SSH2) cannot connect without them. Modern clients never use them."""
     metadata_port: int = 80
     password_port: int = 8080
     metadata_workers: int = 2

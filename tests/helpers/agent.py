@@ -15,9 +15,15 @@ from tests.helpers.procs import free_port, wait_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-def keygen(path: Path, kind: str) -> Path:
-    """A fresh client key pair (``kind``: ed25519, rsa, ecdsa) without passphrase."""
+def keygen(path: Path, kind: str, pem: bool = False) -> Path:
+    """A fresh client key pair (``kind``: ed25519, rsa, ecdsa) without passphrase.
+
+    ``pem`` writes the private key in the old PEM format (``BEGIN RSA PRIVATE KEY``),
+    the only one CloudStack's Java SSH library reads.
+    """
     extra = ["-b", "2048"] if kind == "rsa" else []
+    if pem:
+        extra += ["-m", "PEM"]
     subprocess.run(
         ["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", path.name, "-f", str(path)],
         check=True,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -35,6 +36,8 @@ class Keys:
     rsa: Path
     ecdsa: Path
     stranger: Path
+    pem_rsa: Path
+    """RSA in PEM format, as CloudStack's management server keeps its key (id_rsa.cloud)."""
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
         keygen(d / "mgmt_rsa", "rsa"),
         keygen(d / "mgmt_ecdsa", "ecdsa"),
         keygen(d / "stranger", "ed25519"),
+        keygen(d / "mgmt_pem_rsa", "rsa", pem=True),
     )
 
 
@@ -65,19 +69,21 @@ class Agent:
     def port(self) -> int:
         return self.proc.port
 
-    def opts(self, key: Path | None = None, strict: str = "accept-new") -> list[str]:
+    def opts(self, key: Path | None = None, strict: str = "accept-new",
+             known_hosts: Path | None = None) -> list[str]:  # fmt: skip
         return [
             "-i", str(key or self.keys.ed25519),
             "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}",
             "-o", f"StrictHostKeyChecking={strict}",
             "-o", "ConnectTimeout=20",
         ]  # fmt: skip
 
     def ssh(self, *command: str, key: Path | None = None, extra: tuple[str, ...] = (),
-            strict: str = "accept-new") -> subprocess.CompletedProcess[str]:  # fmt: skip
-        return run(["ssh", "-p", str(self.port), *self.opts(key, strict), *extra,
+            strict: str = "accept-new",
+            known_hosts: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return run(["ssh", "-p", str(self.port), *self.opts(key, strict, known_hosts), *extra,
                     "root@127.0.0.1", *command])  # fmt: skip
 
     def scp(self, src: Path, dest: str, legacy: bool,
@@ -127,11 +133,15 @@ def metadata(ip: str, hostname: str) -> str:
     )
 
 
-def start_agent(tmp: Path, keys: Keys, *extra: str) -> Agent:
+def start_agent(
+    tmp: Path, keys: Keys, *extra: str, config: dict[str, object] | None = None
+) -> Agent:
     root = tmp / "vrroot"
     paths = Paths(root)
     paths.ensure()
-    authorize(paths, keys.ed25519, keys.rsa, keys.ecdsa)
+    if config is not None:
+        paths.config.write_text(json.dumps(config))
+    authorize(paths, keys.ed25519, keys.rsa, keys.ecdsa, keys.pem_rsa)
     work = tmp / "work"
     work.mkdir(exist_ok=True)
     proc = AgentProcess(root, extra=extra).start()
@@ -268,6 +278,146 @@ def test_vr_push_refuses_an_unknown_host_key_without_accept_new(agent: Agent) ->
     assert res.returncode == 1
     assert "is not in" in res.stdout and "--accept-new" in res.stdout
     assert agent.hostname_of("10.1.1.22") is None
+
+
+# --- CloudStack's management server: Trilead SSH2, SHA-1 only ------------------------------
+
+TRILEAD_JAR = Path("/usr/share/java/trilead-ssh2.jar")
+TRILEAD_PUSH = REPO / "tests/helpers/TrileadPush.java"
+LEGACY_OPENSSH = ("-o", "KexAlgorithms=diffie-hellman-group14-sha1",
+                  "-o", "HostKeyAlgorithms=ssh-rsa",
+                  "-o", "PubkeyAcceptedAlgorithms=ssh-rsa")  # fmt: skip
+
+
+def trilead_push(a: Agent, payload: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """SCPClient.put + execCommand(update_config.py) over Trilead, as CloudStack pushes."""
+    return run(["java", "-cp", str(TRILEAD_JAR), str(TRILEAD_PUSH), "127.0.0.1", str(a.port),
+                str(a.keys.pem_rsa), str(payload), name], timeout=120)  # fmt: skip
+
+
+def negotiated(ssh_debug: str) -> dict[str, str]:
+    """``kex: algorithm: X`` and ``kex: host key algorithm: Y`` from ``ssh -vv`` output."""
+    found = {}
+    for line in ssh_debug.splitlines():
+        for what in ("algorithm", "host key algorithm"):
+            marker = f"kex: {what}: "
+            if marker in line:
+                found[what] = line.split(marker, 1)[1].strip()
+    return found
+
+
+class KexRecorder(paramiko.Transport):
+    """A paramiko client transport that remembers which key exchange it agreed on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kex_names: list[str] = []
+
+    def _parse_kex_init(self, m: paramiko.Message) -> None:
+        super()._parse_kex_init(m)  # type: ignore[misc]
+        self.kex_names.append(self.kex_engine.name)  # type: ignore[attr-defined]
+
+
+def test_cloudstacks_trilead_client_uploads_and_applies_over_sha1(agent: Agent) -> None:
+    src = agent.payload("10.1.4.1", "trilead")
+    name = "vm_metadata.json.6a0e3c1e-7d7e-4a53-9d3c-2f1c7b8e0a11"
+    res = trilead_push(agent, src, name)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "exit=0" in res.stdout
+    # Trilead prefers group-exchange-sha1; the agent has only group14-sha1 and is picked
+    assert "kex=diffie-hellman-group14-sha1 hostkey=ssh-rsa" in res.stdout
+    assert f"{name}: applied" in res.stdout
+    assert agent.hostname_of("10.1.4.1") == b"trilead"
+    assert (agent.paths.processed / f"{name}.gz").exists()
+    assert "broke off" not in agent.proc.cloud_log()  # Trilead closes right after E
+
+
+def test_cloudstacks_trilead_client_gets_a_non_zero_status_for_a_bad_payload(
+    agent: Agent,
+) -> None:
+    bad = agent.work / "trilead-bad.json"
+    bad.write_text('{"vm_ip_address": "10.1.4.2", "vm_metadata": "nope", "type": "vmdata"}')
+    name = "vm_metadata.json.0b7c2d4e-1f2a-4b3c-8d9e-0a1b2c3d4e5f"
+    res = trilead_push(agent, bad, name)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "exit=1" in res.stdout and f"{name}: rejected" in res.stdout
+    assert agent.hostname_of("10.1.4.2") is None
+    assert (agent.paths.failed / name).exists()
+
+
+def test_openssh_limited_to_the_legacy_sha1_set_pushes(agent: Agent) -> None:
+    src = agent.payload("10.1.4.3", "legacy-openssh")
+    name = "vm_metadata.json.legacy1"
+    agent.scp(src, f"/var/cache/cloud/{name}", legacy=True)
+    res = agent.ssh(f"/opt/cloud/bin/update_config.py {name}", key=agent.keys.rsa,
+                    extra=("-vv", *LEGACY_OPENSSH),
+                    known_hosts=agent.work / "legacy_known_hosts")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert negotiated(res.stderr) == {
+        "algorithm": "diffie-hellman-group14-sha1",
+        "host key algorithm": "ssh-rsa",
+    }
+    assert agent.hostname_of("10.1.4.3") == b"legacy-openssh"
+
+
+def test_modern_clients_that_also_offer_sha1_never_negotiate_it(agent: Agent) -> None:
+    legacy_logins = agent.proc.cloud_log().count("accepted legacy ssh-rsa")
+    also_sha1 = ("-o", "KexAlgorithms=+diffie-hellman-group14-sha1",
+                 "-o", "PubkeyAcceptedAlgorithms=+ssh-rsa")  # fmt: skip
+    default = agent.ssh("update_config.py none", key=agent.keys.rsa,
+                        extra=("-vv", *also_sha1, "-o", "HostKeyAlgorithms=+ssh-rsa"),
+                        known_hosts=agent.work / "modern_known_hosts")  # fmt: skip
+    assert "no such file" in default.stderr  # logged in, ran the command
+    chosen = negotiated(default.stderr)
+    assert "sha1" not in chosen["algorithm"] and chosen["host key algorithm"] == "ssh-ed25519"
+    rsa_host = agent.ssh("update_config.py none", key=agent.keys.rsa,
+                         extra=("-vv", *also_sha1, "-o",
+                                "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256,ssh-rsa"),
+                         known_hosts=agent.work / "modern_rsa_known_hosts")  # fmt: skip
+    assert "no such file" in rsa_host.stderr
+    assert negotiated(rsa_host.stderr)["host key algorithm"] == "rsa-sha2-512"
+    assert "sha1" not in negotiated(rsa_host.stderr)["algorithm"]
+    # the RSA client key signed with rsa-sha2-*, not ssh-rsa
+    assert agent.proc.cloud_log().count("accepted legacy ssh-rsa") == legacy_logins
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", agent.port, "root", key_filename=str(agent.keys.rsa),
+                   look_for_keys=False, allow_agent=False,
+                   transport_factory=KexRecorder)  # fmt: skip
+    try:
+        t = client.get_transport()
+        assert isinstance(t, KexRecorder) and t.is_authenticated()
+        assert t.kex_names and not any("sha1" in k for k in t.kex_names)
+        assert t.host_key_type == "ssh-ed25519"
+        assert "sha1" not in t.local_mac and "sha1" not in t.remote_mac  # type: ignore[attr-defined]
+    finally:
+        client.close()
+
+
+def test_with_legacy_algorithms_off_sha1_only_clients_are_refused(
+    tmp_path: Path, keys: Keys
+) -> None:
+    a = start_agent(tmp_path, keys, config={"ssh_legacy_algorithms": False})
+    try:
+        src = a.payload("10.1.4.4", "legacy-off")
+        res = trilead_push(a, src, "vm_metadata.json.off1")
+        assert res.returncode == 255
+        assert "Cannot negotiate, proposals do not match" in res.stdout
+        kex_only = a.ssh("true", extra=("-o", "KexAlgorithms=diffie-hellman-group14-sha1"))
+        assert kex_only.returncode == 255
+        assert "no matching key exchange method found" in kex_only.stderr
+        host_only = a.ssh("true", extra=("-o", "HostKeyAlgorithms=ssh-rsa"))
+        assert host_only.returncode == 255
+        assert "no matching host key type found" in host_only.stderr
+        sig_only = a.ssh("true", key=keys.rsa,
+                         extra=("-o", "PubkeyAcceptedAlgorithms=ssh-rsa"))  # fmt: skip
+        assert sig_only.returncode == 255 and "Permission denied (publickey)" in sig_only.stderr
+        assert a.hostname_of("10.1.4.4") is None
+        modern = a.ssh("update_config.py none", key=keys.rsa)
+        assert modern.returncode == 1 and "no such file" in modern.stderr
+        assert "ssh_legacy_algorithms is off" in a.proc.cloud_log()
+    finally:
+        assert a.proc.stop() == 0
 
 
 # --- refusals ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def test_vr_cfg_sh_is_an_apply_of_the_batch() -> None:
         (b"scp -t /var/cache/cloud", None),
         (b"scp -v -d -t /var/cache/cloud/", None),
         (b'scp -t -d "/var/cache/cloud/"', None),
+        (b"scp -t -d /var/cache/cloud/", None),  # Trilead SCPClient.put, as CloudStack calls it
         (b"scp -t -- /var/cache/cloud/f.json", "f.json"),
         (b"scp -p -t /var/cache/cloud/vm_metadata.json.9", "vm_metadata.json.9"),
         (b"scp -t .", None),

@@ -51,6 +51,23 @@ def test_files_are_received_under_their_own_names(paths: Paths) -> None:
     assert peer.sent == b"\0" * 4  # ready, times, go, done
 
 
+class ClosingPeer(ScriptedPeer):
+    """Trilead's SCPClient: sends ``E`` after the file and closes without reading the reply."""
+
+    def sendall(self, data: bytes) -> None:
+        if self.sent == b"\0" * 3:  # ready, go, done: the reply to E finds the channel gone
+            raise OSError("Socket is closed")
+        super().sendall(data)
+
+
+def test_a_source_that_closes_right_after_e_still_delivers_its_file(paths: Paths) -> None:
+    body = b'{"vm_ip_address": "10.1.1.6"}'
+    peer = ClosingPeer(file_msg("vm_metadata.json.t1", body) + b"E\n")
+    result = sink(paths, peer).run()
+    assert result.received == ["vm_metadata.json.t1"] and result.exit_code == 0
+    assert (paths.cache / "vm_metadata.json.t1").read_bytes() == body
+
+
 def test_a_fixed_target_name_wins_over_the_sent_name(paths: Paths) -> None:
     peer = ScriptedPeer(file_msg("local-name.json", b"{}"))
     sink(paths, peer, name="vm_password.json.b2").run()

@@ -119,8 +119,13 @@ class Agent:
             LOG.info("push agent stopped")
 
 
-def build_context(paths: Paths, limits: AgentLimits) -> AgentContext:
-    """Everything connections share: host keys (created on first start), keys, applier."""
+def build_context(
+    paths: Paths, limits: AgentLimits, legacy_algorithms: bool = True
+) -> AgentContext:
+    """Everything connections share: host keys (created on first start), keys, applier.
+
+    ``legacy_algorithms`` offers the SHA-1 algorithms CloudStack's Trilead client needs.
+    """
     from vr.cmd_apply import make_applier
 
     paths.ensure()
@@ -133,4 +138,5 @@ def build_context(paths: Paths, limits: AgentLimits) -> AgentContext:
         authorized=AuthorizedKeys(paths.authorized_keys),
         throttle=AuthThrottle(),
         make_applier=make_applier,
+        legacy_algorithms=legacy_algorithms,
     )

@@ -34,11 +34,13 @@ KEY_TYPES = frozenset(
 
 
 class LegacyRSAKey(paramiko.RSAKey):
-    """An RSA client key that also verifies ``ssh-rsa`` (SHA-1) signatures.
+    """An RSA key that also speaks the legacy ``ssh-rsa`` (SHA-1) signature algorithm.
 
-    paramiko 5 dropped SHA-1 RSA signatures; CloudStack's Java SSH library still
-    signs with them, so the agent's transport maps the ``ssh-rsa`` algorithm here.
-    Only used to verify client signatures, never to sign.
+    paramiko 5 dropped SHA-1 RSA signatures; CloudStack's Java SSH library (Trilead)
+    still signs its login with them and accepts only ``ssh-rsa`` (or ``ssh-dss``)
+    host-key signatures. The agent's transport maps client ``ssh-rsa`` keys here and
+    loads its RSA host key as this class; SHA-1 is used only when the transport
+    negotiated ``ssh-rsa``, which a client that offers ``rsa-sha2-*`` never does.
     """
 
     HASHES = {**paramiko.RSAKey.HASHES, "ssh-rsa": hashes.SHA1}  # type: ignore[misc]
@@ -46,7 +48,9 @@ class LegacyRSAKey(paramiko.RSAKey):
     def verify_ssh_sig(self, data: bytes, msg: paramiko.Message) -> bool:
         ok: bool = super().verify_ssh_sig(data, msg)
         if ok:
-            LOG.info("accepted legacy ssh-rsa (SHA-1) signature from key %s", self.fingerprint)
+            msg.rewind()
+            if msg.get_text() == "ssh-rsa":
+                LOG.info("accepted legacy ssh-rsa (SHA-1) signature from key %s", self.fingerprint)
         return ok
 
 
@@ -69,7 +73,8 @@ def _generate(kind: str) -> bytes:
 def _load(kind: str, path: Path) -> paramiko.PKey:
     if kind == "ed25519":
         return paramiko.Ed25519Key(filename=str(path))
-    return paramiko.RSAKey(filename=str(path))
+    # can also sign the key exchange with ssh-rsa, for clients that know nothing newer
+    return LegacyRSAKey(filename=str(path))
 
 
 def load_host_keys(folder: Path) -> list[paramiko.PKey]:

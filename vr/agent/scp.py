@@ -4,7 +4,8 @@ Protocol (as spoken by OpenSSH ``scp -O`` and Java SCP clients): the sink sends
 ``\\0`` when ready; the source sends ``C<mode> <size> <name>\\n``, the sink answers
 ``\\0`` (go) or ``\\x01scp: <reason>\\n`` (skip this file), then ``size`` bytes
 follow plus one status byte, and the sink acknowledges. ``T`` (times) lines are
-acknowledged and ignored; directories (``D``) are refused.
+acknowledged and ignored; directories (``D``) are refused. Trilead's SCPClient
+(CloudStack's) sends ``scp -t -d <dir>``, one file, then ``E`` and closes at once.
 
 Each file is written under a temp name and renamed only once complete, so a
 transfer that breaks off leaves nothing under the real name.
@@ -134,8 +135,15 @@ class ScpSink:
             kind = line[:1]
             if kind == b"C":
                 self._receive(line)
-            elif kind in (b"T", b"E"):
+            elif kind == b"T":
                 self.stream.sendall(OK)
+            elif kind == b"E":
+                try:
+                    self.stream.sendall(OK)
+                except (OSError, EOFError):
+                    # Trilead's SCPClient (CloudStack) sends E and closes without waiting
+                    # for the reply; every file before it is complete and committed.
+                    return self.result
             elif kind == b"D":
                 self._refuse("directories are not accepted; send files", fatal=True)
                 return self.result

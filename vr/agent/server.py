@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from hashlib import sha1
 from typing import Any
 
 import paramiko
@@ -28,6 +29,7 @@ from paramiko.common import (
     OPEN_FAILED_RESOURCE_SHORTAGE,
     OPEN_SUCCEEDED,
 )
+from paramiko.kex_group14 import KexGroup14SHA256
 
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
@@ -63,6 +65,8 @@ class AgentContext:
     authorized: AuthorizedKeys
     throttle: AuthThrottle
     make_applier: Callable[[Paths], Any]
+    legacy_algorithms: bool = True
+    """Offer the SHA-1 algorithms CloudStack's management server needs (last)."""
     stopping: threading.Event = field(default_factory=threading.Event)
 
 
@@ -112,11 +116,43 @@ def _handle_request_then_start(chan: Channel, m: paramiko.Message) -> None:
         server.start_pending(chan)
 
 
-class AgentTransport(paramiko.Transport):
-    """paramiko's server transport, plus legacy ``ssh-rsa`` (SHA-1) client signatures."""
+class KexGroup14SHA1(KexGroup14SHA256):
+    """``diffie-hellman-group14-sha1`` (RFC 4253 8.2): the 2048-bit group with SHA-1.
 
-    _preferred_pubkeys = (*paramiko.Transport._preferred_pubkeys, "ssh-rsa")  # type: ignore[attr-defined]
-    _key_info = {**paramiko.Transport._key_info, "ssh-rsa": LegacyRSAKey}  # type: ignore[attr-defined]
+    paramiko 5 removed it; it is the best key exchange CloudStack's Java SSH library
+    (Trilead) offers besides group-exchange-sha1 and the 1024-bit group1-sha1.
+    """
+
+    name = "diffie-hellman-group14-sha1"
+    hash_algo = sha1
+
+
+LEGACY_KEX = KexGroup14SHA1.name
+LEGACY_RSA = "ssh-rsa"
+LEGACY_ALGORITHMS: dict[str, list[str]] = {
+    "kex": [LEGACY_KEX],
+    "keys": [LEGACY_RSA],
+    "pubkeys": [LEGACY_RSA],
+}
+"""What ``ssh_legacy_algorithms: false`` disables (paramiko's ``disabled_algorithms``)."""
+
+
+class AgentTransport(paramiko.Transport):
+    """paramiko's server transport, plus the SHA-1 algorithms CloudStack's Trilead needs.
+
+    Added, each after every modern choice: key exchange ``diffie-hellman-group14-sha1``,
+    ``ssh-rsa`` (SHA-1) host-key signatures with the RSA host key, and ``ssh-rsa``
+    client signatures. As a server, paramiko takes the first algorithm of the
+    *client's* list that it supports, so a client offering anything modern gets it;
+    only a client offering nothing newer lands on SHA-1. ``disabled_algorithms=``
+    :data:`LEGACY_ALGORITHMS` turns them off.
+    """
+
+    _preferred_kex = (*paramiko.Transport._preferred_kex, LEGACY_KEX)  # type: ignore[attr-defined]
+    _kex_info = {**paramiko.Transport._kex_info, LEGACY_KEX: KexGroup14SHA1}  # type: ignore[attr-defined]
+    _preferred_keys = (*paramiko.Transport._preferred_keys, LEGACY_RSA)  # type: ignore[attr-defined]
+    _preferred_pubkeys = (*paramiko.Transport._preferred_pubkeys, LEGACY_RSA)  # type: ignore[attr-defined]
+    _key_info = {**paramiko.Transport._key_info, LEGACY_RSA: LegacyRSAKey}  # type: ignore[attr-defined]
     _channel_handler_table = {
         **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
         MSG_CHANNEL_REQUEST: _handle_request_then_start,
@@ -327,7 +363,9 @@ def _finish(chan: Channel, code: int) -> None:
 def serve_connection(sock: socket.socket, peer: str, ctx: AgentContext) -> None:
     """Speak SSH on ``sock`` until the client leaves or a limit closes the connection."""
     activity = Activity()
-    transport = AgentTransport(sock)
+    transport = AgentTransport(
+        sock, disabled_algorithms=None if ctx.legacy_algorithms else LEGACY_ALGORITHMS
+    )
     transport.local_version = VERSION
     transport.banner_timeout = ctx.limits.auth_timeout
     transport.handshake_timeout = ctx.limits.auth_timeout

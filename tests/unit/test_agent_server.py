@@ -5,15 +5,26 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import paramiko
 import pytest
+from paramiko.auth_handler import AuthHandler
+from paramiko.common import cMSG_USERAUTH_REQUEST
 
 from vr import config
-from vr.agent.keys import LegacyRSAKey
-from vr.agent.server import LEGACY_ALGORITHMS, AgentTransport, KexGroup14SHA1
+from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
+from vr.agent.limits import AgentLimits, AuthThrottle
+from vr.agent.server import (
+    LEGACY_ALGORITHMS,
+    AgentContext,
+    AgentTransport,
+    KexGroup14SHA1,
+    serve_connection,
+)
 from vr.errors import ConfigError
 from vr.paths import Paths
 
@@ -130,3 +141,137 @@ def test_legacy_algorithms_are_a_config_setting_on_by_default(paths: Paths) -> N
     paths.config.write_text(json.dumps({"ssh_legacy_algorithms": "no"}))
     with pytest.raises(ConfigError, match="ssh_legacy_algorithms='no': expected bool"):
         config.load(paths)
+
+
+# --- authentication: only a verified signature is a login ------------------------------
+
+PEER = "192.0.2.7:40000"
+ADDRESS = "192.0.2.7"
+
+
+@dataclass
+class Served:
+    """One connection handled by :func:`serve_connection` in a thread, and its client end."""
+
+    ctx: AgentContext
+    sock: socket.socket
+    thread: threading.Thread
+
+    def client(self) -> paramiko.Transport:
+        t = paramiko.Transport(self.sock)
+        t.start_client(timeout=20)
+        return t
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def authorized_key() -> paramiko.PKey:
+    return paramiko.RSAKey.generate(2048)
+
+
+@pytest.fixture
+def ctx(paths: Paths, authorized_key: paramiko.PKey) -> AgentContext:
+    paths.authorized_keys.parent.mkdir(parents=True, exist_ok=True)
+    paths.authorized_keys.write_text(f"ssh-rsa {authorized_key.get_base64()} mgmt\n")
+    return AgentContext(
+        paths=paths,
+        limits=AgentLimits(),
+        host_keys=[RSA_HOST_KEY],
+        authorized=AuthorizedKeys(paths.authorized_keys),
+        throttle=AuthThrottle(base=0.01, cap=0.01, clock=Clock()),
+        make_applier=lambda p: None,
+    )
+
+
+@pytest.fixture
+def served(ctx: AgentContext) -> Iterator[Served]:
+    server_sock, client_sock = socket.socketpair()
+    thread = threading.Thread(target=serve_connection, args=(server_sock, PEER, ctx), daemon=True)
+    thread.start()
+    try:
+        yield Served(ctx, client_sock, thread)
+    finally:
+        client_sock.close()
+        thread.join(20)
+        server_sock.close()
+    assert not thread.is_alive()
+
+
+class ForgedKey(paramiko.RSAKey):
+    """The authorized public key with signatures made by some other private key."""
+
+    def __init__(self, public: paramiko.PKey) -> None:
+        super().__init__(key=public.key)  # type: ignore[attr-defined]
+        self._forger = paramiko.RSAKey.generate(2048)
+
+    def sign_ssh_data(self, data: bytes, algorithm: str | None = None) -> paramiko.Message:
+        return self._forger.sign_ssh_data(data, algorithm)
+
+
+class QueryOnly(AuthHandler):
+    """A client that only asks "would you accept this key?" (no signature), like anyone
+    who has the public key can."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        super().__init__(transport)
+        self.key_ok = threading.Event()
+
+    def _parse_service_accept(self, m: paramiko.Message) -> None:
+        q = paramiko.Message()
+        q.add_byte(cMSG_USERAUTH_REQUEST)
+        q.add_string(self.username)
+        q.add_string("ssh-connection")
+        q.add_string("publickey")
+        q.add_boolean(False)
+        q.add_string("rsa-sha2-256")
+        q.add_string(self.private_key.asbytes())
+        self.transport._send_message(q)
+
+    def _parse_userauth_info_request(self, m: paramiko.Message) -> None:
+        self.key_ok.set()  # 60 is also USERAUTH_PK_OK: the server accepts the key
+
+
+def test_the_unsigned_key_query_does_not_reset_the_failure_count(
+    served: Served, authorized_key: paramiko.PKey
+) -> None:
+    for _ in range(3):
+        served.ctx.throttle.failure(ADDRESS)
+    t = served.client()
+    try:
+        handler = QueryOnly(t)
+        t.auth_handler = handler
+        handler.auth_publickey("root", authorized_key, threading.Event())
+        assert handler.key_ok.wait(20)  # the server said it would accept the key ...
+        assert served.ctx.throttle.failures(ADDRESS) == 3  # ... and that is not a login
+        assert not t.is_authenticated()
+    finally:
+        t.close()
+
+
+def test_a_bad_signature_with_an_authorized_key_is_counted_and_logged(
+    served: Served, authorized_key: paramiko.PKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.ctx.throttle.failure(ADDRESS)
+    t = served.client()
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            t.auth_publickey("root", ForgedKey(authorized_key))
+        assert served.ctx.throttle.failures(ADDRESS) == 2
+        assert f"ssh-rsa key {authorized_key.fingerprint}: signature did not verify" in caplog.text
+        assert "(failure 2 from this address" in caplog.text
+        # a real login afterwards is what resets the count
+        t.auth_publickey("root", authorized_key)
+        assert t.is_authenticated()
+        deadline = time.monotonic() + 20
+        while served.ctx.throttle.failures(ADDRESS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.ctx.throttle.failures(ADDRESS) == 0
+    finally:
+        t.close()

@@ -20,6 +20,7 @@ from hashlib import sha1
 from typing import Any
 
 import paramiko
+from paramiko.auth_handler import AuthHandler
 from paramiko.channel import Channel
 from paramiko.common import (
     AUTH_FAILED,
@@ -137,6 +138,16 @@ LEGACY_ALGORITHMS: dict[str, list[str]] = {
 """What ``ssh_legacy_algorithms: false`` disables (paramiko's ``disabled_algorithms``)."""
 
 
+class AgentAuthHandler(AuthHandler):
+    """paramiko's server-side authentication, telling the server each final result."""
+
+    def _send_auth_result(self, username: str, method: str, result: int) -> None:
+        server = self.transport.server_object
+        if isinstance(server, AgentServer):
+            server.auth_result(username, method, result)
+        super()._send_auth_result(username, method, result)  # type: ignore[misc]
+
+
 class AgentTransport(paramiko.Transport):
     """paramiko's server transport, plus the SHA-1 algorithms CloudStack's Trilead needs.
 
@@ -153,6 +164,13 @@ class AgentTransport(paramiko.Transport):
     _preferred_keys = (*paramiko.Transport._preferred_keys, LEGACY_RSA)  # type: ignore[attr-defined]
     _preferred_pubkeys = (*paramiko.Transport._preferred_pubkeys, LEGACY_RSA)  # type: ignore[attr-defined]
     _key_info = {**paramiko.Transport._key_info, LEGACY_RSA: LegacyRSAKey}  # type: ignore[attr-defined]
+
+    def _parse_newkeys(self, m: paramiko.Message) -> None:
+        # paramiko makes a plain AuthHandler here on the first key exchange unless one exists
+        if self.server_mode and self.auth_handler is None:
+            self.auth_handler = AgentAuthHandler(self)
+        super()._parse_newkeys(m)  # type: ignore[misc]
+
     _channel_handler_table = {
         **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
         MSG_CHANNEL_REQUEST: _handle_request_then_start,
@@ -170,6 +188,7 @@ class AgentServer(paramiko.ServerInterface):
         self.transport: paramiko.Transport | None = None
         self.auth_failures = 0
         self.key_used: str | None = None
+        self._offered: str | None = None
         self._pending: dict[int, Request] = {}
         self._stop_seen: float | None = None
         self._lock = threading.Lock()
@@ -189,14 +208,34 @@ class AgentServer(paramiko.ServerInterface):
         return self._failed(username, "keyboard-interactive authentication is not accepted")
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        """Is ``key`` one that may log in? Not yet a login: see :meth:`auth_result`.
+
+        paramiko asks this before it verifies the signature, and also for the
+        unsigned "would you accept this key?" query, which anyone who knows the
+        public key can send.
+        """
         what = f"{key.get_name()} key {key.fingerprint}"
+        self._offered = None
         if username != USER:
             return self._failed(username, f"only user {USER} may log in ({what})")
         if not self.ctx.authorized.allows(key):
             return self._failed(username, f"{what} is not in {self.ctx.authorized.path}")
-        self.key_used = what
-        self.ctx.throttle.success(self.address)
+        self._offered = what
         return AUTH_SUCCESSFUL
+
+    def auth_result(self, username: str, method: str, result: int) -> None:
+        """paramiko's final answer to one login attempt, just before it is sent.
+
+        Only here does a signature count: a verified one is the login (the throttle
+        forgets the address), a bad one with an authorized key is a failure like any
+        other. Called by :class:`AgentAuthHandler`.
+        """
+        offered, self._offered = self._offered, None
+        if result == AUTH_SUCCESSFUL:
+            self.key_used = offered
+            self.ctx.throttle.success(self.address)
+        elif method == "publickey" and offered is not None:
+            self._failed(username, f"{offered}: signature did not verify")
 
     def _failed(self, username: str, reason: str) -> int:
         self.auth_failures += 1

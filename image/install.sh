@@ -109,7 +109,8 @@ install_shims() {
   chmod 0755 /opt/cloud/bin/update_config.py.new
   mv /opt/cloud/bin/update_config.py.new /opt/cloud/bin/update_config.py
   install -m 0755 "$src/scripts/vr_cfg.sh" /opt/cloud/bin/vr_cfg.sh
-  install -d -m 0755 /var/cache/cloud
+  # pushed files include vm_password.json.*: root only
+  install -d -m 0700 /var/cache/cloud /var/cache/cloud/processed /var/cache/cloud/failed
 }
 
 install_docroot() {

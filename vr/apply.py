@@ -234,7 +234,7 @@ class Applier:
 
     def _quarantine(self, src: Path) -> None:
         try:
-            self.paths.failed.mkdir(parents=True, exist_ok=True)
+            self.paths.failed.mkdir(parents=True, exist_ok=True, mode=0o700)
             dest = self.paths.failed / src.name
             os.replace(src, dest)
             os.chmod(dest, 0o600)

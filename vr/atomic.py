@@ -254,11 +254,12 @@ class StagedFile:
     """A file received piece by piece (an upload) under a temp name next to ``path``.
 
     Nothing appears under the real name until :meth:`commit` (fsync, chmod, rename,
-    fsync of the folder); :meth:`abort` removes the temp file. A process killed
+    fsync of the folder); :meth:`abort` removes the temp file. ``mode`` defaults to
+    0600: an upload may carry a password. A process killed
     mid-upload leaves only a ``.tmp-`` file, which callers sweep at start-up.
     """
 
-    def __init__(self, path: Path, mode: int = 0o644) -> None:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
         self.mode = mode
         self.tmp = _tmp_name(path)

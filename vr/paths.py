@@ -162,17 +162,22 @@ class Paths:
         return self._p("var/log/cloud.log")
 
     def ensure(self) -> None:
-        """Create the directories the appliance writes to (idempotent)."""
+        """Create the directories the appliance writes to (idempotent).
+
+        The push folders hold ``vm_password.json.*`` files: they are made (and, when
+        an older install left them open, set) 0700 whatever the umask.
+        """
         for d in (
             self.metadata_root,
             self.userdata_root,
             self.generations,
-            self.cache,
-            self.processed,
-            self.failed,
             self.log_file.parent,
             self.run,
         ):
             d.mkdir(parents=True, exist_ok=True)
         for d in (self.state, self.etc):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (self.cache, self.processed, self.failed):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if d.stat().st_mode & 0o077:
+                os.chmod(d, 0o700)

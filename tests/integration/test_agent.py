@@ -170,6 +170,8 @@ def test_scp_legacy_then_ssh_update_config_applies_the_vm(agent: Agent) -> None:
     name = "vm_metadata.json.0a1b2c3d"
     up = agent.scp(src, f"/var/cache/cloud/{name}", legacy=True)
     assert up.returncode == 0, up.stderr
+    assert stat.S_IMODE(os.stat(agent.paths.cache / name).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(agent.paths.cache).st_mode) == 0o700
     res = agent.ssh(f"/opt/cloud/bin/update_config.py {name}")
     assert res.returncode == 0, res.stderr
     assert f"{name}: applied" in res.stderr  # the apply line goes to stderr, like a log line

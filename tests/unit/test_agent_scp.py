@@ -125,3 +125,24 @@ def test_a_malformed_control_line_ends_the_session(paths: Paths, tmp_path: Path)
     with pytest.raises(ProtocolBroken):
         sink(paths, peer).run()
     assert visible(paths) == []
+
+
+def test_a_received_file_is_readable_only_by_root_whatever_mode_was_sent(paths: Paths) -> None:
+    class Watching(ScriptedPeer):
+        """Notes the temp file's mode each time the sink reads more of the upload."""
+
+        staged_modes: list[int]
+
+        def recv(self, nbytes: int) -> bytes:
+            self.staged_modes += [
+                os.stat(paths.cache / n).st_mode & 0o777
+                for n in os.listdir(paths.cache)
+                if n.startswith(".tmp-")
+            ]
+            return super().recv(nbytes)
+
+    peer = Watching(file_msg("vm_password.json.f6", b'{"password": "x"}' * 3, mode="0666"))
+    peer.staged_modes = []
+    sink(paths, peer).run()
+    assert peer.staged_modes and set(peer.staged_modes) == {0o600}
+    assert os.stat(paths.cache / "vm_password.json.f6").st_mode & 0o777 == 0o600

@@ -105,3 +105,19 @@ def test_the_folder_lists_pushed_files_but_not_temps(paths: Paths) -> None:
     listing = sftp.list_folder("/var/cache/cloud")
     assert isinstance(listing, list)
     assert [a.filename for a in listing] == ["f.json"]
+
+
+def mode(path: os.PathLike[str] | str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_an_upload_is_readable_only_by_root_while_staged_and_after(paths: Paths) -> None:
+    sftp = CacheSFTP(FakeConnection(paths))
+    attr = paramiko.SFTPAttributes()
+    attr.st_mode = 0o100644  # what the client asks for does not loosen it
+    handle = sftp.open("vm_password.json.e5", WRITE, attr)
+    assert isinstance(handle, UploadHandle)
+    assert handle.write(0, b'{"password": "x"}') == SFTP_OK
+    assert [mode(paths.cache / t) for t in temps(paths)] == [0o600]
+    assert handle.finish() == SFTP_OK
+    assert mode(paths.cache / "vm_password.json.e5") == 0o600

@@ -30,6 +30,8 @@ MAX_LINE = 1024
 CHUNK = 64 * 1024
 C_LINE = re.compile(rb"C([0-7]{4}) ([0-9]{1,19}) ([^\n]+)")
 OK, ERROR, FATAL = b"\0", b"\x01", b"\x02"
+UPLOAD_MODE = 0o600
+"""Whatever mode the client sends: a vm_password.json.* must not be readable by others."""
 
 
 class Stream(Protocol):
@@ -178,7 +180,7 @@ class ScpSink:
             self._refuse(f"{name}: {size} bytes is too large; at most {self.max_bytes} bytes")
             return
         try:
-            staged = atomic.StagedFile(self.cache / name)
+            staged = atomic.StagedFile(self.cache / name, UPLOAD_MODE)
         except VRError as exc:
             self._refuse(f"{name}: {exc}")
             return

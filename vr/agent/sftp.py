@@ -23,6 +23,7 @@ from paramiko.sftp import CMD_CLOSE, SFTP_FAILURE, SFTP_OK, SFTP_PERMISSION_DENI
 
 from vr import atomic
 from vr.agent.requests import CACHE_DIR, OutsideCache, cache_target
+from vr.agent.scp import UPLOAD_MODE
 from vr.errors import VRError
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class UploadHandle(paramiko.SFTPHandle):
     def stat(self) -> paramiko.SFTPAttributes | int:
         attr = paramiko.SFTPAttributes()
         attr.st_size = self.staged.size
-        attr.st_mode = 0o100644
+        attr.st_mode = 0o100000 | UPLOAD_MODE
         return attr
 
     def chattr(self, attr: paramiko.SFTPAttributes) -> int:
@@ -208,7 +209,7 @@ class CacheSFTP(paramiko.SFTPServerInterface):
         if flags & os.O_APPEND:
             return _SFTP_OP_UNSUPPORTED
         try:
-            staged = atomic.StagedFile(self.ctx.cache / name)
+            staged = atomic.StagedFile(self.ctx.cache / name, UPLOAD_MODE)
         except VRError as exc:
             LOG.error("sftp upload of %s from %s failed: %s", name, self.ctx.peer, exc)
             return SFTP_FAILURE

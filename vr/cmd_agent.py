@@ -30,6 +30,12 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=None, help="TCP port (default: config, 3922)")
     p.add_argument("--max-upload", type=int, default=None, help="largest upload in bytes")
     p.add_argument("--max-sessions", type=int, default=None, help="SSH connections at once")
+    p.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=None,
+        help="connections from one address not yet logged in (default 16)",
+    )
     p.add_argument("--idle-timeout", type=float, default=None, help="seconds without traffic")
     p.add_argument("--session-timeout", type=float, default=None, help="seconds per connection")
     p.set_defaults(func=_agent)
@@ -74,6 +80,7 @@ def _agent(args: argparse.Namespace) -> int:
     overrides = {
         "max_upload_bytes": args.max_upload,
         "max_sessions": args.max_sessions,
+        "max_unauthenticated_per_address": args.max_unauthenticated,
         "idle_timeout": args.idle_timeout,
         "session_timeout": args.session_timeout,
     }

@@ -652,3 +652,43 @@ def test_connections_beyond_the_session_limit_are_turned_away(tmp_path: Path, ke
         assert res.returncode == 1 and "no such file" in res.stderr
     finally:
         assert a.proc.stop() == 0
+
+
+def test_one_address_cannot_hold_more_unauthenticated_connections_than_its_share(
+    tmp_path: Path, keys: Keys
+) -> None:
+    a = start_agent(tmp_path, keys, "--max-unauthenticated", "2")
+    silent: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(silent) < 2:  # connect, say nothing: held until the 30 s auth timeout
+            s = socket.create_connection(("127.0.0.1", a.port), timeout=20)
+            if s.recv(64).startswith(b"SSH-2.0-vr_agent"):
+                silent.append(s)
+                continue
+            s.close()  # the start-up port probe still held a slot
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        third = a.ssh("update_config.py x")
+        assert third.returncode == 255
+        assert "2 connections from 127.0.0.1 not logged in yet" in a.proc.cloud_log()
+        # logged-in connections do not count against it
+        for s in silent:
+            s.close()
+        deadline = time.monotonic() + 20
+        held: list[paramiko.SSHClient] = []
+        while len(held) < 3:
+            try:
+                held.append(logged_in_client(a))
+            except (paramiko.SSHException, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        res = a.ssh("update_config.py x")
+        assert res.returncode == 1 and "no such file" in res.stderr
+        for c in held:
+            c.close()
+    finally:
+        for s in silent:
+            s.close()
+        assert a.proc.stop() == 0

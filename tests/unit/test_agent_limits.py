@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vr.agent.limits import AuthThrottle
+from vr.agent.limits import AuthThrottle, PreAuthSlots
 
 
 class Clock:
@@ -54,3 +54,22 @@ def test_memory_is_bounded_by_forgetting_the_oldest_address() -> None:
     assert throttle.failures("192.0.2.0") == 0
     assert throttle.failures("192.0.2.1") == 0
     assert throttle.failures("192.0.2.4") == 1
+
+
+def test_one_address_gets_only_so_many_connections_before_login() -> None:
+    slots = PreAuthSlots(per_address=2)
+    first, second = slots.take("192.0.2.1"), slots.take("192.0.2.1")
+    assert first is not None and second is not None
+    assert slots.take("192.0.2.1") is None
+    assert slots.take("192.0.2.2") is not None  # others are not affected
+
+
+def test_a_login_or_a_close_gives_the_slot_back_once() -> None:
+    slots = PreAuthSlots(per_address=1)
+    slot = slots.take("192.0.2.1")
+    assert slot is not None
+    slot.release()  # logged in
+    slot.release()  # and later closed: not given back twice
+    assert slots.waiting("192.0.2.1") == 0
+    again = slots.take("192.0.2.1")
+    assert again is not None and slots.take("192.0.2.1") is None

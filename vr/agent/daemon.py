@@ -17,7 +17,7 @@ from types import FrameType
 
 from vr import atomic
 from vr.agent.keys import AuthorizedKeys, load_host_keys
-from vr.agent.limits import AgentLimits, AuthThrottle
+from vr.agent.limits import AgentLimits, AuthThrottle, PreAuthSlot, PreAuthSlots
 from vr.agent.server import AgentContext, serve_connection
 from vr.paths import Paths
 
@@ -49,6 +49,7 @@ class Agent:
         self._signal: int | None = None
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self._preauth = PreAuthSlots(ctx.limits.max_unauthenticated_per_address)
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
@@ -70,13 +71,13 @@ class Agent:
                     LOG.error("accept on port %d failed: %s", self.listen.port, exc)
                     time.sleep(POLL)
                     continue
-                self._admit(conn, f"{addr[0]}:{addr[1]}")
+                self._admit(conn, addr[0], f"{addr[0]}:{addr[1]}")
         finally:
             sock.close()
         LOG.info("push agent stopping (signal %s)", self._signal)
         self.stop()
 
-    def _admit(self, conn: socket.socket, peer: str) -> None:
+    def _admit(self, conn: socket.socket, address: str, peer: str) -> None:
         with self._lock:
             self._threads = {t for t in self._threads if t.is_alive()}
             if len(self._threads) >= self.ctx.limits.max_sessions:
@@ -87,21 +88,32 @@ class Agent:
                 )
                 conn.close()
                 return
+            slot = self._preauth.take(address)
+            if slot is None:
+                LOG.warning(
+                    "refused connection from %s: %d connections from %s not logged in yet",
+                    peer,
+                    self._preauth.per_address,
+                    address,
+                )
+                conn.close()
+                return
             conn.settimeout(None)
             # SSH exchanges many small packets; Nagle + delayed ACK would add ~40 ms each
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(
-                target=self._connection, args=(conn, peer), name=f"ssh-{peer}", daemon=True
+                target=self._connection, args=(conn, peer, slot), name=f"ssh-{peer}", daemon=True
             )
             self._threads.add(t)
         t.start()
 
-    def _connection(self, conn: socket.socket, peer: str) -> None:
+    def _connection(self, conn: socket.socket, peer: str, slot: PreAuthSlot) -> None:
         try:
-            serve_connection(conn, peer, self.ctx)
+            serve_connection(conn, peer, self.ctx, on_login=slot.release)
         except Exception:
             LOG.exception("connection from %s failed", peer)
         finally:
+            slot.release()
             conn.close()
 
     def stop(self) -> None:

@@ -14,6 +14,9 @@ class AgentLimits:
     """One uploaded file; a 5,000-VM batch with user-data fits comfortably."""
     max_sessions: int = 64
     """SSH connections at once; more are closed right after accept."""
+    max_unauthenticated_per_address: int = 16
+    """Connections from one address not yet logged in (like OpenSSH's MaxStartups, per
+    source): one host cannot hold every session slot through the auth timeout."""
     max_channels: int = 16
     """Channels open at once on one connection."""
     idle_timeout: float = 300.0
@@ -89,3 +92,45 @@ class AuthThrottle:
     def _forget_oldest(self) -> None:
         oldest = min(self._seen, key=lambda a: self._seen[a].last)
         del self._seen[oldest]
+
+
+class PreAuthSlot:
+    """One connection's place in :class:`PreAuthSlots`; released once, at login or close."""
+
+    def __init__(self, owner: PreAuthSlots, address: str) -> None:
+        self._owner = owner
+        self.address = address
+        self._held = True
+
+    def release(self) -> None:
+        with self._owner._lock:
+            if not self._held:
+                return
+            self._held = False
+            left = self._owner._count[self.address] - 1
+            if left:
+                self._owner._count[self.address] = left
+            else:
+                del self._owner._count[self.address]
+
+
+class PreAuthSlots:
+    """Counts connections per source address that have not authenticated yet."""
+
+    def __init__(self, per_address: int) -> None:
+        self.per_address = per_address
+        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}
+
+    def take(self, address: str) -> PreAuthSlot | None:
+        """A slot for a new connection from ``address``, or None if it has too many."""
+        with self._lock:
+            n = self._count.get(address, 0)
+            if n >= self.per_address:
+                return None
+            self._count[address] = n + 1
+        return PreAuthSlot(self, address)
+
+    def waiting(self, address: str) -> int:
+        with self._lock:
+            return self._count.get(address, 0)

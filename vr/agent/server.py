@@ -180,8 +180,15 @@ class AgentTransport(paramiko.Transport):
 class AgentServer(paramiko.ServerInterface):
     """Decides every request of one connection; see the module docstring of :mod:`vr.agent`."""
 
-    def __init__(self, ctx: AgentContext, peer: str, activity: Activity) -> None:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        peer: str,
+        activity: Activity,
+        on_login: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ctx = ctx
+        self.on_login = on_login
         self.peer = peer
         self.address = peer.rsplit(":", 1)[0]
         self.activity = activity
@@ -234,6 +241,7 @@ class AgentServer(paramiko.ServerInterface):
         if result == AUTH_SUCCESSFUL:
             self.key_used = offered
             self.ctx.throttle.success(self.address)
+            self.on_login()
         elif method == "publickey" and offered is not None:
             self._failed(username, f"{offered}: signature did not verify")
 
@@ -399,8 +407,16 @@ def _finish(chan: Channel, code: int) -> None:
         chan.close()
 
 
-def serve_connection(sock: socket.socket, peer: str, ctx: AgentContext) -> None:
-    """Speak SSH on ``sock`` until the client leaves or a limit closes the connection."""
+def serve_connection(
+    sock: socket.socket,
+    peer: str,
+    ctx: AgentContext,
+    on_login: Callable[[], None] = lambda: None,
+) -> None:
+    """Speak SSH on ``sock`` until the client leaves or a limit closes the connection.
+
+    ``on_login`` is called when the client has authenticated (before it is told so).
+    """
     activity = Activity()
     transport = AgentTransport(
         sock, disabled_algorithms=None if ctx.legacy_algorithms else LEGACY_ALGORITHMS
@@ -411,7 +427,7 @@ def serve_connection(sock: socket.socket, peer: str, ctx: AgentContext) -> None:
     for key in ctx.host_keys:
         transport.add_server_key(key)
     transport.set_subsystem_handler("sftp", CacheSFTPServer, CacheSFTP)
-    server = AgentServer(ctx, peer, activity)
+    server = AgentServer(ctx, peer, activity, on_login)
     server.transport = transport
     try:
         transport.start_server(server=server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -13,7 +15,7 @@ from typing import Any
 import paramiko
 import pytest
 from paramiko.auth_handler import AuthHandler
-from paramiko.common import cMSG_USERAUTH_REQUEST
+from paramiko.common import OPEN_FAILED_RESOURCE_SHORTAGE, cMSG_USERAUTH_REQUEST
 
 from vr import config
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
@@ -190,8 +192,8 @@ def ctx(paths: Paths, authorized_key: paramiko.PKey) -> AgentContext:
     )
 
 
-@pytest.fixture
-def served(ctx: AgentContext) -> Iterator[Served]:
+@contextlib.contextmanager
+def serve(ctx: AgentContext) -> Iterator[Served]:
     server_sock, client_sock = socket.socketpair()
     thread = threading.Thread(target=serve_connection, args=(server_sock, PEER, ctx), daemon=True)
     thread.start()
@@ -202,6 +204,18 @@ def served(ctx: AgentContext) -> Iterator[Served]:
         thread.join(20)
         server_sock.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def served(ctx: AgentContext) -> Iterator[Served]:
+    with serve(ctx) as s:
+        yield s
+
+
+def logged_in(served: Served, key: paramiko.PKey) -> paramiko.Transport:
+    t = served.client()
+    t.auth_publickey("root", key)
+    return t
 
 
 class ForgedKey(paramiko.RSAKey):
@@ -275,3 +289,31 @@ def test_a_bad_signature_with_an_authorized_key_is_counted_and_logged(
         assert served.ctx.throttle.failures(ADDRESS) == 0
     finally:
         t.close()
+
+
+# --- channels and requests --------------------------------------------------------------
+
+
+def test_exactly_max_channels_sessions_may_be_open_at_once(
+    ctx: AgentContext, authorized_key: paramiko.PKey
+) -> None:
+    small = dataclasses.replace(ctx, limits=dataclasses.replace(ctx.limits, max_channels=2))
+    with serve(small) as served:
+        t = logged_in(served, authorized_key)
+        try:
+            first, second = t.open_session(timeout=20), t.open_session(timeout=20)
+            with pytest.raises(paramiko.ChannelException) as info:
+                t.open_session(timeout=20)
+            assert info.value.code == OPEN_FAILED_RESOURCE_SHORTAGE
+            first.close()
+            deadline = time.monotonic() + 20
+            while True:  # the server forgets the closed channel once both sides closed it
+                try:
+                    third = t.open_session(timeout=20)
+                    break
+                except paramiko.ChannelException:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert not third.closed and not second.closed
+        finally:
+            t.close()

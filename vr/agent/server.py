@@ -267,8 +267,9 @@ class AgentServer(paramiko.ServerInterface):
             LOG.warning("refused %s channel from %s: no forwarding", kind, self.peer)
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         if self.transport is not None:
+            # the channel asked for is not among them yet
             open_now = len(self.transport._channels.values())  # type: ignore[attr-defined]
-            if open_now > self.ctx.limits.max_channels:
+            if open_now >= self.ctx.limits.max_channels:
                 LOG.warning("refused channel from %s: %d already open", self.peer, open_now)
                 return OPEN_FAILED_RESOURCE_SHORTAGE
         self.activity.touch()

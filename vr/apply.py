@@ -200,7 +200,7 @@ class Applier:
             self._archive(item_name, src, data, archive)
         _prune(self.paths.processed, self.keep_processed, {f"{a[0]}.gz" for a in archives})
         ms = (time.monotonic() - start) * 1000
-        summary = "; ".join(result.describe()) or "no change"
+        summary = summarize(result.describe())
         line = f"{name}: applied: {summary} ({ms:.1f} ms)"
         LOG.info("%s", line)
         print(line, file=err)
@@ -256,6 +256,21 @@ class Applier:
             atomic.atomic_write(self.paths.last_push, (json.dumps(entry) + "\n").encode(), 0o600)
         except (OSError, VRError) as exc:
             LOG.warning("cannot record last push: %s", exc)
+
+
+SUMMARY_ITEMS = 10
+
+
+def summarize(changes: Sequence[str], limit: int = SUMMARY_ITEMS) -> str:
+    """One bounded line for the changes of an apply: a 5,000-VM batch names the first
+    ``limit`` and counts the rest, so the log line and the management server's
+    stderr stay short."""
+    if not changes:
+        return "no change"
+    if len(changes) <= limit:
+        return "; ".join(changes)
+    shown = "; ".join(changes[:limit])
+    return f"{len(changes)} changes: {shown}; … and {len(changes) - limit} more"
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:

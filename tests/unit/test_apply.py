@@ -15,7 +15,7 @@ from tests.helpers.store import (
     update_config,
     vm_metadata,
 )
-from vr.apply import Applier
+from vr.apply import SUMMARY_ITEMS, Applier, summarize
 from vr.paths import Paths
 from vr.store import read_vm
 
@@ -164,3 +164,32 @@ def test_after_commit_hook_sees_the_result_and_its_failure_fails_the_push(paths:
     assert "internal error" in err.getvalue()
     # the file stays for the management server's retry
     assert (paths.cache / "guest_network.json.1").exists()
+
+
+def test_the_summary_of_a_big_batch_counts_and_names_only_the_first_vms() -> None:
+    changes = [f"VM 10.1.{i // 250}.{i % 250 + 1}: changed vm-id deleted -" for i in range(5000)]
+    line = summarize(changes)
+    assert line.startswith("5000 changes: VM 10.1.0.1: changed vm-id deleted -; VM 10.1.0.2:")
+    assert line.endswith("; … and 4990 more")
+    assert line.count("VM ") == SUMMARY_ITEMS
+    assert len(line) < 1000
+
+
+def test_a_small_apply_lists_every_change_or_says_none() -> None:
+    assert summarize(["VM 10.1.1.5: password saved"]) == "VM 10.1.1.5: password saved"
+    assert summarize([]) == "no change"
+
+
+def test_a_batch_of_many_vms_reports_one_bounded_line(paths: Paths) -> None:
+    files = {
+        f"vm_metadata.json.{i}": vm_metadata(f"10.1.2.{i}", ["metadata", "vm-id", f"id{i}"])
+        for i in range(1, 41)
+    }
+    (paths.cache / "VR-many.cfg").write_text(cfg_text(files))
+    run = apply_cfg(paths, "VR-many.cfg")
+    assert run.code == 0, run.err
+    [line] = run.err.splitlines()
+    assert "applied: 40 changes: VM 10.1.2.1: changed vm-id" in line
+    assert f"… and {40 - SUMMARY_ITEMS} more (" in line
+    assert "VM 10.1.2.40" not in line
+    assert served_tree(paths)["metadata/10.1.2.40/vm-id"] == b"id40"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,16 +192,40 @@ class Connection:
         self._sftp.putfo(io.BytesIO(data), f"{CACHE}/{name}", file_size=len(data), confirm=False)
 
     def run(self, command: str) -> tuple[int, str, str]:
+        """Run ``command``; its exit status, stdout and stderr (each read to the end).
+
+        Both streams are read at once: a remote that fills one stream's window (a big
+        batch's summary on stderr) while we wait on the other would block forever.
+        """
         transport = self.client.get_transport()
         assert transport is not None
         chan = transport.open_session(timeout=self.target.timeout)
         chan.settimeout(self.target.command_timeout)
         chan.exec_command(command)
-        # outputs are a few lines, far below the channel window: read one after the other
-        out = chan.makefile("rb").read()
-        err = chan.makefile_stderr("rb").read()
+        err_parts: list[bytes] = []
+        err_problem: list[BaseException] = []
+
+        def read_stderr() -> None:
+            try:
+                err_parts.append(chan.makefile_stderr("rb").read())
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                err_problem.append(exc)
+
+        reader = threading.Thread(target=read_stderr, name="push-stderr", daemon=True)
+        reader.start()
+        try:
+            out = chan.makefile("rb").read()
+        except BaseException:
+            chan.close()  # ends the stderr reader too
+            reader.join(5)
+            raise
+        # EOF is for the whole channel: stderr ends with stdout
+        reader.join(self.target.command_timeout)
+        if err_problem:
+            raise err_problem[0]
         code = chan.recv_exit_status()
         chan.close()
+        err = b"".join(err_parts)
         return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ import paramiko
 import pytest
 
 from tests.helpers.agent import REPO, AgentProcess, keygen
+from tests.helpers.procs import free_port, wait_port
 from vr.paths import Paths
 from vr.store import read_vm
 
@@ -483,6 +484,46 @@ def test_port_forwarding_is_refused(agent: Agent) -> None:
     res = agent.ssh(extra=("-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"))
     assert res.returncode == 255
     assert "forwarding failed" in res.stderr.lower()
+
+
+def test_a_local_forward_ssh_L_is_refused_when_used(agent: Agent) -> None:
+    local = free_port()
+    cmd = ["ssh", "-p", str(agent.port), *agent.opts(), "-N", "-o", "ExitOnForwardFailure=yes",
+           "-L", f"127.0.0.1:{local}:127.0.0.1:{agent.port}", "root@127.0.0.1"]  # fmt: skip
+    ssh = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_port("127.0.0.1", local, timeout=20)  # ssh listens locally ...
+        with socket.create_connection(("127.0.0.1", local), timeout=20) as s:
+            assert s.recv(64) == b""  # ... but the VR refuses to carry the connection
+    finally:
+        ssh.terminate()
+        _, err = ssh.communicate(timeout=20)
+    assert "open failed: administratively prohibited" in err
+    assert "refused direct-tcpip channel (ssh -L/-W)" in agent.proc.cloud_log()
+
+
+def test_agent_forwarding_is_refused(agent: Agent, tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    ssh_agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.05)
+        before = agent.proc.cloud_log().count("refused agent forwarding")
+        res = subprocess.run(
+            ["ssh", "-A", "-p", str(agent.port), *agent.opts(), "root@127.0.0.1",
+             "/opt/cloud/bin/update_config.py none"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
+        )  # fmt: skip
+    finally:
+        ssh_agent.terminate()
+        ssh_agent.wait(20)
+    assert res.returncode == 1 and "no such file" in res.stderr  # the command itself ran
+    assert agent.proc.cloud_log().count("refused agent forwarding") == before + 1
 
 
 def test_scp_to_etc_is_refused_and_writes_nothing(agent: Agent) -> None:

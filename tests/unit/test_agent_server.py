@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,8 +16,13 @@ from typing import Any
 import paramiko
 import pytest
 from paramiko.auth_handler import AuthHandler
-from paramiko.common import OPEN_FAILED_RESOURCE_SHORTAGE, cMSG_USERAUTH_REQUEST
+from paramiko.common import (
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_RESOURCE_SHORTAGE,
+    cMSG_USERAUTH_REQUEST,
+)
 
+from tests.helpers.agent_loop import FakeApplier, applied
 from vr import config
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
@@ -188,7 +194,7 @@ def ctx(paths: Paths, authorized_key: paramiko.PKey) -> AgentContext:
         host_keys=[RSA_HOST_KEY],
         authorized=AuthorizedKeys(paths.authorized_keys),
         throttle=AuthThrottle(base=0.01, cap=0.01, clock=Clock()),
-        make_applier=lambda p: None,
+        make_applier=lambda p: FakeApplier(applied),
     )
 
 
@@ -317,3 +323,64 @@ def test_exactly_max_channels_sessions_may_be_open_at_once(
             assert not third.closed and not second.closed
         finally:
             t.close()
+
+
+def test_a_connection_is_closed_after_the_session_timeout_even_when_active(
+    ctx: AgentContext, authorized_key: paramiko.PKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vr.agent.server")
+    short = dataclasses.replace(
+        ctx, limits=dataclasses.replace(ctx.limits, session_timeout=1.0, idle_timeout=60.0)
+    )
+    with serve(short) as served:
+        t = logged_in(served, authorized_key)
+        try:
+            deadline = time.monotonic() + 20
+            while t.is_active() and time.monotonic() < deadline:
+                t.send_ignore()  # traffic: never idle
+                time.sleep(0.1)
+            assert not t.is_active()
+        finally:
+            t.close()
+    assert f"closing connection from {PEER}: session longer than 1s" in caplog.text
+
+
+def test_a_direct_tcpip_channel_as_for_ssh_L_is_refused(
+    served: Served, authorized_key: paramiko.PKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = logged_in(served, authorized_key)
+    try:
+        with pytest.raises(paramiko.ChannelException) as info:
+            t.open_channel("direct-tcpip", ("127.0.0.1", 22), ("127.0.0.1", 40001), timeout=20)
+        assert info.value.code == OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        assert "refused direct-tcpip channel (ssh -L/-W) to '127.0.0.1' port 22" in caplog.text
+    finally:
+        t.close()
+
+
+def test_a_subsystem_other_than_sftp_is_refused(
+    served: Served, authorized_key: paramiko.PKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = logged_in(served, authorized_key)
+    try:
+        chan = t.open_session(timeout=20)
+        with pytest.raises(paramiko.SSHException):  # paramiko closes the channel on failure
+            chan.invoke_subsystem("netconf")
+        assert f"refused subsystem 'netconf' from {PEER}" in caplog.text
+    finally:
+        t.close()
+
+
+def test_agent_forwarding_is_refused_and_no_agent_channel_is_opened(
+    served: Served, authorized_key: paramiko.PKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = logged_in(served, authorized_key)
+    try:
+        chan = t.open_session(timeout=20)
+        chan.request_forward_agent(lambda c: None)
+        chan.exec_command("/opt/cloud/bin/update_config.py f")
+        assert chan.recv_exit_status() == 0  # the session itself goes on
+        assert f"refused agent forwarding from {PEER}" in caplog.text
+        assert t.accept(timeout=0.5) is None  # the server never opens an agent channel
+    finally:
+        t.close()

@@ -301,6 +301,19 @@ class AgentServer(paramiko.ServerInterface):
         LOG.warning("refused X11 forwarding from %s", self.peer)
         return False
 
+    def check_channel_direct_tcpip_request(
+        self, chanid: int, origin: tuple[str, int], destination: tuple[str, int]
+    ) -> int:
+        # paramiko asks this, not check_channel_request, for ssh -L / -W channels
+        host, port = destination
+        LOG.warning(
+            "refused direct-tcpip channel (ssh -L/-W) to %s port %s from %s: no forwarding",
+            shorten(str(host), 60),
+            port,
+            self.peer,
+        )
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
     def check_port_forward_request(self, address: str, port: int) -> int:
         LOG.warning("refused port forwarding %s:%s from %s", address, port, self.peer)
         return False

@@ -38,6 +38,7 @@ def disable_subp(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(subp, "run", refuse)
     monkeypatch.setattr(subp, "spawn", refuse)
+    monkeypatch.setattr(subp, "run_stoppable", refuse)
 
 
 @pytest.fixture

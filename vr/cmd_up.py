@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from vr import config, subp
+    from vr import config
     from vr.supervisor import Supervisor
 
     paths = Paths(root_from_env(args.root))
@@ -58,12 +58,10 @@ def _up(args: argparse.Namespace) -> int:
         LOG.error("%s", exc)
         return 2
 
-    def firewall() -> None:
-        subp.run(
-            [sys.executable, "-m", "vr", "firewall", "apply", "--root", str(paths.root)],
-            timeout=60,
-        )
-
+    # apply, not restore: the rules recomputed from the config and the saved pushes are
+    # the desired state restore would re-apply, and stay right when a push's firewall
+    # follow-up failed (restore would bring back the rules saved before that push)
+    firewall = [sys.executable, "-m", "vr", "firewall", "apply", "--root", str(paths.root)]
     sup = Supervisor(paths, cfg, None if args.no_firewall else firewall)
     try:
         return sup.run()

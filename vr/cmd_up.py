@@ -72,6 +72,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def collect_status(paths: Paths) -> dict[str, Any]:
     from vr import config
+    from vr.firewall.model import merge_networks
     from vr.store import list_vms, read_networks
     from vr.supervisor import Supervisor, port_answers
 
@@ -90,10 +91,11 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     status["supervisor"] = up
     status["vms"] = len(list_vms(paths))
     try:
-        configured = len(config.load(paths).guest_networks)
+        configured = config.load(paths).guest_networks
     except VRError:
-        configured = 0
-    status["networks"] = len(read_networks(paths)) + configured
+        configured = ()
+    # as the firewall counts them: a pushed network replaces a configured one on its device
+    status["networks"] = len(merge_networks(configured, read_networks(paths)))
     from vr.metadata_counters import totals
 
     status["metadata_counters"] = totals(paths)
@@ -111,22 +113,29 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0
+    sys.stdout.write(format_status(st))
+    return 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The plain-text ``vr status`` report of :func:`collect_status`'s result."""
     sup = st["supervisor"]
     state = "stopped" if sup.get("stopped") else ("ready" if sup.get("ready") else "starting")
-    print(f"vr up: {state}" + (f" (pid {sup['pid']})" if not sup.get("stopped") else ""))
+    lines = [f"vr up: {state}" + (f" (pid {sup['pid']})" if not sup.get("stopped") else "")]
     for name, svc in sorted(sup.get("services", {}).items()):
         updown = "up" if svc["up"] else "down"
-        print(
+        lines.append(
             f"  {name:<10} {updown:<5} port {svc['port']:<5} pid {svc.get('pid') or '-':<8} "
             f"restarts {svc['restarts']}"
         )
-    print(f"VMs: {st['vms']}  guest networks: {st['networks']}")
+    lines.append(f"VMs: {st['vms']}  guest networks: {st['networks']}")
     refused = st["metadata_counters"].get("forwarded_refused", 0)
-    print(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
+    lines.append(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
     lp = st["last_push"]
     if lp:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lp["time"]))
-        print(f"last push: {when} {lp['file']} {'ok' if lp['ok'] else 'FAILED'}: {lp['summary']}")
+        result = "ok" if lp["ok"] else "FAILED"
+        lines.append(f"last push: {when} {lp['file']} {result}: {lp['summary']}")
     else:
-        print("last push: none")
-    return 0
+        lines.append("last push: none")
+    return "".join(line + "\n" for line in lines)

@@ -58,9 +58,10 @@ def _up(args: argparse.Namespace) -> int:
         LOG.error("%s", exc)
         return 2
 
-    # apply, not restore: the rules recomputed from the config and the saved pushes are
-    # the desired state restore would re-apply, and stay right when a push's firewall
-    # follow-up failed (restore would bring back the rules saved before that push)
+    # apply, not restore: recomputed from vr.json and the saved pushes, the rules are the
+    # desired state restore re-applies at boot, and also right when a push was stored but
+    # its firewall follow-up never ran (killed in between) or vr.json changed since the
+    # last apply, where restore would trust the rule set saved before
     firewall = [sys.executable, "-m", "vr", "firewall", "apply", "--root", str(paths.root)]
     sup = Supervisor(paths, cfg, None if args.no_firewall else firewall)
     try:

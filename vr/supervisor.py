@@ -204,9 +204,9 @@ class Supervisor:
     def _firewall_step(self) -> bool:
         """Apply the firewall before any service starts; False if a signal came first.
 
-        The rules are recomputed from the config and the saved pushes (the store),
-        which is the same desired state ``vr firewall restore`` re-applies at boot,
-        but also right when a push's firewall follow-up never ran.
+        The step is ``vr firewall apply``: the rules recomputed from the config and
+        the saved pushes (the store), the same desired state ``vr firewall restore``
+        re-applies at boot, and also right when a push's firewall follow-up never ran.
         """
         if self.firewall is None:
             return self._signal is None

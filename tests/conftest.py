@@ -53,6 +53,21 @@ def paths(tmp_path: Path) -> Paths:
     return p
 
 
+STRICT_ENV = "VR_NO_SKIPS"
+"""Set by CI (``.ci/run``): a skipped test is a failing promise, so any skip fails."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(STRICT_ENV) and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under {STRICT_ENV}=1 (CI must run every test): " + str(
+            report.longrepr
+        )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return

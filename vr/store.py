@@ -220,15 +220,20 @@ def read_passwords(paths: Paths) -> dict[str, dict[str, Any]]:
     return _read_json(paths.passwords)
 
 
-def read_networks(paths: Paths) -> list[GuestNetwork]:
+def read_networks(paths: Paths, *, removals: bool = False) -> list[GuestNetwork]:
+    """The guest networks pushed and active; with ``removals`` also the pushed
+    removals (``add`` false), which take away a network the config file names."""
     out = []
     for dev, rec in sorted(_read_json(paths.networks).items()):
+        removed = bool(rec.get("removed"))
+        if removed and not removals:
+            continue
         out.append(
             GuestNetwork(
                 dev,
                 IPv4Address(rec["router_guest_ip"]),
                 IPv4Network(rec["cidr"]),
-                True,
+                not removed,
                 rec.get("mac_address"),
                 IPv4Address(rec["router_guest_gateway"])
                 if rec.get("router_guest_gateway")
@@ -406,7 +411,13 @@ class Store:
                         else None,
                     }
                 else:
-                    networks.pop(p.device, None)
+                    # Kept as a removal, not forgotten: a network from the config
+                    # file stays removed until a push adds it again.
+                    networks[p.device] = {
+                        "router_guest_ip": str(p.router_guest_ip),
+                        "cidr": str(p.cidr),
+                        "removed": True,
+                    }
                 result.networks_changed |= before != networks
             elif isinstance(p, DhcpEntry):
                 before = dict(dhcp)

@@ -95,8 +95,10 @@ def collect_status(paths: Paths) -> dict[str, Any]:
         configured = config.load(paths).guest_networks
     except VRError:
         configured = ()
-    # as the firewall counts them: a pushed network replaces a configured one on its device
-    status["networks"] = len(merge_networks(configured, read_networks(paths)))
+    # as the firewall counts them: a pushed network replaces a configured one on its
+    # device, and a pushed removal takes a configured one away
+    pushed = read_networks(paths, removals=True)
+    status["networks"] = len(merge_networks(configured, pushed))
     from vr.metadata_counters import totals
 
     status["metadata_counters"] = totals(paths)

@@ -132,3 +132,12 @@ def test_a_pushed_network_replacing_a_configured_one_is_counted_once(paths: Path
 def test_a_configured_network_alone_is_counted(paths: Paths) -> None:
     configure_eth0(paths)
     assert collect_status(paths)["networks"] == 1
+
+
+def test_a_pushed_removal_of_the_configured_network_is_not_counted(paths: Paths) -> None:
+    configure_eth0(paths)
+    push_networks(paths, ("eth3", "10.2.2.1", "10.2.2.0/24"))
+    Store(paths).apply(
+        [GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), False)]
+    )
+    assert collect_status(paths)["networks"] == 1  # eth3 only, as the firewall has it

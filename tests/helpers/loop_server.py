@@ -13,7 +13,8 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -70,6 +71,14 @@ class Served:
 
     def conns_from(self, address: str) -> int:
         return sum(1 for c in list(self.loop.conns.values()) if c.peer[0] == address)
+
+    def wait_until(self, cond: Callable[[], bool]) -> None:
+        """Return once ``cond()`` (about the loop's state) holds; fail after :data:`WAIT`."""
+        deadline = time.monotonic() + WAIT
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the event loop did not reach the state within {WAIT}s")
+            time.sleep(0.005)
 
 
 @contextlib.contextmanager

@@ -256,6 +256,9 @@ def test_over_the_address_limit_with_nothing_idle_the_newcomer_gets_503() -> Non
         try:
             for s in busy:  # a request begun: these connections are not idle
                 s.sendall(b"GET /slow HTTP/1.1\r\nHo")
+            # once the loop has accepted both and read their bytes: before that they
+            # count as idle, and the newcomer would (rightly) push one out instead
+            srv.wait_until(lambda: srv.conns_from("127.0.0.2") == 2 and not srv.loop.idle)
             with srv.connect(source="127.0.0.2") as extra:
                 assert Reader(extra).response()[0] == 503
             busy[0].sendall(b"st: vr\r\n\r\n")

@@ -111,7 +111,10 @@ def lay_out_apache(paths: Paths, docroot: Path) -> None:
     rules += [
         f"RewriteRule ^{k}/?$  ../metadata/%{{REMOTE_ADDR}}/{k} [L,NC,QSA]" for k in SHIPPED_KEYS
     ]
-    dynamic: set[str] = set()
+    # configure.py appends a rule the first time a name is pushed, so the rules
+    # keep first-push order (it decides which of two names differing only in case
+    # a case-insensitive /latest/<name> answers); a dict keeps that order.
+    dynamic: dict[str, None] = {}
     for ip in list_vms(paths):
         rec = read_vm(paths, ip)
         assert rec is not None
@@ -122,11 +125,14 @@ def lay_out_apache(paths: Paths, docroot: Path) -> None:
             (d / ".htaccess").write_text(guard)
             for name, data in files.items():
                 (d / name).write_bytes(data)
-                dynamic.add(f"RewriteRule ^{name}$  ../{folder}/%{{REMOTE_ADDR}}/{name} [L,NC,QSA]")
+                rule = f"RewriteRule ^{name}$  ../{folder}/%{{REMOTE_ADDR}}/{name} [L,NC,QSA]"
+                dynamic.setdefault(rule)
         (docroot / "metadata" / str(ip) / "meta-data").write_bytes(rec.index)
-    dynamic.add("RewriteRule ^meta-data/(.+)$  ../metadata/%{REMOTE_ADDR}/$1 [L,NC,QSA]")
-    dynamic.add("RewriteRule ^meta-data/$  ../metadata/%{REMOTE_ADDR}/meta-data [L,NC,QSA]")
-    (latest / ".htaccess").write_text("\n".join(rules + sorted(dynamic)) + "\n")
+    # (configure.py appends these two after the first metadata file; where they
+    # stand does not matter: no file rule matches a path below meta-data/.)
+    dynamic.setdefault("RewriteRule ^meta-data/(.+)$  ../metadata/%{REMOTE_ADDR}/$1 [L,NC,QSA]")
+    dynamic.setdefault("RewriteRule ^meta-data/$  ../metadata/%{REMOTE_ADDR}/meta-data [L,NC,QSA]")
+    (latest / ".htaccess").write_text("\n".join(rules + list(dynamic)) + "\n")
     for d, _, files in os.walk(docroot):
         os.chmod(d, 0o755)
         for f in files:

@@ -91,13 +91,18 @@ def test_stored_key_names_are_looked_up_exactly_under_meta_data(client: FlaskCli
     assert get(client, "/latest/meta-data/custom-key").status_code == 404
 
 
-def test_shortcuts_serve_every_stored_key_but_only_shipped_names_ignore_case(
-    client: FlaskClient,
+@pytest.mark.parametrize(
+    "path",
+    ["/latest/Custom-Key", "/latest/Custom-Key/", "/latest/CUSTOM-KEY", "/latest/custom-key?x"],
+)
+def test_shortcuts_serve_every_stored_key_in_any_letter_case(
+    client: FlaskClient, path: str
 ) -> None:
-    assert get(client, "/latest/Custom-Key").data == b"custom value"
-    assert get(client, "/latest/Custom-Key/").data == b"custom value"
-    assert get(client, "/latest/CUSTOM-KEY").status_code == 404
+    """CloudStack's ``^<file>$ [L,NC,QSA]`` rule matches in any case and writes
+    the stored name; only ``/latest/meta-data/<key>`` keeps the request's case."""
+    assert get(client, path).data == b"custom value"
     assert get(client, "/latest/Local-Hostname").data == b"vm-10-1-1-5"
+    assert get(client, "/latest/meta-data/CUSTOM-KEY").status_code == 404
 
 
 def test_empty_value_is_served_as_an_empty_200(client: FlaskClient) -> None:

@@ -372,7 +372,8 @@ def do_document(view: VmView) -> dict[str, object]:
 
 
 def _do(view: VmView, path: str, rest: list[str]) -> Reply:
-    """``/metadata/v1/<rest>``; directories without their slash get a 301 (as DO does)."""
+    """``/metadata/v1/<rest>``; every directory without its slash, ``/metadata/v1``
+    itself included, gets a 301 to the slash form (as DigitalOcean does)."""
     segs, slash = _strip_slash(rest)
     fields = _do_fields(view)
     ifaces = _do_interfaces(view)
@@ -390,7 +391,7 @@ def _do(view: VmView, path: str, rest: list[str]) -> Reply:
             dirs[("interfaces", kind, "0", "ipv4")] = ["address"]
     key = tuple(s.lower() for s in segs)
     if key in dirs:
-        if not slash and key:
+        if not slash:
             return Reply(301, b"moved\n", TEXT, location=path + "/")
         return _listing(dirs[key])
     if slash:

@@ -311,10 +311,16 @@ def test_do_tree(client: FlaskClient) -> None:
     assert get(client, f"{v1}/user-data", ip=GZ).data == BINARY
 
 
-def test_do_directory_without_slash_redirects(client: FlaskClient) -> None:
-    r = get(client, "/metadata/v1/interfaces/public")
+@pytest.mark.parametrize(
+    "path", ["/metadata/v1", "/metadata/v1/interfaces", "/metadata/v1/interfaces/public"]
+)
+def test_do_directory_without_slash_redirects_to_the_slash_form(
+    client: FlaskClient, path: str
+) -> None:
+    r = get(client, path)
     assert r.status_code == 301
-    assert r.headers["Location"].endswith("/metadata/v1/interfaces/public/")
+    assert r.headers["Location"] == path + "/"
+    assert get(client, path + "/").status_code == 200
 
 
 def test_do_json_document(client: FlaskClient) -> None:

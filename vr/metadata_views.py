@@ -97,6 +97,7 @@ class Reply:
     body: bytes
     content_type: str = TEXT
     location: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers
 
 
 NOT_FOUND = Reply(404, b"not found\n")

@@ -20,6 +20,7 @@ from werkzeug.test import TestResponse
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr import metadata_counters
 from vr.metadata_app import create_app
+from vr.metadata_tokens import TOKEN_HEADER, TTL_HEADER
 from vr.paths import Paths
 
 A = "10.1.1.5"
@@ -243,6 +244,65 @@ def test_forwarded_post_is_refused_before_method_check(client: FlaskClient) -> N
         headers={"X-Forwarded-For": "1.2.3.4"},
     )
     assert r.status_code == 403
+
+
+# --- IMDSv2 tokens -------------------------------------------------------------------
+
+
+def put_token(client: FlaskClient, ip: str = A, ttl: str | None = "21600") -> TestResponse:
+    headers = {} if ttl is None else {TTL_HEADER: ttl}
+    return client.put("/latest/api/token", environ_base={"REMOTE_ADDR": ip}, headers=headers)
+
+
+def test_token_put_mints_a_token_that_later_gets_work_with(client: FlaskClient) -> None:
+    r = put_token(client)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "text/plain"
+    assert r.headers[TTL_HEADER] == "21600"
+    token = r.data.decode()
+    got = get(client, "/latest/meta-data/instance-id", headers={TOKEN_HEADER: token})
+    assert (got.status_code, got.data) == (200, instance_id(A).encode())
+    head = client.head(
+        "/latest/user-data", environ_base={"REMOTE_ADDR": GZ}, headers={TOKEN_HEADER: token}
+    )
+    assert head.status_code == 401  # minted for A, not for GZ
+
+
+@pytest.mark.parametrize("token", ["", "bogus", "AAAAAAAAAAAAAAAAAAAAAAAAAAA"])
+def test_a_get_with_an_invalid_token_is_401_and_without_one_still_served(
+    client: FlaskClient, token: str
+) -> None:
+    r = get(client, "/latest/instance-id", headers={TOKEN_HEADER: token})
+    assert r.status_code == 401
+    assert instance_id(A).encode() not in r.data
+    assert get(client, "/latest/instance-id").data == instance_id(A).encode()
+
+
+def test_token_put_without_ttl_is_400(client: FlaskClient) -> None:
+    assert put_token(client, ttl=None).status_code == 400
+
+
+def test_token_path_allows_put_only_and_forwarded_puts_are_refused(client: FlaskClient) -> None:
+    r = client.post("/latest/api/token", environ_base={"REMOTE_ADDR": A})
+    assert (r.status_code, r.headers["Allow"]) == (405, "PUT")
+    assert get(client, "/latest/api/token").status_code == 404
+    assert client.head("/latest/api/token", environ_base={"REMOTE_ADDR": A}).status_code == 404
+    forwarded = client.put(
+        "/latest/api/token",
+        environ_base={"REMOTE_ADDR": A},
+        headers={TTL_HEADER: "60", "X-Forwarded-For": "10.9.9.9"},
+    )
+    assert forwarded.status_code == 403
+
+
+def test_tokens_minted_by_one_worker_are_valid_on_another(app: Flask, paths: Paths) -> None:
+    """(``app`` stores the VMs; two more applications share one key, as workers do.)"""
+    key = b"k" * 32
+    one = create_app(paths, token_key=key).test_client()
+    other = create_app(paths, token_key=key).test_client()
+    token = put_token(one).data.decode()
+    r = get(other, "/latest/instance-id", headers={TOKEN_HEADER: token})
+    assert r.data == instance_id(A).encode()
 
 
 # --- EC2 view ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr import metadata_counters
 from vr.metadata_app import create_app
@@ -45,6 +46,29 @@ def client(app: Flask) -> FlaskClient:
 
 def get(client: FlaskClient, path: str, ip: str = A, **kw: Any) -> TestResponse:
     return client.get(path, environ_base={"REMOTE_ADDR": ip}, **kw)
+
+
+# --- the route table (tests/helpers/routes.py; the curl tests run the same cases) ----
+
+ROUTE_VMS = Vms(a="10.2.0.5", b="10.2.0.6", gz="10.2.0.7", unknown="10.2.0.99")
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "flask-only"])
+def route_client(request: pytest.FixtureRequest, paths: Paths) -> FlaskClient:
+    store_route_vms(paths, ROUTE_VMS)
+    return create_app(paths, fast_path=request.param).test_client()
+
+
+@pytest.mark.parametrize("case", route_cases(ROUTE_VMS), ids=lambda c: c.name)
+def test_route_table(route_client: FlaskClient, case: Case) -> None:
+    r = route_client.open(
+        case.path,
+        method=case.method,
+        headers=list(case.headers),
+        environ_base={"REMOTE_ADDR": case.source(ROUTE_VMS)},
+    )
+    headers = {k.lower(): v for k, v in r.headers.items()}
+    check_reply(case, r.status_code, headers, r.data)
 
 
 # --- CloudStack scheme ---------------------------------------------------------------

@@ -38,6 +38,7 @@ def disable_subp(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(subp, "run", refuse)
     monkeypatch.setattr(subp, "spawn", refuse)
+    monkeypatch.setattr(subp, "run_stoppable", refuse)
 
 
 @pytest.fixture
@@ -50,6 +51,21 @@ def paths(tmp_path: Path) -> Paths:
     p = Paths(tmp_path / "root")
     p.ensure()
     return p
+
+
+STRICT_ENV = "VR_NO_SKIPS"
+"""Set by CI (``.ci/run``): a skipped test is a failing promise, so any skip fails."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(STRICT_ENV) and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under {STRICT_ENV}=1 (CI must run every test): " + str(
+            report.longrepr
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

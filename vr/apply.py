@@ -64,6 +64,9 @@ class Applier:
     keep_processed: int = 500
     keep_failed: int = 100
     before_commit: BeforeCommit | None = None
+    config_error: str | None = None
+    """Set when the appliance config could not be read: every push then fails with
+    it (exit 1, file kept for a retry) instead of running with guessed limits."""
 
     @property
     def store(self) -> Store:
@@ -74,6 +77,8 @@ class Applier:
     def update_config(self, args: list[str], out: TextIO, err: TextIO) -> int:
         """Apply one pushed file from the cache folder; see the module docstring."""
         start = time.monotonic()
+        if self.config_error is not None:
+            return self._fail(err, f"update_config.py: not applied: {self.config_error}")
         try:
             name, archive = parse_update_config_args(args)
         except PayloadError as exc:
@@ -98,6 +103,8 @@ class Applier:
     def apply_cfg(self, args: list[str], out: TextIO, err: TextIO) -> int:
         """Apply a ``VR-<uuid>.cfg`` batch as one unit: all items or none."""
         start = time.monotonic()
+        if self.config_error is not None:
+            return self._fail(err, f"vr_cfg.sh: not applied: {self.config_error}")
         if len(args) == 2 and args[0] == "-c":
             args = args[1:]
         if len(args) != 1:

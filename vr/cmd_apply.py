@@ -59,12 +59,22 @@ def make_applier(paths: Paths) -> Any:
     control/public device -> rejected, nothing stored); after a commit that changed
     guest networks or DHCP entries the rules are re-applied (python-iptables is
     imported only then).
+
+    User-data is bounded by ``userdata_max_bytes`` of the appliance config; a config
+    that cannot be read makes every push fail with that reason.
     """
+    from vr import config
     from vr.apply import Applier
+    from vr.errors import ConfigError
     from vr.firewall.apply import push_hooks
+    from vr.payloads import DEFAULT_LIMITS
 
     before, after = push_hooks(paths)
-    return Applier(paths, after_commit=after, before_commit=before)
+    try:
+        limits = DEFAULT_LIMITS.with_userdata(config.load(paths).userdata_max_bytes)
+    except ConfigError as exc:
+        return Applier(paths, after_commit=after, before_commit=before, config_error=str(exc))
+    return Applier(paths, limits=limits, after_commit=after, before_commit=before)
 
 
 def _update_config(args: argparse.Namespace) -> int:

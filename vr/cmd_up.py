@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from vr import config, subp
+    from vr import config
     from vr.supervisor import Supervisor
 
     paths = Paths(root_from_env(args.root))
@@ -58,12 +58,11 @@ def _up(args: argparse.Namespace) -> int:
         LOG.error("%s", exc)
         return 2
 
-    def firewall() -> None:
-        subp.run(
-            [sys.executable, "-m", "vr", "firewall", "apply", "--root", str(paths.root)],
-            timeout=60,
-        )
-
+    # apply, not restore: recomputed from vr.json and the saved pushes, the rules are the
+    # desired state restore re-applies at boot, and also right when a push was stored but
+    # its firewall follow-up never ran (killed in between) or vr.json changed since the
+    # last apply, where restore would trust the rule set saved before
+    firewall = [sys.executable, "-m", "vr", "firewall", "apply", "--root", str(paths.root)]
     sup = Supervisor(paths, cfg, None if args.no_firewall else firewall)
     try:
         return sup.run()
@@ -74,6 +73,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def collect_status(paths: Paths) -> dict[str, Any]:
     from vr import config
+    from vr.firewall.model import merge_networks
     from vr.store import list_vms, read_networks
     from vr.supervisor import Supervisor, port_answers
 
@@ -92,10 +92,13 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     status["supervisor"] = up
     status["vms"] = len(list_vms(paths))
     try:
-        configured = len(config.load(paths).guest_networks)
+        configured = config.load(paths).guest_networks
     except VRError:
-        configured = 0
-    status["networks"] = len(read_networks(paths)) + configured
+        configured = ()
+    # as the firewall counts them: a pushed network replaces a configured one on its
+    # device, and a pushed removal takes a configured one away
+    pushed = read_networks(paths, removals=True)
+    status["networks"] = len(merge_networks(configured, pushed))
     from vr.metadata_counters import totals
 
     status["metadata_counters"] = totals(paths)
@@ -113,22 +116,29 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
         return 0
+    sys.stdout.write(format_status(st))
+    return 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The plain-text ``vr status`` report of :func:`collect_status`'s result."""
     sup = st["supervisor"]
     state = "stopped" if sup.get("stopped") else ("ready" if sup.get("ready") else "starting")
-    print(f"vr up: {state}" + (f" (pid {sup['pid']})" if not sup.get("stopped") else ""))
+    lines = [f"vr up: {state}" + (f" (pid {sup['pid']})" if not sup.get("stopped") else "")]
     for name, svc in sorted(sup.get("services", {}).items()):
         updown = "up" if svc["up"] else "down"
-        print(
+        lines.append(
             f"  {name:<10} {updown:<5} port {svc['port']:<5} pid {svc.get('pid') or '-':<8} "
             f"restarts {svc['restarts']}"
         )
-    print(f"VMs: {st['vms']}  guest networks: {st['networks']}")
+    lines.append(f"VMs: {st['vms']}  guest networks: {st['networks']}")
     refused = st["metadata_counters"].get("forwarded_refused", 0)
-    print(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
+    lines.append(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
     lp = st["last_push"]
     if lp:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lp["time"]))
-        print(f"last push: {when} {lp['file']} {'ok' if lp['ok'] else 'FAILED'}: {lp['summary']}")
+        result = "ok" if lp["ok"] else "FAILED"
+        lines.append(f"last push: {when} {lp['file']} {result}: {lp['summary']}")
     else:
-        print("last push: none")
-    return 0
+        lines.append("last push: none")
+    return "".join(line + "\n" for line in lines)

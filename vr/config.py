@@ -31,6 +31,13 @@ class Config:
     require_mac_binding: bool = False
     """Refuse 80/8080 from addresses that have no DHCP entry (MAC binding)."""
     guest_networks: tuple[GuestNetwork, ...] = field(default_factory=tuple)
+    userdata_max_bytes: int = 1024 * 1024
+    """Decoded user-data bound per VM (CloudStack's ``vm.userdata.max.length`` allows
+    1 MiB of base64); raise it here when the management server allows more."""
+
+
+USERDATA_MAX_RANGE = (1024, 32 * 1024 * 1024)
+"""Below 1 KiB no cloud-config fits; above 32 MiB a push no longer fits an upload."""
 
 
 def load(paths: Paths) -> Config:
@@ -70,6 +77,20 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
                 raise ConfigError(f"{where}: {key}={value!r}: expected {type(default).__name__}")
             values[key] = value
     cfg = Config(**values)
+    for net in cfg.guest_networks:
+        if net.device == cfg.control_device or net.device in cfg.public_devices:
+            role = "control" if net.device == cfg.control_device else "public"
+            raise ConfigError(
+                f"{where}: guest_networks: device={net.device!r} is the {role} "
+                "interface: expected a guest interface (metadata and passwords are "
+                "never offered on control or public interfaces)"
+            )
+    low, high = USERDATA_MAX_RANGE
+    if not low <= cfg.userdata_max_bytes <= high:
+        raise ConfigError(
+            f"{where}: userdata_max_bytes={cfg.userdata_max_bytes!r}: "
+            f"expected a number of bytes from {low} to {high}"
+        )
     try:
         IPv4Address(cfg.ssh_listen)
     except ValueError:

@@ -395,7 +395,8 @@ class PasswordApp:
             push = parse_vm_password({"ip_address": fields["ip"], "password": fields["password"]})
         except PayloadError as exc:  # the message never carries the password
             raise Refused("400 Bad Request", f"bad_request: {exc}") from None
-        self.store.apply([push])
+        # the passwords lock alone: a batch holding the store lock must not stall the worker
+        self.store.save_password(push.ip, push.password)
         return push.ip
 
     def _form(self, environ: dict[str, Any]) -> dict[str, str]:
@@ -426,8 +427,8 @@ def _reply(
 
 
 STORE_LOCK_TIMEOUT = 10.0
-"""A fetch waits this long for the store lock, then answers 503 (the guest retries);
-below gunicorn's worker timeout, so a long apply never gets the worker killed."""
+"""A fetch, ack or save waits this long for the passwords lock, then answers 503 (the
+guest retries); below gunicorn's worker timeout, so the worker is never killed."""
 
 
 def make_app(paths: Paths) -> PasswordApp:

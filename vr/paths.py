@@ -101,6 +101,16 @@ class Paths:
         return self.state / "passwords.lock"
 
     @property
+    def password_gen(self) -> Path:
+        """The highest password generation ever handed out (guarded by ``passwords_lock``).
+
+        Saves through the password server happen outside the store lock, so they cannot
+        take the store's generation; this counter keeps every new password's generation
+        above every earlier one, also of passwords already acknowledged and removed.
+        """
+        return self.state / "passwords.gen"
+
+    @property
     def password_token(self) -> Path:
         return self.state / "passwd_token"
 

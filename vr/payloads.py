@@ -14,7 +14,7 @@ import binascii
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Any
 
@@ -33,6 +33,9 @@ USERDATA_NAME = "user-data"
 FOLDERS = ("metadata", "userdata")
 
 
+DEFAULT_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     """Size bounds; the defaults suit CloudStack's 1 MiB ``vm.userdata.max.length``."""
@@ -40,10 +43,20 @@ class Limits:
     userdata_bytes: int = 1024 * 1024
     value_bytes: int = 64 * 1024
     keys_per_vm: int = 512
-    payload_bytes: int = 4 * 1024 * 1024
+    payload_bytes: int = DEFAULT_PAYLOAD_BYTES
     password_chars: int = 512
     cfg_bytes: int = 128 * 1024 * 1024
     """A router-start batch carries every VM of the network, user-data included."""
+
+    def with_userdata(self, userdata_bytes: int) -> Limits:
+        """These limits with another decoded user-data bound; a single payload may
+        then carry that much user-data in base64 plus its metadata."""
+        encoded = (userdata_bytes + 2) // 3 * 4
+        return replace(
+            self,
+            userdata_bytes=userdata_bytes,
+            payload_bytes=max(DEFAULT_PAYLOAD_BYTES, encoded + 1024 * 1024),
+        )
 
 
 DEFAULT_LIMITS = Limits()

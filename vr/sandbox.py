@@ -354,8 +354,13 @@ class Sandbox:
     def curl(self, role: str, url: str) -> subp.Result:
         return self.run(role, ["curl", "-sS", "--max-time", "10", url], ok_codes=range(256))
 
-    def wget_password(self, role: str, request: str = "send_my_password") -> subp.Result:
-        """Exactly as CloudStack's cloud-set-guest-password asks."""
+    def wget_password(
+        self, role: str, request: str = "send_my_password", host: str = VR_GUEST_IP
+    ) -> subp.Result:
+        """Exactly as CloudStack's cloud-set-guest-password asks; ``host`` is the VR's
+        guest address (what the script finds as its DHCP server) or ``METADATA_IP``.
+
+        The answer (``stdout``) may be a password: never print or log it."""
         return self.run(
             role,
             [
@@ -369,7 +374,7 @@ class Sandbox:
                 "-",
                 "--header",
                 f"DomU_Request: {request}",
-                f"http://{VR_GUEST_IP}:8080",
+                f"http://{host}:8080",
             ],
             ok_codes=range(256),
         )

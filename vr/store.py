@@ -21,7 +21,10 @@ same transaction.
 Every change happens under one ``flock`` on ``Paths.lock`` (across processes and
 threads) and through :class:`vr.atomic.Transaction` with a journal: all writes are
 staged first (where a full disk fails), only renames make them visible, and the
-next writer finishes the renames of a writer killed half-way.
+next writer finishes the renames of a writer killed half-way. The exception is the
+password server's life cycle (fetch marks, acks, saves): it rewrites the passwords
+file under that file's own lock (``Paths.passwords_lock``), which an apply takes
+after the store lock, so guests never wait behind a batch.
 """
 
 from __future__ import annotations
@@ -217,15 +220,20 @@ def read_passwords(paths: Paths) -> dict[str, dict[str, Any]]:
     return _read_json(paths.passwords)
 
 
-def read_networks(paths: Paths) -> list[GuestNetwork]:
+def read_networks(paths: Paths, *, removals: bool = False) -> list[GuestNetwork]:
+    """The guest networks pushed and active; with ``removals`` also the pushed
+    removals (``add`` false), which take away a network the config file names."""
     out = []
     for dev, rec in sorted(_read_json(paths.networks).items()):
+        removed = bool(rec.get("removed"))
+        if removed and not removals:
+            continue
         out.append(
             GuestNetwork(
                 dev,
                 IPv4Address(rec["router_guest_ip"]),
                 IPv4Network(rec["cidr"]),
-                True,
+                not removed,
                 rec.get("mac_address"),
                 IPv4Address(rec["router_guest_gateway"])
                 if rec.get("router_guest_gateway")
@@ -267,6 +275,14 @@ class ApplyResult:
         return lines
 
 
+def _read_int(path: Path) -> int:
+    """The number in a counter file; 0 if missing or not a number."""
+    try:
+        return int(path.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def _dumps(obj: object) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
@@ -286,7 +302,11 @@ class Store:
         """
         self.paths.ensure()
         with locking.exclusive(self.paths.lock, self.lock_timeout, "store lock"):
-            atomic.roll_forward(self.paths.journal)
+            if self.paths.journal.exists():
+                # A killed commit may hold a passwords file; the password server writes
+                # that file under the passwords lock alone, so finish under it too.
+                with self.passwords_locked():
+                    atomic.roll_forward(self.paths.journal)
             self._sweep_temps()
             yield
 
@@ -313,6 +333,7 @@ class Store:
             (p.state, (f"{atomic.TMP_PREFIX}{p.last_push.name}.",), STALE_ARCHIVE_TEMP),
             # The password server writes passwords.json under the passwords lock only.
             (p.state, (f"{atomic.TMP_PREFIX}{p.passwords.name}.",), STALE_ARCHIVE_TEMP),
+            (p.state, (f"{atomic.TMP_PREFIX}{p.password_gen.name}.",), STALE_ARCHIVE_TEMP),
             (p.processed, anything, STALE_ARCHIVE_TEMP),
             (p.failed, anything, STALE_ARCHIVE_TEMP),
         ):
@@ -390,7 +411,13 @@ class Store:
                         else None,
                     }
                 else:
-                    networks.pop(p.device, None)
+                    # Kept as a removal, not forgotten: a network from the config
+                    # file stays removed until a push adds it again.
+                    networks[p.device] = {
+                        "router_guest_ip": str(p.router_guest_ip),
+                        "cidr": str(p.cidr),
+                        "removed": True,
+                    }
                 result.networks_changed |= before != networks
             elif isinstance(p, DhcpEntry):
                 before = dict(dhcp)
@@ -415,8 +442,9 @@ class Store:
             with self.passwords_locked() if new_passwords else contextlib.nullcontext():
                 if new_passwords:
                     passwords = read_passwords(self.paths)
+                    pw_gen = self._claim_password_gen(passwords, at_least=gen)
                     for ip, password in new_passwords.items():
-                        passwords[ip] = {"password": password, "gen": gen, "served": False}
+                        passwords[ip] = {"password": password, "gen": pw_gen, "served": False}
                     tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
                 tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
                 tx.commit()
@@ -475,12 +503,69 @@ class Store:
     def passwords_locked(self) -> Iterator[None]:
         """Hold the passwords file's own lock (taken after the store lock, never before).
 
-        Fetches and acks take only this lock: a batch holding the store lock, or a
-        firewall apply behind it, does not stall the password server's event loop.
+        Fetches, acks and saves take only this lock: a batch holding the store lock,
+        or a firewall apply behind it, does not stall the password server's event loop.
         """
         self.paths.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         with locking.exclusive(self.paths.passwords_lock, self.lock_timeout, "passwords lock"):
+            self._finish_passwords_commit()
             yield
+
+    def _finish_passwords_commit(self) -> None:
+        """Make visible the passwords file of a commit killed before renaming it.
+
+        An apply commits under the passwords lock, so with the lock held a journal
+        naming the passwords file belongs to a dead writer. Its rename is decided (see
+        :mod:`vr.atomic`); done later by :func:`vr.atomic.roll_forward` it would replace
+        whatever fetches, acks and saves wrote meanwhile, so it is done first, here.
+        """
+        try:
+            pairs = json.loads(self.paths.journal.read_bytes())
+            pending = [tmp for tmp, final in pairs if final == str(self.paths.passwords)]
+        except FileNotFoundError:
+            return
+        except (ValueError, TypeError):
+            return  # unreadable: roll_forward drops it under the store lock
+        for tmp in pending:
+            if os.path.lexists(tmp):
+                os.replace(tmp, self.paths.passwords)
+                atomic.fsync_dir(self.paths.state)
+                LOG.warning(
+                    "finished the rename of %s of an interrupted commit (journal %s)",
+                    self.paths.passwords,
+                    self.paths.journal,
+                )
+
+    def _claim_password_gen(self, passwords: dict[str, dict[str, Any]], at_least: int = 0) -> int:
+        """A generation above every one handed out before, recorded before it is used.
+
+        Call with the passwords lock held. A fetch that read an older generation
+        (even of a password acknowledged and removed since) can then never mark the
+        new one served. The store's stamp counts too: before ``Paths.password_gen``
+        existed, passwords took the store's generation.
+        """
+        highest = max(
+            [at_least - 1, self._next_gen() - 1, _read_int(self.paths.password_gen)]
+            + [int(rec["gen"]) for rec in passwords.values()]
+        )
+        gen = highest + 1
+        # a number claimed and then not used (a failed commit) is only a gap
+        atomic.atomic_write(self.paths.password_gen, f"{gen}\n".encode(), 0o600)
+        return gen
+
+    def save_password(self, ip: IPv4Address, password: str) -> int:
+        """Store a new, unserved password for ``ip``; returns its generation.
+
+        Takes the passwords lock alone, never the store lock, so the password server
+        can save while a batch or a firewall apply holds the store. Like a pushed
+        password, it replaces the stored one, and an ack of an older one keeps it.
+        """
+        with self.passwords_locked():
+            pw = read_passwords(self.paths)
+            gen = self._claim_password_gen(pw)
+            pw[str(ip)] = {"password": password, "gen": gen, "served": False}
+            self._write_passwords(pw)
+            return gen
 
     def mark_password_served(self, ip: IPv4Address, gen: int) -> None:
         """Record that generation ``gen`` of ``ip``'s password reached the guest."""

@@ -8,12 +8,15 @@ the ``allow_subp`` fixture; by default tests may not run anything.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vr.errors import REDACTED, CommandError
@@ -72,9 +75,15 @@ def run(
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> Callable[[], None]:
+    def set_up() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            # the parent died before the request took effect: no signal will come
+            os._exit(1)
+
+    return set_up
 
 
 def spawn(
@@ -99,5 +108,62 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=new_session,
-        preexec_fn=_die_with_parent if die_with_parent else None,
+        preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
     )
+
+
+STOP_GRACE = 1.0
+"""Seconds a stopped command gets between SIGTERM and SIGKILL."""
+
+
+def run_stoppable(
+    cmd: Sequence[str],
+    *,
+    stop: Callable[[], bool],
+    timeout: float = 60.0,
+    ok_codes: Iterable[int] = (0,),
+    poll: float = 0.05,
+) -> Result | None:
+    """Like :func:`run`, but ends the command as soon as ``stop()`` turns true: None then.
+
+    For work a daemon does before its main loop (``vr up``'s firewall step) that a
+    SIGTERM must be able to cut short. The command runs in its own process group and
+    gets SIGTERM if this process dies; when stopped (or timed out) the group gets
+    SIGTERM, then SIGKILL after :data:`STOP_GRACE`. Output goes to temporary files,
+    so a chatty command never blocks on a full pipe while this process polls.
+    """
+    shown = list(cmd)
+    LOG.debug("running %s (stoppable)", shown)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = spawn(cmd, stdout=out.fileno(), stderr=err.fileno(), die_with_parent=True)
+        except FileNotFoundError as exc:
+            raise CommandError(shown, None, reason=f"not found: {exc.filename}") from None
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if stop():
+                _end_group(proc)
+                return None
+            if time.monotonic() > deadline:
+                _end_group(proc)
+                raise CommandError(shown, None, reason=f"timed out after {timeout}s")
+            time.sleep(poll)
+        _end_group(proc)  # anything the command left running in its group
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if proc.returncode not in set(ok_codes):
+        raise CommandError(shown, proc.returncode, stdout, stderr)
+    return Result(shown, proc.returncode, stdout, stderr)
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group led by ``proc``, SIGKILL it after a grace; reap ``proc``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_GRACE)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

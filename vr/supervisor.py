@@ -1,9 +1,11 @@
 """``vr up``: run the whole appliance in the foreground and keep it running.
 
 Modelled on gunicorn's arbiter: signal handlers only record the signal; the main
-loop acts on it. Each service is a child process (``python -m vr <service>``) in its
-own process group, started with a parent-death signal so that even a SIGKILLed
-supervisor leaves no orphans. A crashed child is restarted with exponential backoff.
+loop acts on it. Start-up work (the firewall step) runs as a child the loop polls,
+so a signal during start-up is acted on at once too. Each service is a child process
+(``python -m vr <service>``) in its own process group, started with a parent-death
+signal so that even a SIGKILLed supervisor leaves no orphans. A crashed child is
+restarted with exponential backoff.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ STOP_TIMEOUT = 4.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
+FIREWALL_TIMEOUT = 60.0
+
+Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
+KillGroup = Callable[[int, int], None]
+
+
+def _spawn_service(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A service in its own process group that gets SIGTERM if ``vr up`` dies."""
+    return subp.spawn(argv, die_with_parent=True)
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 @dataclass
@@ -49,10 +65,21 @@ class Service:
     started: float = 0.0
     next_start: float = 0.0
     backoff: float = BACKOFF_START
+    """The wait before the next restart: doubled after each exit up to
+    :data:`BACKOFF_MAX`, back to :data:`BACKOFF_START` once a run lasted
+    :data:`STABLE_AFTER` seconds."""
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def restart_delay(self, now: float) -> float:
+        """The service exited at ``now``: how long to wait before starting it again."""
+        if now - self.started >= STABLE_AFTER:
+            self.backoff = BACKOFF_START
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        return delay
 
 
 def services_for(paths: Paths, cfg: Config) -> list[Service]:
@@ -133,10 +160,18 @@ def port_answers(port: int, host: str = "127.0.0.1") -> bool:
 
 @dataclass
 class Supervisor:
+    """``firewall``: the command of the start-up firewall step (None: no firewall).
+
+    ``spawn`` and ``kill_group`` start a service and signal its process group; tests
+    pass fakes to drive :meth:`step` with their own clock.
+    """
+
     paths: Paths
     cfg: Config
-    firewall: Callable[[], None] | None
+    firewall: list[str] | None
     services: list[Service] = field(default_factory=list)
+    spawn: Spawn = _spawn_service
+    kill_group: KillGroup = _kill_group
     _signal: int | None = None
     _ready: bool = False
 
@@ -144,70 +179,94 @@ class Supervisor:
         self._signal = signum
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT; return the exit status."""
+        """Run until SIGTERM/SIGINT; return the exit status.
+
+        A signal during the firewall step stops that step and ends the run (0);
+        a failed firewall step raises :class:`vr.errors.CommandError`.
+        """
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, self._on_signal)
         with single_instance(self.paths):
-            if self.firewall is not None:
-                self.firewall()
-                LOG.info("firewall applied")
             if not self.services:
                 self.services = services_for(self.paths, self.cfg)
             try:
-                self._loop()
+                self._write_status()  # starting: every service down
+                if self._firewall_step():
+                    self._loop()
+                else:
+                    LOG.info("received signal %d during the firewall step, stopping", self._signal)
             finally:
                 self._stop_all()
                 self._write_status(stopped=True)
         LOG.info("vr up stopped")
         return 0
 
+    def _firewall_step(self) -> bool:
+        """Apply the firewall before any service starts; False if a signal came first.
+
+        The step is ``vr firewall apply``: the rules recomputed from the config and
+        the saved pushes (the store), the same desired state ``vr firewall restore``
+        re-applies at boot, and also right when a push's firewall follow-up never ran.
+        """
+        if self.firewall is None:
+            return self._signal is None
+        res = subp.run_stoppable(
+            self.firewall, stop=lambda: self._signal is not None, timeout=FIREWALL_TIMEOUT
+        )
+        if res is None:
+            return False
+        LOG.info("firewall applied from the config and the saved pushes")
+        return self._signal is None
+
     def _loop(self) -> None:
         while self._signal is None:
-            now = time.monotonic()
-            changed = False
-            for svc in self.services:
-                changed |= self._check(svc, now)
-            if not self._ready and all(
-                s.pid is not None and port_answers(s.port, s.host) for s in self.services
-            ):
-                self._ready = True
-                changed = True
-                LOG.info(
-                    "ready: %s",
-                    ", ".join(f"{s.name} on port {s.port} (pid {s.pid})" for s in self.services),
-                )
+            changed = self.step(time.monotonic())
             if changed:
                 self._write_status()
             time.sleep(0.1)
         LOG.info("received signal %d, stopping", self._signal)
 
+    def step(self, now: float) -> bool:
+        """Check every service once at time ``now``: restart what is due; whether
+        anything changed (the status file is then rewritten)."""
+        changed = False
+        for svc in self.services:
+            changed |= self._check(svc, now)
+        if not self._ready and all(
+            s.pid is not None and port_answers(s.port, s.host) for s in self.services
+        ):
+            self._ready = True
+            changed = True
+            LOG.info(
+                "ready: %s",
+                ", ".join(f"{s.name} on port {s.port} (pid {s.pid})" for s in self.services),
+            )
+        return changed
+
     def _check(self, svc: Service, now: float) -> bool:
         if svc.proc is not None:
             code = svc.proc.poll()
             if code is None:
-                if now - svc.started > STABLE_AFTER:
-                    svc.backoff = BACKOFF_START
                 return False
+            delay = svc.restart_delay(now)
             LOG.error(
                 "service %s (pid %d) exited with %s; restarting in %.1fs",
                 svc.name,
                 svc.proc.pid,
                 code,
-                svc.backoff,
+                delay,
             )
             # Its workers (same process group) may outlive it and keep the port:
             # remove them so the restarted service can bind at once.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(svc.proc.pid, signal.SIGKILL)
+            self.kill_group(svc.proc.pid, signal.SIGKILL)
             svc.proc = None
-            svc.next_start = now + svc.backoff
-            svc.backoff = min(svc.backoff * 2, BACKOFF_MAX)
+            svc.next_start = now + delay
             svc.restarts += 1
             self._ready = False
             return True
         if now < svc.next_start:
             return False
-        svc.proc = subp.spawn(svc.argv, die_with_parent=True)
+        svc.proc = self.spawn(svc.argv)
         svc.started = now
         LOG.info("started service %s (pid %d)", svc.name, svc.proc.pid)
         return True
@@ -216,8 +275,7 @@ class Supervisor:
         running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
         for svc in running:
             assert svc.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(svc.proc.pid, signal.SIGTERM)
+            self.kill_group(svc.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         for svc in running:
             assert svc.proc is not None
@@ -225,12 +283,10 @@ class Supervisor:
                 svc.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 LOG.warning("service %s (pid %d) ignored SIGTERM; killing", svc.name, svc.proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(svc.proc.pid, signal.SIGKILL)
+                self.kill_group(svc.proc.pid, signal.SIGKILL)
                 svc.proc.wait()
             # gunicorn workers share the arbiter's group: make sure none is left behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(svc.proc.pid, signal.SIGKILL)
+            self.kill_group(svc.proc.pid, signal.SIGKILL)
             LOG.info("stopped service %s", svc.name)
 
     def _write_status(self, stopped: bool = False) -> None:

@@ -68,8 +68,9 @@ class Served:
 
     def accept(self) -> None:
         """Before :meth:`start`: wait for a pending connection and let the loop
-        accept every pending one, and do nothing else — no byte of any connection is read unless
-        accepting itself reads it. Lets a test fix the order of events exactly."""
+        accept every pending one, and do nothing else — no byte of any connection
+        is read unless accepting itself reads it. Lets a test fix the order of
+        events exactly."""
         assert not self.thread.is_alive(), "the loop runs: it accepts by itself"
         ready, _, _ = select.select([self.listener], [], [], WAIT)
         assert ready, "no connection to accept"

@@ -1,16 +1,24 @@
 """The whole appliance end to end: vr up in a VR namespace, pushes over SSH, guests
-fetching with curl, wget and cloud-init's own CloudStack data source."""
+fetching with curl, wget and cloud-init's own CloudStack data source.
+
+Passwords are generated per test and compared with :func:`same_password`, which
+never puts a value in an assertion message (pytest prints both sides of a failed
+``==``, and the arguments of calls inside an ``assert``).
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +33,25 @@ from vr.sandbox import (
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
+
+REPO = Path(__file__).resolve().parents[2]
+NONE = "saved_password"
+"""The password server's answer when no password is stored."""
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def same_password(got: object, want: str) -> None:
+    """Fail with "password differs" and no value when ``got`` is not ``want``."""
+    if got != want:
+        raise AssertionError("password differs")
+
+
+def no_password_for_cloud_init(seen: dict[str, object]) -> None:
+    if seen["password"] is not None:
+        raise AssertionError("cloud-init read a password where none was stored")
 
 
 BEFORE_ANY_VM: dict[str, str] = {}
@@ -77,10 +104,10 @@ def test_cloud_init_reads_everything_and_acknowledges_the_password(sb: Sandbox) 
     assert seen["availability_zone"] == "zone-a"
     assert seen["public_keys"] == [g.ssh_key]
     assert base64.b64decode(str(seen["user_data_b64"])) == g.user_data
-    assert seen["password"] == g.password
+    same_password(seen["password"], g.password)
     # cloud-init acknowledged it: the next fetch gives no password
-    assert sb.wget_password(g.role).stdout == "saved_password"
-    assert sb.cloud_init(g.role)["password"] is None
+    same_password(sb.wget_password(g.role).stdout, NONE)
+    no_password_for_cloud_init(sb.cloud_init(g.role))
 
 
 def test_guest_reaches_metadata_at_169_254_169_254_and_at_the_vr_address(sb: Sandbox) -> None:
@@ -95,22 +122,42 @@ def test_guest_reaches_metadata_at_169_254_169_254_and_at_the_vr_address(sb: San
 
 def test_guest_b_never_sees_guest_a_data_or_password(sb: Sandbox) -> None:
     a, b = sb.guests[0], sb.guests[1]
-    sb.push(sb.write_payloads([("vm_password.json", password_payload(a, "only-for-a-42"))]))
+    only_for_a = new_password()
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(a, only_for_a))]))
+    assert res.code == 0, res.stderr
     assert sb.curl(b.role, f"http://{METADATA_IP}/latest/instance-id").stdout == b.instance_id
     assert sb.curl(b.role, f"http://{METADATA_IP}/latest/user-data").stdout.encode() == b.user_data
     got_b = sb.wget_password(b.role).stdout
-    assert got_b != "only-for-a-42"
-    assert got_b == b.password
-    assert sb.wget_password(a.role).stdout == "only-for-a-42"
+    if got_b == only_for_a:
+        raise AssertionError("guest B was served guest A's password")
+    same_password(got_b, b.password)
+    same_password(sb.wget_password(a.role).stdout, only_for_a)
 
 
 def test_password_reset_pushed_later_is_delivered_once(sb: Sandbox) -> None:
     g = sb.guests[1]
-    sb.push(sb.write_payloads([("vm_password.json", password_payload(g, "reset-pw-7"))]))
-    seen = sb.cloud_init(g.role)
-    assert seen["password"] == "reset-pw-7"
-    assert sb.cloud_init(g.role)["password"] is None
-    assert sb.wget_password(g.role).stdout == "saved_password"
+    reset = new_password()
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, reset))]))
+    assert res.code == 0, res.stderr
+    same_password(sb.cloud_init(g.role)["password"], reset)
+    no_password_for_cloud_init(sb.cloud_init(g.role))
+    same_password(sb.wget_password(g.role).stdout, NONE)
+
+
+def test_guest_fetches_and_acks_its_password_at_169_254_169_254_port_8080(sb: Sandbox) -> None:
+    """The guest network was pushed after vr up started (see the fixture): the password
+    server answers behind 169.254.169.254:8080 too, asked as cloud-set-guest-password
+    asks, and the ack there clears the password."""
+    g = sb.guests[0]
+    password = new_password()
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, password))]))
+    assert res.code == 0, res.stderr
+    same_password(sb.wget_password(g.role, host=METADATA_IP).stdout, password)
+    ack = sb.wget_password(g.role, "saved_password", host=METADATA_IP)
+    assert ack.code == 0
+    same_password(ack.stdout, NONE)
+    same_password(sb.wget_password(g.role, host=METADATA_IP).stdout, NONE)
+    same_password(sb.wget_password(g.role).stdout, NONE)  # and at the VR's own address
 
 
 def test_new_vm_pushed_while_guests_fetch_is_served_at_once(sb: Sandbox) -> None:
@@ -125,7 +172,9 @@ def test_new_vm_pushed_while_guests_fetch_is_served_at_once(sb: Sandbox) -> None
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        c = Guest("gc", "10.1.1.50", "02:00:0a:01:01:32", "new-1", "c0ffee00-new-vm", "pw-c-1")
+        c = Guest(
+            "gc", "10.1.1.50", "02:00:0a:01:01:32", "new-1", "c0ffee00-new-vm", new_password()
+        )
         sb.add_guest(c)
         res = sb.push(sb.write_payloads([("vm_metadata.json", metadata_payload(c))]))
         assert res.code == 0, res.stderr
@@ -139,10 +188,11 @@ def test_new_vm_pushed_while_guests_fetch_is_served_at_once(sb: Sandbox) -> None
 @pytest.mark.parametrize("service", ["metadata", "passwords"])
 def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service: str) -> None:
     g = sb.guests[0]
+    kept = new_password()
     before = _status(sb)["services"][service]
     os.kill(before["pid"], signal.SIGKILL)
     # pushed while the killed server is down or restarting: it must not be lost
-    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, f"kept-{service}"))]))
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, kept))]))
     assert res.code == 0, res.stderr
     _wait(
         lambda: (
@@ -151,7 +201,7 @@ def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service
         )
     )
     assert sb.curl(g.role, f"http://{METADATA_IP}/latest/instance-id").stdout == g.instance_id
-    assert sb.wget_password(g.role).stdout == f"kept-{service}"
+    same_password(sb.wget_password(g.role).stdout, kept)
 
 
 def test_vr_status_counts_vms_networks_last_push_and_refused_requests(sb: Sandbox) -> None:
@@ -175,6 +225,30 @@ def test_vr_status_counts_vms_networks_last_push_and_refused_requests(sb: Sandbo
     assert {s["up"] for s in st["supervisor"]["services"].values()} == {True}
 
 
+def test_passwords_survive_a_restart_of_the_whole_appliance_and_are_served_once(
+    sb: Sandbox,
+) -> None:
+    """One password pushed over SSH and never fetched, one written by CloudStack's
+    update_config.py while vr up is stopped: after vr up starts again each is served
+    once (here at 169.254.169.254, so the firewall came back too), then acknowledged."""
+    a, b = sb.guests[0], sb.guests[1]
+    pushed, written_while_down = new_password(), new_password()
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(a, pushed))]))
+    assert res.code == 0, res.stderr
+    assert sb.stop_vr() == 0
+    payload = password_payload(b, written_while_down)
+    (sb.paths.cache / "vm_password.json").write_text(json.dumps(payload))
+    script = REPO / "scripts" / "update_config.py"
+    env = f"VR_ROOT={sb.vr_root}"
+    res = sb.run("vr", ["env", env, sys.executable, str(script), "vm_password.json"])
+    assert res.code == 0, res.stderr
+    sb.start_vr()
+    for g, password in ((a, pushed), (b, written_while_down)):
+        same_password(sb.wget_password(g.role, host=METADATA_IP).stdout, password)
+        same_password(sb.wget_password(g.role, "saved_password", host=METADATA_IP).stdout, NONE)
+        same_password(sb.wget_password(g.role, host=METADATA_IP).stdout, NONE)
+
+
 def test_sigterm_stops_vr_up_within_five_seconds_with_nothing_left(sb: Sandbox) -> None:
     pids = [s["pid"] for s in _status(sb)["services"].values()]
     (up,) = sb.procs
@@ -187,3 +261,26 @@ def test_sigterm_stops_vr_up_within_five_seconds_with_nothing_left(sb: Sandbox) 
     assert left.stdout.split() == []
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def _netns_pids(sb: Sandbox) -> list[str]:
+    res = subprocess.run(
+        ["ip", "netns", "pids", sb.ns("vr")], capture_output=True, text=True, check=True
+    )
+    return res.stdout.split()
+
+
+def test_sigkill_of_vr_up_leaves_no_process_of_it(sb: Sandbox) -> None:
+    """SIGKILL gives vr up no chance to stop anything: its services (agent, both
+    gunicorn arbiters and their workers) must still go, by themselves."""
+    sb.start_vr()
+    (up,) = sb.procs
+    services = [s["pid"] for s in _status(sb)["services"].values()]
+    running = set(_netns_pids(sb))
+    # vr up, the agent, two arbiters and at least one worker each
+    assert {str(up.pid), *map(str, services)} <= running and len(running) >= 6
+    os.kill(up.pid, signal.SIGKILL)
+    up.wait(10)
+    sb.procs.clear()
+    # a bound for the arbiters' graceful stop (5 s), not a speed requirement
+    _wait(lambda: _netns_pids(sb) == [], timeout=30)

@@ -181,7 +181,14 @@ def test_outsiders_cannot_reach_the_services_and_ssh_only_from_control(vr: VR) -
     assert get(vr.outsider, "10.100.0.1", 9000) == "10.100.0.2 10.100.0.1:9000"
     for port in (80, 8080, 3922):
         assert get(vr.outsider, "10.100.0.1", port) is None, port
+    # The outsider's packets for 169.254.169.254 reach the VR (default route via its
+    # eth2) but never meet the redirect, which is bound to the guest device.
+    redirect = "eth0 metadata 169.254.169.254:80"
+    before = vr.counter(redirect)
     assert get(vr.outsider, META, 80) is None
+    assert vr.counter(redirect) == before
+    assert get(vr.g1, META, 80) == f"{VM_IP} {VR_GUEST}:80"
+    assert vr.counter(redirect) > before
     assert get(vr.control, "10.200.0.1", 3922) == "10.200.0.2 10.200.0.1:3922"
     assert get(vr.control, "10.200.0.1", 80) is None
     assert get(vr.g1, VR_GUEST, 3922) is None

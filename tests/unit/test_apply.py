@@ -140,6 +140,21 @@ def test_cfg_that_is_not_utf8_is_rejected_and_kept_in_failed(paths: Paths) -> No
     assert (paths.failed / "VR-3.cfg").exists()
 
 
+def test_cfg_over_its_size_bound_is_rejected_and_applies_nothing(paths: Paths) -> None:
+    from vr.payloads import Limits
+
+    files = {"vm_metadata.json.a": vm_metadata("10.1.1.11", ["metadata", "vm-id", "x" * 500])}
+    (paths.cache / "VR-4.cfg").write_text(cfg_text(files))
+    before = snapshot(paths.root)
+    err = StringIO()
+    code = Applier(paths, limits=Limits(cfg_bytes=400)).apply_cfg(["VR-4.cfg"], StringIO(), err)
+    assert code == 1
+    [line] = err.getvalue().splitlines()
+    assert "VR-4.cfg: rejected, nothing applied" in line and "at most 400 bytes" in line
+    assert snapshot(paths.root) == before
+    assert (paths.failed / "VR-4.cfg").exists()
+
+
 def test_missing_cfg_exits_one(paths: Paths) -> None:
     run = apply_cfg(paths, "-c", "VR-none.cfg")
     assert run.code == 1

@@ -126,6 +126,16 @@ CASES = [
         (f"VM {VM}", "remove='maybe'", "true or false"), name="vm_dhcp_entry.json.1"),
     Bad("password-missing", {"ip_address": VM, "type": "vmpassword"},
         (f"VM {VM}", "password=None", "present"), name="vm_password.json.1"),
+    Bad("ip-missing", {"vm_metadata": [["metadata", "vm-id", "x"]], "type": "vmdata"},
+        ("vm_ip_address=None", "expected this field to be present")),
+    Bad("password-bad-ip", {"ip_address": "10.1.1.300", "password": "x", "type": "vmpassword"},
+        ("ip_address='10.1.1.300'", "an IPv4 address"), name="vm_password.json.1"),
+    Bad("password-ip-missing", {"password": "x", "type": "vmpassword"},
+        ("ip_address=None", "present"), name="vm_password.json.1"),
+    Bad("dhcp-bad-ip", DHCP | {"ipv4_address": "10.1.1.999"},
+        ("ipv4_address='10.1.1.999'", "an IPv4 address"), name="vm_dhcp_entry.json.1"),
+    Bad("network-device-missing", {k: v for k, v in NET.items() if k != "device"},
+        ("device=None", "present"), name="guest_network.json.1"),
 ]  # fmt: skip
 
 

@@ -179,3 +179,50 @@ def test_show_prints_values_user_data_and_state_without_secrets(
 def test_show_rejects_a_bad_address(paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("show", "--root", str(paths.root), "10.1.1") == 2
     assert "expected IPv4 addresses" in capsys.readouterr().err
+
+
+def _userdata_push(paths: Paths, name: str, size: int) -> None:
+    import base64
+
+    blob = base64.b64encode(os.urandom(size)).decode()
+    drop(paths, name, vm_metadata("10.1.1.5", ["userdata", "user-data", blob]))
+
+
+def test_userdata_limit_comes_from_the_appliance_config(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths.config.write_text(json.dumps({"userdata_max_bytes": 2048}))
+    _userdata_push(paths, "vm_metadata.json.small", 2048)
+    assert cli("update-config", "--root", str(paths.root), "vm_metadata.json.small") == 0
+    _userdata_push(paths, "vm_metadata.json.big", 2049)
+    before = snapshot(paths.root)
+    assert cli("update-config", "--root", str(paths.root), "vm_metadata.json.big") == 1
+    err = capsys.readouterr().err
+    assert "at most 2048 bytes once decoded" in err and "10.1.1.5" in err
+    assert snapshot(paths.root) == before
+    assert (paths.failed / "vm_metadata.json.big").exists()
+
+
+def test_raised_userdata_limit_admits_user_data_beyond_the_default(paths: Paths) -> None:
+    size = 3 * 1024 * 1024  # over the 1 MiB default and over the default payload bound
+    _userdata_push(paths, "vm_metadata.json.1", size)
+    assert cli("update-config", "--root", str(paths.root), "vm_metadata.json.1") == 1
+    paths.config.write_text(json.dumps({"userdata_max_bytes": 4 * 1024 * 1024}))
+    _userdata_push(paths, "vm_metadata.json.2", size)
+    assert cli("update-config", "--root", str(paths.root), "vm_metadata.json.2") == 0
+    user_data = paths.root / "var/www/html/latest/userdata/10.1.1.5/user-data"
+    assert user_data.stat().st_size == size
+
+
+def test_unreadable_config_fails_every_push_and_keeps_the_file(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths.config.write_text("{not json")
+    drop(paths, "vm_metadata.json.1", vm_metadata("10.1.1.5", ["metadata", "vm-id", "x"]))
+    before = snapshot(paths.root)
+    assert cli("update-config", "--root", str(paths.root), "vm_metadata.json.1") == 1
+    assert cli("apply-cfg", "--root", str(paths.root), "-c", "VR-1.cfg") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("update_config.py: not applied: ") and "vr.json" in err[0]
+    assert err[1].startswith("vr_cfg.sh: not applied: ") and "not readable JSON" in err[1]
+    assert snapshot(paths.root) == before

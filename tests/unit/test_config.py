@@ -55,3 +55,26 @@ def test_vr_up_probes_the_agent_where_it_listens(paths: Paths) -> None:
     assert agent.host == "169.254.10.10"
     default = next(s for s in services_for(paths, config.Config()) if s.name == "agent")
     assert default.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("device,role", [("eth1", "control"), ("eth2", "public")])
+def test_configured_guest_network_on_control_or_public_device_is_refused(
+    paths: Paths, device: str, role: str
+) -> None:
+    net = {"device": device, "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
+    paths.config.write_text(json.dumps({"guest_networks": [net]}))
+    with pytest.raises(ConfigError, match=rf"device='{device}' is the {role} interface"):
+        config.load(paths)
+
+
+def test_a_guest_network_may_use_a_device_freed_from_the_public_role(paths: Paths) -> None:
+    net = {"device": "eth2", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
+    paths.config.write_text(json.dumps({"public_devices": ["eth3"], "guest_networks": [net]}))
+    assert [n.device for n in config.load(paths).guest_networks] == ["eth2"]
+
+
+@pytest.mark.parametrize("value", [0, 1023, 32 * 1024 * 1024 + 1])
+def test_userdata_limit_outside_its_range_names_value_and_range(paths: Paths, value: int) -> None:
+    paths.config.write_text(json.dumps({"userdata_max_bytes": value}))
+    with pytest.raises(ConfigError, match=rf"userdata_max_bytes={value}: expected .* 1024 to"):
+        config.load(paths)

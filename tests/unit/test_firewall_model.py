@@ -77,6 +77,19 @@ def test_guarded_ports_are_dropped_last_and_other_ports_fall_through() -> None:
     assert last.dports == (80, 3922, 8080)
 
 
+def test_cloudstack_ports_stay_guarded_when_the_services_use_other_ports() -> None:
+    rs = desired(Config(metadata_port=8000, password_port=8001, ssh_port=2222), [GUEST], [])
+    last = rules(rs, INPUT_CHAIN)[-1]
+    assert last.target == "DROP"
+    assert last.dports == (80, 2222, 3922, 8000, 8001, 8080)
+
+
+def test_a_pushed_removal_takes_away_the_configured_network_on_that_device() -> None:
+    removal = GuestNetwork("eth0", GUEST.router_guest_ip, GUEST.cidr, False)
+    rs = desired(Config(guest_networks=(GUEST, GUEST2)), [removal], [])
+    assert {r.in_interface for r in rules(rs, NAT_CHAIN)} == {"eth3"}
+
+
 def test_ssh_and_services_are_accepted_on_loopback_first() -> None:
     first = rules(desired(Config(), [], []), INPUT_CHAIN)[0]
     assert (first.target, first.in_interface, first.dports) == ("ACCEPT", "lo", (80, 3922, 8080))

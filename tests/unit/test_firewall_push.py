@@ -78,6 +78,29 @@ def test_removing_the_network_by_push_removes_its_redirect(push: Push, fake: Fak
     assert redirect_devices(fake) == set()
 
 
+def test_a_network_from_the_config_file_is_removed_by_push_until_pushed_again(
+    paths: Paths, fake: FakeTables
+) -> None:
+    configured = {"router_guest_ip": "10.3.0.1", "cidr": "10.3.0.0/24"}
+    paths.config.write_text(json.dumps({"guest_networks": [{"device": "eth3", **configured}]}))
+    fw.apply(paths, fake)
+    push = Push(paths, fake)
+    assert redirect_devices(fake) == {"eth3"}
+
+    code, text = push("guest_network.json.1", network("eth3", add=False, **configured))
+    assert code == 0, text
+    assert redirect_devices(fake) == set()
+    assert store.read_networks(paths) == []
+    fw.restore(paths, fake)  # boot: the removal outlives a restart
+    assert redirect_devices(fake) == set()
+    fw.apply(paths, fake)
+    assert redirect_devices(fake) == set()
+
+    code, text = push("guest_network.json.2", network("eth3", **configured))
+    assert code == 0, text
+    assert redirect_devices(fake) == {"eth3"}
+
+
 def test_a_dhcp_entry_push_adds_its_binding_rule(push: Push, fake: FakeTables) -> None:
     code, text = push(
         "vm_dhcp_entry.json.1",

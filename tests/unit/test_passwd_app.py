@@ -6,6 +6,8 @@ import logging
 import os
 import secrets
 import stat
+import subprocess
+import sys
 from ipaddress import IPv4Address
 from urllib.parse import urlencode
 
@@ -275,6 +277,40 @@ def test_save_from_loopback_with_the_token_stores_the_password(
     resp = post(app, {"ip": VM, "password": password, "token": token}, multipart=multipart)
     assert resp.status_code == 200
     assert body_fp(get(app, "send_my_password")) == fp(password)
+
+
+HOLD_STORE_LOCK = """
+import sys
+from pathlib import Path
+from vr.paths import Paths
+from vr.store import Store
+with Store(Paths(Path(sys.argv[1]))).locked():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_save_completes_while_another_process_holds_the_store_lock(paths: Paths) -> None:
+    """A batch or a firewall apply in another process holds the store lock; a save
+    must not wait for it (the event worker serving it serves other guests too)."""
+    token = ensure_token(paths)
+    password = new_password()
+    app = PasswordApp(paths, store=Store(paths, lock_timeout=1.0), is_own=own_addresses)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_STORE_LOCK, str(paths.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        resp = post(app, {"ip": VM, "password": password, "token": token})
+        served = body_fp(get(app, "send_my_password"))
+        assert holder.poll() is None  # the lock was held throughout
+    finally:
+        holder.communicate("", timeout=10)
+    assert resp.status_code == 200
+    assert served == fp(password)
 
 
 def test_save_from_the_vrs_own_guest_address_is_accepted(app: PasswordApp, paths: Paths) -> None:

@@ -100,12 +100,12 @@ def clone(src: Path, dst: Path) -> Paths:
 
 def no_leftovers(paths: Paths) -> list[str]:
     """Temporaries the next writer did not clean up. Those of files written outside
-    the store lock (archives, the last-push record, the passwords file, which the
-    password server writes under its own lock) are only removed once they are old,
-    as another process may be writing them right now."""
+    the store lock (archives, the last-push record, the passwords file and its
+    generation counter, which the password server writes under its own lock) are only
+    removed once they are old, as another process may be writing them right now."""
     with Store(paths).locked():
         pass
-    outside = (".tmp-last_push.json.", ".tmp-passwords.json.")
+    outside = (".tmp-last_push.json.", ".tmp-passwords.json.", ".tmp-passwords.gen.")
     state = [n for n in temp_names(paths.state) if not n.startswith(outside)]
     return temp_names(paths.html) + state
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from ipaddress import IPv4Address
 
@@ -113,3 +114,71 @@ def test_a_push_waits_for_the_passwords_lock_and_keeps_the_served_mark_of_others
     store.mark_password_served(other, int(str(rec["gen"])))
     store.apply([VmPassword(VM, "new-pw")])
     assert read_passwords(paths)[str(other)]["served"] is True
+
+
+def test_a_save_replaces_the_stored_password_unserved(paths: Paths) -> None:
+    store = Store(paths)
+    store.apply([VmPassword(VM, "pushed-pw")])
+    old = stored(paths)
+    assert old is not None
+    store.mark_password_served(VM, int(str(old["gen"])))
+    gen = store.save_password(VM, "saved-pw")
+    rec = stored(paths)
+    assert rec is not None
+    got, want = fp(str(rec["password"])), fp("saved-pw")
+    assert got == want
+    assert (rec["gen"], rec["served"]) == (gen, False)
+    assert gen > int(str(old["gen"]))
+    assert store.ack_password(VM) is False  # the guest's ack of the pushed one
+
+
+def test_a_save_after_an_acknowledged_password_is_never_marked_by_a_late_fetch(
+    paths: Paths,
+) -> None:
+    """A fetch that read generation G before the ack must not mark the next password,
+    even though G's entry is gone from the file when the save picks a generation."""
+    store = Store(paths)
+    store.save_password(VM, "first-pw")
+    first = stored(paths)
+    assert first is not None
+    store.mark_password_served(VM, int(str(first["gen"])))
+    assert store.ack_password(VM) is True
+    store.save_password(VM, "second-pw")
+    store.mark_password_served(VM, int(str(first["gen"])))  # the late fetch
+    assert store.ack_password(VM) is False
+    rec = stored(paths)
+    assert rec is not None and rec["served"] is False
+
+
+def test_saves_and_pushes_share_one_increasing_generation(paths: Paths) -> None:
+    store = Store(paths)
+    gens = [store.save_password(VM, "a")]
+    store.apply([VmPassword(VM, "b")])
+    gens.append(int(str((stored(paths) or {})["gen"])))
+    gens.append(store.save_password(VM, "c"))
+    store.apply([VmPassword(VM, "d")])
+    gens.append(int(str((stored(paths) or {})["gen"])))
+    assert gens == sorted(set(gens))
+    assert stat.S_IMODE(paths.password_gen.stat().st_mode) == 0o600
+
+
+def test_a_save_does_not_wait_for_a_push_holding_the_store_lock(paths: Paths) -> None:
+    store = Store(paths, lock_timeout=1.0)
+    with Store(paths).locked():  # another writer, mid-batch
+        store.save_password(VM, "pw")
+    assert stored(paths) is not None
+
+
+def test_a_save_after_a_killed_commit_keeps_both_passwords(paths: Paths) -> None:
+    """A commit killed before renaming its passwords file: the save must build on that
+    file, and the roll-forward by the next store writer must not replace the save."""
+    store = Store(paths)
+    other = IPv4Address("10.1.1.11")
+    staged = paths.state / ".tmp-passwords.json.dead0001"
+    staged.write_text('{"10.1.1.11": {"password": "pushed-pw", "gen": 7, "served": false}}\n')
+    paths.journal.write_text(json.dumps([[str(staged), str(paths.passwords)]]))
+    store.save_password(VM, "saved-pw")
+    store.apply([VmMetadata(other, ())])  # the next writer rolls the journal forward
+    assert not paths.journal.exists()
+    kept = {ip: fp(str(rec["password"])) for ip, rec in read_passwords(paths).items()}
+    assert kept == {str(other): fp("pushed-pw"), str(VM): fp("saved-pw")}

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.procs import free_port, wait_port
+from vr.config import Config
 from vr.paths import Paths
+from vr.supervisor import BACKOFF_MAX, STABLE_AFTER, Service, Supervisor
 
 SERVICE = textwrap.dedent(
     """
@@ -144,3 +146,184 @@ def test_second_vr_up_on_same_root_refuses(running, allow_subp: None) -> None:
     assert second.returncode == 1
     assert f"another vr up (pid {proc.pid}) is running" in second.stderr
     assert proc.poll() is None
+
+
+# --- restart backoff, driven by hand ---------------------------------------------------
+
+
+class FakeProc:
+    """A service process that exits when the test says so."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+class HandDriven:
+    """A supervisor with one fake service and a clock the test moves."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.procs: list[FakeProc] = []
+        self.killed: list[tuple[int, int]] = []
+        self.now = 0.0
+        # a port nothing listens on: readiness is never reached, which step() allows
+        svc = Service("svc", ["svc"], free_port())
+        self.sup = Supervisor(
+            paths,
+            Config(),
+            None,
+            [svc],
+            spawn=self._spawn,
+            kill_group=lambda pgid, sig: self.killed.append((pgid, sig)),
+        )
+        self.sup.step(self.now)
+
+    def _spawn(self, argv: list[str]) -> FakeProc:
+        proc = FakeProc(100_000 + len(self.procs))
+        self.procs.append(proc)
+        return proc
+
+    def crash_after(self, uptime: float) -> float:
+        """Let the running process live ``uptime`` seconds, then exit; return the
+        delay until the supervisor started the next one (clock moved in 0.25 s ticks)."""
+        started = len(self.procs)
+        self.now += uptime
+        self.sup.step(self.now)  # still running
+        self.procs[-1].returncode = 1
+        exited = self.now
+        self.sup.step(self.now)
+        for _ in range(1000):
+            if len(self.procs) > started:
+                return self.now - exited
+            self.now += 0.25
+            self.sup.step(self.now)
+        raise AssertionError("the service was never restarted")
+
+
+def test_restart_delay_doubles_after_each_crash_and_stops_at_the_cap(paths: Paths) -> None:
+    hd = HandDriven(paths)
+    delays = [hd.crash_after(1.0) for _ in range(9)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX]
+    assert hd.sup.services[0].restarts == 9
+    # each crashed process's group got SIGKILL (workers that outlive it keep the port)
+    assert hd.killed == [(p.pid, signal.SIGKILL) for p in hd.procs[:9]]
+
+
+def test_restart_delay_starts_over_after_a_run_that_stayed_up(paths: Paths) -> None:
+    hd = HandDriven(paths)
+    grown = [hd.crash_after(1.0) for _ in range(5)]
+    assert grown == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert hd.crash_after(STABLE_AFTER) == 0.5
+    assert hd.crash_after(1.0) == 1.0  # and grows again from there
+
+
+def test_a_service_is_not_restarted_before_its_delay(paths: Paths) -> None:
+    hd = HandDriven(paths)
+    hd.crash_after(1.0)
+    hd.crash_after(1.0)  # the next delay is 2 s
+    hd.procs[-1].returncode = 1
+    hd.sup.step(hd.now)
+    hd.sup.step(hd.now + 1.99)
+    assert len(hd.procs) == 3
+    hd.sup.step(hd.now + 2.0)
+    assert len(hd.procs) == 4
+
+
+# --- the firewall step -------------------------------------------------------------------
+
+
+FIREWALL_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from vr import logs
+    from vr.config import Config
+    from vr.errors import VRError
+    from vr.paths import Paths
+    from vr.supervisor import Service, Supervisor
+    root, script, port, mark, firewall = sys.argv[1:6]
+    paths = Paths(Path(root)); paths.ensure(); logs.setup(paths)
+    svcs = [Service("svc0", [sys.executable, script, port, mark], int(port))]
+    try:
+        sys.exit(Supervisor(paths, Config(), json.loads(firewall), svcs).run())
+    except VRError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    """
+)
+
+SLOW_FIREWALL = textwrap.dedent(
+    """
+    import os, sys, time
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(120)  # far longer than the stop deadline
+    """
+)
+
+FAILING_FIREWALL = textwrap.dedent(
+    """
+    import sys
+    print("firewall not applied: no such table", file=sys.stderr)
+    sys.exit(3)
+    """
+)
+
+
+def _start_with_firewall(
+    tmp_path: Path, firewall_script: str, *firewall_args: str
+) -> tuple[subprocess.Popen[str], Paths, Path]:
+    svc, fw = tmp_path / "svc.py", tmp_path / "firewall.py"
+    svc.write_text(SERVICE)
+    fw.write_text(firewall_script)
+    paths = Paths(tmp_path / "root")
+    mark = tmp_path / "service-started"
+    firewall = json.dumps([sys.executable, str(fw), *firewall_args])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FIREWALL_RUNNER, str(paths.root), str(svc), str(free_port()),
+         str(mark), firewall],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    return proc, paths, mark
+
+
+def test_sigterm_during_a_slow_firewall_step_stops_within_five_seconds(
+    tmp_path: Path, allow_subp: None
+) -> None:
+    fw_pid_file = tmp_path / "firewall.pid"
+    proc, paths, mark = _start_with_firewall(tmp_path, SLOW_FIREWALL, str(fw_pid_file))
+    try:
+        _wait(lambda: fw_pid_file.exists() and fw_pid_file.read_text() != "")
+        firewall_pid = int(fw_pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0  # the issue's deadline for a clean stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert not _alive(firewall_pid)
+    assert not mark.exists()  # no service was started after the interrupted step
+    assert _status(paths)["stopped"] is True
+    assert "during the firewall step, stopping" in paths.log_file.read_text()
+
+
+def test_a_failing_firewall_step_ends_vr_up_with_its_error_and_starts_nothing(
+    tmp_path: Path, allow_subp: None
+) -> None:
+    proc, paths, mark = _start_with_firewall(tmp_path, FAILING_FIREWALL)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "exit code 3: firewall not applied: no such table" in err
+    assert not mark.exists()
+    assert _status(paths)["stopped"] is True

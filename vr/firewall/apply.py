@@ -48,7 +48,9 @@ def real_tables() -> Tables:
 
 def compute(paths: Paths) -> model.RuleSet:
     """The rule set for the current config and store (read with the lock held)."""
-    return model.desired(config.load(paths), store.read_networks(paths), store.read_dhcp(paths))
+    return model.desired(
+        config.load(paths), store.read_networks(paths, removals=True), store.read_dhcp(paths)
+    )
 
 
 def managed(paths: Paths) -> bool:

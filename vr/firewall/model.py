@@ -27,6 +27,7 @@ PREFIX = "VR-"
 METADATA_ADDRESS = IPv4Address("169.254.169.254")
 LINK_LOCAL_METADATA_PORT = 80
 LINK_LOCAL_PASSWORD_PORT = 8080
+CLOUDSTACK_SSH_PORT = 3922
 
 NAT = "nat"
 FILTER = "filter"
@@ -299,7 +300,20 @@ def service_ports(config: Config) -> tuple[int, ...]:
 
 
 def guarded_ports(config: Config) -> tuple[int, ...]:
-    return tuple(sorted({config.metadata_port, config.password_port, config.ssh_port}))
+    """Dropped everywhere but where they are offered: the configured service ports
+    and always CloudStack's own 80, 8080 and 3922, whatever the services use."""
+    return tuple(
+        sorted(
+            {
+                config.metadata_port,
+                config.password_port,
+                config.ssh_port,
+                LINK_LOCAL_METADATA_PORT,
+                LINK_LOCAL_PASSWORD_PORT,
+                CLOUDSTACK_SSH_PORT,
+            }
+        )
+    )
 
 
 def _redirects(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:

@@ -77,6 +77,7 @@ def gunicorn_options(
 def _serve(args: argparse.Namespace) -> int:
     from vr import config, gunicorn_runner, metadata_counters
     from vr.metadata_app import create_app
+    from vr.metadata_tokens import new_key
 
     paths = Paths(root_from_env(args.root))
     logs.setup(paths, args.verbose)
@@ -98,8 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
         os.getpid(),
     )
     warm = bool(args.warm)
+    # One IMDSv2 token key for every worker (they fork from here): a token minted
+    # by one worker is checked by another.
+    token_key = new_key()
     gunicorn_runner.run(
-        lambda: create_app(paths, warm=warm),
+        lambda: create_app(paths, warm=warm, token_key=token_key),
         gunicorn_options(
             binds, workers, args.worker_class, args.threads, paths, args.connections_per_address
         ),

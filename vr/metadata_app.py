@@ -11,8 +11,11 @@ Two doors to the same answers:
   hundreds at once. It skips Flask's request/response objects, which cost more
   than the lookup itself;
 * Flask handles everything else: requests with ``X-Forwarded-For``/``Forwarded``
-  (403, counted: an SSRF guard as GCE and Azure have), other methods (405 with
-  ``Allow``), and errors. With ``fast_path=False`` Flask serves everything, which
+  (403, counted: an SSRF guard as GCE and Azure have), the IMDSv2 token ``PUT``
+  (:mod:`vr.metadata_tokens`), other methods (405 with ``Allow``), and errors.
+
+A GET that carries an IMDSv2 token header is answered only if the token is valid
+(else 401); one without is answered as ever. With ``fast_path=False`` Flask serves everything, which
   the tests use to prove both doors answer byte for byte the same.
 """
 
@@ -27,6 +30,14 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from vr.metadata_counters import Counters
+from vr.metadata_tokens import (
+    TOKEN_ENVIRON,
+    TTL_ENVIRON,
+    UNAUTHORIZED,
+    Tokens,
+    is_token_path,
+    new_key,
+)
 from vr.metadata_views import NOT_FOUND, Reply, resolve
 from vr.paths import Paths
 from vr.vmcache import VmCache
@@ -38,6 +49,7 @@ ALLOW = ", ".join(ALLOWED_METHODS)
 FORWARD_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")
 FORBIDDEN = Reply(403, b"forwarded requests are refused\n")
 NOT_ALLOWED = Reply(405, b"method not allowed\n")
+NOT_ALLOWED_TOKEN = Reply(405, b"method not allowed\n", headers=(("Allow", "PUT"),))
 INTERNAL = Reply(500, b"internal error\n")
 
 StartResponse = Callable[..., Any]
@@ -50,17 +62,31 @@ def _headers(reply: Reply) -> list[tuple[str, str]]:
     h = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
     if reply.location is not None:
         h.append(("Location", reply.location))
-    if reply.status == 405:
+    if reply.headers:
+        h += reply.headers
+    elif reply.status == 405:
         h.append(("Allow", ALLOW))
     return h
+
+
+def _answer(tokens: Tokens, cache: VmCache, environ: dict[str, Any]) -> Reply:
+    """A GET or HEAD: a token it carries must be valid; then the URL decides."""
+    caller = environ.get("REMOTE_ADDR", "")
+    token = environ.get(TOKEN_ENVIRON)
+    if token is not None and not tokens.valid(caller, token):
+        return UNAUTHORIZED
+    return resolve(cache.view_for_address(caller), environ.get("PATH_INFO", ""))
 
 
 class FastPath:
     """WSGI middleware answering plain GET/HEAD directly, the rest through Flask."""
 
-    def __init__(self, cache: VmCache, counters: Counters, fallback: WSGIApp) -> None:
+    def __init__(
+        self, cache: VmCache, counters: Counters, tokens: Tokens, fallback: WSGIApp
+    ) -> None:
         self.cache = cache
         self.counters = counters
+        self.tokens = tokens
         self.fallback = fallback
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -74,8 +100,7 @@ class FastPath:
         if self.counters.dirty:
             self.counters.flush()
         try:
-            view = self.cache.view_for_address(environ.get("REMOTE_ADDR", ""))
-            reply = resolve(view, environ.get("PATH_INFO", ""))
+            reply = _answer(self.tokens, self.cache, environ)
         except Exception:
             LOG.exception(
                 "metadata request from %s for %r failed",
@@ -102,17 +127,22 @@ def create_app(
     counters: Counters | None = None,
     fast_path: bool = True,
     warm: bool = False,
+    token_key: bytes | None = None,
 ) -> Flask:
     """Build the metadata application for one worker (call after fork).
 
     ``warm`` loads every stored VM before the first request; otherwise VMs are
     loaded on first use. ``fast_path=False`` routes every request through Flask.
+    ``token_key`` signs IMDSv2 tokens: pass the same key (made before fork) to
+    every worker of a service, or a token minted by one fails on another; None
+    makes one for this application only.
     """
     app = Flask(__name__)
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     vms = cache if cache is not None else VmCache(paths)
     counts = counters if counters is not None else Counters(paths)
+    tokens = Tokens(token_key if token_key is not None else new_key())
     if warm:
         LOG.info("metadata worker loaded %s VMs from %s", vms.warm(), paths.latest)
     app.extensions["vr.vmcache"] = vms
@@ -130,13 +160,19 @@ def create_app(
                     request.remote_addr,
                 )
                 return _response(FORBIDDEN)
+        if request.method not in ALLOWED_METHODS and is_token_path(
+            request.environ.get("PATH_INFO", "")
+        ):
+            if request.method != "PUT":
+                return _response(NOT_ALLOWED_TOKEN)
+            caller = request.environ.get("REMOTE_ADDR", "")
+            return _response(tokens.mint(caller, request.environ.get(TTL_ENVIRON)))
         if request.method not in ALLOWED_METHODS:
             return _response(NOT_ALLOWED)
         return None
 
     def serve(path: str = "") -> Response:
-        view = vms.view_for_address(request.environ.get("REMOTE_ADDR", ""))
-        return _response(resolve(view, request.environ.get("PATH_INFO", "")))
+        return _response(_answer(tokens, vms, request.environ))
 
     every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
@@ -164,5 +200,5 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, flask_wsgi)  # type: ignore[method-assign]
+        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi)  # type: ignore[method-assign]
     return app

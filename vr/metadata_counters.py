@@ -3,9 +3,12 @@
 Where: ``Paths.metadata_counters / <pid>.json`` (``<root>/run/vr/metadata/``), e.g.
 ``{"pid": 123, "forwarded_refused": 4, "updated": 1700000000.0}``. A worker
 rewrites its file at most once per :data:`FLUSH_INTERVAL` seconds while a count
-changes, and at exit, so counting costs requests nothing. ``serve-metadata`` clears
-the folder when it starts, so :func:`totals` is "since the service started",
-including workers that have since been replaced. ``vr status`` reads :func:`totals`.
+changes, and at exit, so counting costs requests nothing. A count that comes
+within the interval of the last write is written by a timer when the interval
+ends, so ``vr status`` lags by at most :data:`FLUSH_INTERVAL` even if no other
+request follows. ``serve-metadata`` clears the folder when it starts, so
+:func:`totals` is "since the service started", including workers that have since
+been replaced. ``vr status`` reads :func:`totals`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from vr import atomic
 from vr.errors import StoreError
@@ -27,34 +33,92 @@ FLUSH_INTERVAL = 1.0
 FIELDS = ("forwarded_refused",)
 
 
-class Counters:
-    """This worker's counts; :meth:`flush` writes them when due."""
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
-    def __init__(self, paths: Paths, pid: int | None = None) -> None:
+
+TimerFactory = Callable[[float, Callable[[], None]], Timer]
+"""``start(delay, fn)``: call ``fn`` once after ``delay`` seconds unless cancelled."""
+
+
+def thread_timer(delay: float, fn: Callable[[], None]) -> Timer:
+    """A daemon :class:`threading.Timer`, started (a worker exits without waiting
+    for it; the exit flush writes what it would have)."""
+    t = threading.Timer(delay, fn)
+    t.daemon = True
+    t.start()
+    return t
+
+
+class Counters:
+    """This worker's counts; :meth:`flush` writes them when due.
+
+    Create after fork (one per worker). ``start_timer`` arms the delayed write
+    (tests pass a fake); ``clock`` is :func:`time.monotonic` unless given.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        pid: int | None = None,
+        start_timer: TimerFactory = thread_timer,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._dir = paths.metadata_counters
         self.pid = os.getpid() if pid is None else pid
         self.forwarded_refused = 0
         self.dirty = False
-        self._last_write = 0.0
+        self._last_write: float | None = None
         self._atexit_registered = False
+        self._start_timer = start_timer
+        self._clock = clock
+        self._timer: Timer | None = None
+        # The timer's thread and the request path both flush.
+        self._lock = threading.Lock()
 
     def count_forwarded(self) -> None:
-        self.forwarded_refused += 1
-        self.dirty = True
-        if not self._atexit_registered:
-            atexit.register(self.flush, force=True)
-            self._atexit_registered = True
-        self.flush()
+        """Count one refused forwarded request: written now if the last write is
+        :data:`FLUSH_INTERVAL` old (or there was none), else when the interval ends."""
+        with self._lock:
+            self.forwarded_refused += 1
+            self.dirty = True
+            if not self._atexit_registered:
+                atexit.register(self.flush, force=True)
+                self._atexit_registered = True
+            if self._write_if_due(False) or self._timer is not None:
+                return
+            assert self._last_write is not None  # not due: there was a write
+            delay = max(0.0, self._last_write + FLUSH_INTERVAL - self._clock())
+            self._timer = self._start_timer(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._write_if_due(True)
 
     def flush(self, force: bool = False) -> None:
         """Write the file if something changed and the last write is old enough."""
         if not self.dirty:
             return
-        now = time.monotonic()
-        if not force and now - self._last_write < FLUSH_INTERVAL:
-            return
+        with self._lock:
+            self._write_if_due(force)
+
+    def _write_if_due(self, force: bool) -> bool:
+        """(Lock held.) Write if dirty and due; True if nothing is left unwritten."""
+        if not self.dirty:
+            return True
+        now = self._clock()
+        if not force and self._last_write is not None and now - self._last_write < FLUSH_INTERVAL:
+            return False
         self._last_write = now
         self.dirty = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._write()
+        return True
+
+    def _write(self) -> None:
         doc = {"pid": self.pid, "forwarded_refused": self.forwarded_refused, "updated": time.time()}
         try:
             self._dir.mkdir(parents=True, exist_ok=True)

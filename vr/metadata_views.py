@@ -5,8 +5,10 @@ Three views of the same :class:`VmView` (built from a ``vr.store.VmRecord``):
 * CloudStack, under ``/latest/`` (byte-compatible with the VR's Apache rules,
   cloudstack-vr.md §3.3): the index, ``meta-data/<key>[/]``, ``<key>[/]`` shortcuts,
   ``user-data[/]``. Fixed names (``latest``, ``meta-data``, ``user-data`` and the
-  shortcut names Apache ships) match case-insensitively; stored key names are looked
-  up exactly.
+  shortcut names Apache ships) match case-insensitively. Stored key names are looked
+  up exactly under ``meta-data/`` (Apache's ``$1`` keeps the request's case) but in
+  any case as ``/latest/<key>`` shortcuts (each pushed name gets a ``^<name>$ [NC]``
+  rule whose substitution writes the stored name); see :func:`_shortcut`.
 * EC2, under dated versions (``/2009-04-04/...``) and, where it does not clash with
   CloudStack, under ``/latest/meta-data/`` too: ``hostname``, ``placement/``,
   ``public-keys/`` (``0=<name>``), ``public-keys/0/openssh-key``. One deliberate
@@ -95,6 +97,7 @@ class Reply:
     body: bytes
     content_type: str = TEXT
     location: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers
 
 
 NOT_FOUND = Reply(404, b"not found\n")
@@ -107,22 +110,43 @@ class VmView:
     with interned key names, the user-data bytes and the index.
     """
 
-    __slots__ = ("gen", "index", "metadata", "userdata")
+    __slots__ = ("folded", "gen", "index", "metadata", "userdata")
 
     def __init__(
-        self, gen: int, metadata: Mapping[str, bytes], userdata: bytes | None, index: bytes
+        self,
+        gen: int,
+        metadata: Mapping[str, bytes],
+        userdata: bytes | None,
+        index: bytes,
+        folded: Mapping[str, str] | None = None,
     ) -> None:
         self.gen = gen
         self.metadata = metadata
         self.userdata = userdata
         self.index = index
+        # Lower-cased name -> the stored name a case-insensitive shortcut answers,
+        # only where that is not the lower-cased name itself (usually empty).
+        self.folded: Mapping[str, str] = folded if folded is not None else _NO_FOLDS
+
+
+_NO_FOLDS: Mapping[str, str] = {}
+
+
+def fold_names(names: list[str]) -> dict[str, str]:
+    """For each lower-cased name, the first of ``names`` (index order) with that
+    spelling in any case — kept only where it differs from the lower-cased name."""
+    first: dict[str, str] = {}
+    for name in names:
+        first.setdefault(name.lower(), name)
+    return {low: name for low, name in first.items() if low != name}
 
 
 def build_view(gen: int, metadata: Mapping[str, bytes], userdata: Mapping[str, bytes]) -> VmView:
     """The view of a stored VM (``metadata`` in index order)."""
     interned = {sys.intern(k): v for k, v in metadata.items()}
     index = "".join(k + "\n" for k in interned).encode()
-    return VmView(gen, interned, userdata.get(USERDATA_NAME), index)
+    folded = fold_names(list(interned)) or None
+    return VmView(gen, interned, userdata.get(USERDATA_NAME), index, folded)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -199,11 +223,32 @@ def _cloudstack(view: VmView, rest: list[str]) -> Reply:
         return NOT_FOUND
     if head == USERDATA_NAME:
         return _userdata(view)
-    name = segs[0]
-    value = view.metadata.get(name)
-    if value is None and head in SHORTCUTS:
-        value = view.metadata.get(head)
+    value = _shortcut(view, segs[0], head)
     return NOT_FOUND if value is None else _text(value)
+
+
+def _shortcut(view: VmView, name: str, low: str) -> bytes | None:
+    """``/latest/<name>``: the stored key ``name`` names, in any letter case.
+
+    CloudStack appends ``RewriteRule ^<file>$ ../metadata/%{REMOTE_ADDR}/<file>
+    [L,NC,QSA]`` for every pushed file, after the shipped rules: the pattern
+    ignores case and the substitution writes the stored name, so
+    ``/latest/CUSTOM-KEY`` answers the stored ``custom-key``. Order here: the exact
+    name; a shipped shortcut name (Apache's shipped rules come first and write the
+    lower-case name); then, among stored names equal ignoring case, the first in
+    index (push) order — as the first-appended of Apache's rules would win. One
+    deliberate difference: an exact match wins even where Apache would take an
+    earlier-pushed name that differs only in case.
+    """
+    md = view.metadata
+    value = md.get(name)
+    if value is not None:
+        return value
+    if low in SHORTCUTS:
+        value = md.get(low)
+        if value is not None:
+            return value
+    return md.get(view.folded.get(low, low))
 
 
 # --- EC2 -----------------------------------------------------------------------------
@@ -328,7 +373,8 @@ def do_document(view: VmView) -> dict[str, object]:
 
 
 def _do(view: VmView, path: str, rest: list[str]) -> Reply:
-    """``/metadata/v1/<rest>``; directories without their slash get a 301 (as DO does)."""
+    """``/metadata/v1/<rest>``; every directory without its slash, ``/metadata/v1``
+    itself included, gets a 301 to the slash form (as DigitalOcean does)."""
     segs, slash = _strip_slash(rest)
     fields = _do_fields(view)
     ifaces = _do_interfaces(view)
@@ -346,7 +392,7 @@ def _do(view: VmView, path: str, rest: list[str]) -> Reply:
             dirs[("interfaces", kind, "0", "ipv4")] = ["address"]
     key = tuple(s.lower() for s in segs)
     if key in dirs:
-        if not slash and key:
+        if not slash:
             return Reply(301, b"moved\n", TEXT, location=path + "/")
         return _listing(dirs[key])
     if slash:

@@ -18,7 +18,8 @@ What a client cannot do to a worker (each a constant or setting below):
   is dropped after ``timeout``;
 * lock others out: one address holds at most ``vr_connections_per_address``
   (:data:`PER_ADDRESS`) connections per worker, and at ``worker_connections`` the
-  oldest idle connection makes room for a new one.
+  oldest idle connection makes room for a new one (a connection whose request has
+  arrived but is not read yet is not idle: it is served, never closed unanswered).
 
 A client that half-closes still gets every answer it asked for; ``Expect:
 100-continue`` is honoured; error replies are followed by a lingering close so a
@@ -210,6 +211,7 @@ class EventLoop:
         self.idle: dict[int, _Conn] = {}
         self.per_address: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        self.refused_full = 0  # at the worker's connection limit with nothing idle
         self.date = Date()
         self.accepting = False
         self.running = True
@@ -301,8 +303,11 @@ class EventLoop:
         if self.per_address.get(addr, 0) >= self.limits.per_address and not self._evict(addr):
             self._refuse(sock, addr)
             return
-        if len(self.conns) >= self.limits.connections:
-            self._evict(None)
+        if len(self.conns) >= self.limits.connections and not self._evict(None):
+            # Every idle candidate turned out to have a request waiting.
+            self.refused_full += 1
+            self._send_503(sock)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, peer, sock.getsockname()[:2])
@@ -315,16 +320,34 @@ class EventLoop:
         self.selector.register(sock, _READ, self._ready)
 
     def _evict(self, addr: str | None) -> bool:
-        """Close the oldest idle connection (of ``addr``, if given); False if none."""
-        for conn in self.idle.values():
-            if addr is None or conn.addr == addr:
-                self._close(conn)
-                return True
+        """Close the oldest idle connection (of ``addr``, if given); False if none.
+
+        "Idle" in :attr:`idle` means the loop has read nothing pending — but a
+        request may have arrived since. Closing such a connection would drop a
+        request the client already sent, unanswered; so each candidate is peeked
+        first, and one with input waiting is read and served instead (it is not a
+        candidate again in this call, even if its reply leaves it idle).
+        """
+        for conn in list(self.idle.values()):
+            if addr is not None and conn.addr != addr:
+                continue
+            if conn.sock.fileno() < 0 or conn.sock.fileno() not in self.idle:
+                continue  # closed or no longer idle while an earlier candidate was served
+            if _input_waiting(conn.sock):
+                self._read(conn)
+                if conn.sock.fileno() < 0:  # it had half-closed or reset: room made
+                    return True
+                continue
+            self._close(conn)
+            return True
         return False
 
     def _refuse(self, sock: socket.socket, addr: str) -> None:
         """Over the per-address limit with nothing idle to close: a 503, best effort."""
         self.refused[addr] = self.refused.get(addr, 0) + 1
+        self._send_503(sock)
+
+    def _send_503(self, sock: socket.socket) -> None:
         reply = render_response(
             "503 Service Unavailable",
             [("Content-Type", "text/plain"), ("Retry-After", "1")],
@@ -354,6 +377,14 @@ class EventLoop:
                 self.limits.per_address,
             )
         self.refused.clear()
+        if self.refused_full:
+            LOG.warning(
+                "event worker %s refused %s connections: at %s connections, none idle",
+                os.getpid(),
+                self.refused_full,
+                self.limits.connections,
+            )
+            self.refused_full = 0
 
     # --- connections -------------------------------------------------------------------
 
@@ -566,6 +597,17 @@ class EventLoop:
         conn.linger = True
         conn.buf.clear()
         self._send(conn)
+
+
+def _input_waiting(sock: socket.socket) -> bool:
+    """Whether the kernel holds bytes (or the client's EOF) the loop has not read."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # a reset: reading it closes the connection properly
+    return True
 
 
 class EventWorker(Worker):  # type: ignore[misc]

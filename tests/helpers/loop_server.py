@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import selectors
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -59,6 +59,33 @@ def sized_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 class Served:
     loop: EventLoop
     port: int
+    listener: socket.socket
+    thread: threading.Thread
+
+    def start(self) -> None:
+        """Run the loop in its thread (``serving(..., start=False)`` only)."""
+        self.thread.start()
+
+    def accept(self) -> None:
+        """Before :meth:`start`: wait for a pending connection and let the loop
+        accept every pending one, and do nothing else — no byte of any connection
+        is read unless accepting itself reads it. Lets a test fix the order of
+        events exactly."""
+        assert not self.thread.is_alive(), "the loop runs: it accepts by itself"
+        ready, _, _ = select.select([self.listener], [], [], WAIT)
+        assert ready, "no connection to accept"
+        self.loop._accept(self.listener, selectors.EVENT_READ)
+
+    def wait_input(self) -> None:
+        """Before :meth:`start`: wait until the kernel holds unread input for every
+        accepted connection (the loop has read none of it)."""
+        assert not self.thread.is_alive(), "the loop runs: it reads by itself"
+        socks = [c.sock for c in self.loop.conns.values()]
+        pending = set(socks)
+        while pending:
+            ready, _, _ = select.select(list(pending), [], [], WAIT)
+            assert ready, "the clients' bytes never arrived"
+            pending.difference_update(ready)
 
     def connect(self, source: str = HOST, rcvbuf: int | None = None) -> socket.socket:
         s = socket.socket()
@@ -72,20 +99,15 @@ class Served:
     def conns_from(self, address: str) -> int:
         return sum(1 for c in list(self.loop.conns.values()) if c.peer[0] == address)
 
-    def wait_until(self, cond: Callable[[], bool]) -> None:
-        """Return once ``cond()`` (about the loop's state) holds; fail after :data:`WAIT`."""
-        deadline = time.monotonic() + WAIT
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the event loop did not reach the state within {WAIT}s")
-            time.sleep(0.005)
-
 
 @contextlib.contextmanager
-def serving(lim: Limits, app: Any = sized_app) -> Iterator[Served]:
+def serving(lim: Limits, app: Any = sized_app, start: bool = True) -> Iterator[Served]:
+    """Serve on a loopback port; with ``start=False`` the loop waits for
+    :meth:`Served.start` and the test may :meth:`Served.accept` by hand first."""
     listener = socket.socket()
     listener.bind((HOST, 0))
     listener.listen(128)
+    listener.setblocking(False)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     stop = threading.Event()
@@ -93,13 +115,18 @@ def serving(lim: Limits, app: Any = sized_app) -> Iterator[Served]:
     thread = threading.Thread(
         target=loop.run, args=(lambda: not stop.is_set(), lambda: True), daemon=True
     )
-    thread.start()
+    if start:
+        thread.start()
     try:
-        yield Served(loop, listener.getsockname()[1])
+        yield Served(loop, listener.getsockname()[1], listener, thread)
     finally:
         stop.set()
         os.write(wake_w, b"x")
-        thread.join(timeout=WAIT + lim.graceful)
+        if thread.is_alive():
+            thread.join(timeout=WAIT + lim.graceful)
+        else:  # never started: close what was accepted by hand
+            for conn in list(loop.conns.values()):
+                loop._close(conn)
         listener.close()
         os.close(wake_r)
         os.close(wake_w)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import netns
+from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
 from vr import metadata_counters
 from vr.paths import Paths
@@ -40,6 +41,8 @@ KEYS = (
 )
 USERDATA = gzip.compress(b"#cloud-config\nruncmd:\n - echo hello\n" + bytes(range(256)), mtime=0)
 CLOUD_INIT_PYTHON = "/usr/bin/python3"
+# The VMs of the shared route table (tests/helpers/routes.py), also on the guest.
+ROUTE_VMS = Vms(a="10.50.0.20", b="10.50.0.21", gz="10.50.0.22", unknown="10.50.0.29")
 
 
 @dataclass
@@ -84,11 +87,13 @@ def metadata_lab(tmp: Path) -> Iterator[Setup]:
     paths.ensure()
     store_vm(paths, VM1, keys=KEYS, userdata=USERDATA)
     store_vm(paths, VM2, name="second-vm", userdata=b"second VM's user-data")
+    store_route_vms(paths, ROUTE_VMS)
     with netns.lab() as lab:
         vr = lab.host("vr")
         guest = lab.host("guest")
         lab.link(vr, "eth0", f"{VR}/24", guest, "eth0", f"{VM1}/24")
-        guest.run("ip", "addr", "add", f"{VM2}/24", "dev", "eth0")
+        for ip in (VM2, ROUTE_VMS.a, ROUTE_VMS.b, ROUTE_VMS.gz, ROUTE_VMS.unknown):
+            guest.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
         guest.run("ip", "route", "add", "default", "via", VR)
         log = tmp / "serve-metadata.log"
         server = start_server(lab, vr, paths, log)
@@ -117,6 +122,33 @@ def test_curl_reads_index_values_and_binary_user_data(setup: Setup) -> None:
     )
     assert setup.get("/metadata/v1/interfaces/private/0/ipv4/address") == VM1.encode()
     assert json.loads(setup.get("/metadata/v1.json"))["hostname"] == "vm-10-50-0-5"
+
+
+def parse_curl(out: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``curl -i``/``-I`` output -> status, headers (lower-case names), body."""
+    head, sep, body = out.partition(b"\r\n\r\n")
+    assert sep, out[:300]
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+@pytest.mark.parametrize("case", route_cases(ROUTE_VMS), ids=lambda c: c.name)
+def test_route_table_through_gunicorn_with_curl(setup: Setup, case: Case) -> None:
+    """The cases the Flask-client test runs, over the wire: the path exactly as
+    written (``--path-as-is``), HEAD as ``curl -I``, other methods with ``-X``."""
+    args = ["--path-as-is", "-I" if case.method == "HEAD" else "-i"]
+    if case.method not in ("GET", "HEAD"):
+        args += ["-X", case.method]
+    for name, value in case.headers:
+        args += ["-H", f"{name}: {value}"]
+    res = setup.curl(*args, f"http://{VR}{case.path}", source=case.source(ROUTE_VMS))
+    assert res.returncode == 0, res.stderr
+    status, headers, body = parse_curl(res.stdout)
+    check_reply(case, status, headers, body)
 
 
 def test_each_vm_gets_only_its_own_data(setup: Setup) -> None:
@@ -328,3 +360,100 @@ def test_cloud_init_cloudstack_datasource_reads_everything(
     assert got["availability_zone"] == "zone-a"
     assert got["public_keys"] == KEYS.split("\n")
     assert base64.b64decode(got["userdata"]) == USERDATA
+
+
+# cloud-init's EC2 data source, pointed at the VR. ``platform`` is what cloud-init's
+# identify_platform() would conclude from DMI: "unknown" on a CloudStack guest
+# (strict_id false lets the source run there), "aws" where DMI says EC2 — then it
+# asks for an IMDSv2 token first and gives up on any 4xx, never falling back to
+# plain GETs. Every HTTP attempt is recorded through requests.Session.request.
+CLOUD_INIT_EC2_DRIVER = textwrap.dedent(
+    """
+    import base64, json, sys
+    import requests
+    from cloudinit import distros, helpers
+    from cloudinit.sources import DataSourceEc2 as ec2
+
+    work, url, platform = sys.argv[1], sys.argv[2], sys.argv[3]
+    calls = []  # [method, url, status, names of the headers sent]
+    _request = requests.Session.request
+
+    def request(self, method, url, **kw):
+        entry = [method, url, None, sorted(kw.get("headers") or {})]
+        calls.append(entry)
+        response = _request(self, method, url, **kw)
+        entry[2] = response.status_code
+        return response
+
+    requests.Session.request = request
+    paths = helpers.Paths({"cloud_dir": work + "/cloud", "run_dir": work + "/run"})
+    distro = distros.fetch("debian")("debian", {}, paths)
+    ds_cfg = {"metadata_urls": [url], "strict_id": False, "max_wait": 20, "timeout": 5}
+    ds = ec2.DataSourceEc2({"datasource": {"Ec2": ds_cfg}}, distro, paths)
+    ds._cloud_name = platform
+    ok = ds.get_data()
+    md = ds.metadata or {}
+    print(json.dumps({
+        "ok": ok,
+        "address": ds.metadata_address,
+        "instance_id": ds.get_instance_id() if ok else None,
+        "local_hostname": md.get("local-hostname"),
+        "placement": md.get("placement"),
+        "availability_zone": ds.availability_zone if ok else None,
+        "public_keys": ds.get_public_ssh_keys() if ok else None,
+        "userdata": base64.b64encode(ds.get_userdata_raw() or b"").decode(),
+        "calls": calls,
+    }))
+    """
+)
+EC2_GUEST = "10.50.0.8"
+
+
+@pytest.fixture
+def ec2_guest(setup: Setup) -> Iterator[str]:
+    """A VM of its own whose address is the guest's source address meanwhile."""
+    store_vm(setup.paths, EC2_GUEST, name="ec2-guest", keys=KEYS, userdata=USERDATA)
+    setup.guest.run("ip", "addr", "replace", f"{EC2_GUEST}/24", "dev", "eth0")
+    route = ["ip", "route", "replace", "10.50.0.0/24", "dev", "eth0", "src"]
+    setup.guest.run(*route, EC2_GUEST)
+    try:
+        yield EC2_GUEST
+    finally:
+        setup.guest.run(*route, VM1)
+
+
+@pytest.mark.parametrize("platform", ["unknown", "aws"])
+def test_cloud_init_ec2_datasource_reads_everything(
+    setup: Setup, guest_etc: None, ec2_guest: str, tmp_path: Path, platform: str
+) -> None:
+    driver = tmp_path / "ec2_driver.py"
+    driver.write_text(CLOUD_INIT_EC2_DRIVER)
+    res = setup.guest.run(
+        CLOUD_INIT_PYTHON, str(driver), str(tmp_path), f"http://{VR}", platform, timeout=300
+    )
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ok"] is True, res.stderr[-3000:]
+    assert got["address"] == f"http://{VR}"
+    assert got["instance_id"] == instance_id(ec2_guest)
+    assert got["local_hostname"] == "ec2-guest"
+    assert got["placement"] == {"availability-zone": "zone-a"}
+    assert got["availability_zone"] == "zone-a"
+    assert got["public_keys"] == KEYS.split("\n")
+    assert base64.b64decode(got["userdata"]) == USERDATA
+    calls = got["calls"]
+    fetched = {url.removeprefix(f"http://{VR}/"): status for _, url, status, _ in calls}
+    version = "2021-03-23"  # the newest cloud-init 22.4 asks for: we answer it
+    for leaf in ("public-keys/0/openssh-key", "public-keys/1/openssh-key"):
+        assert fetched[f"{version}/meta-data/{leaf}"] == 200
+    assert fetched[f"{version}/meta-data/placement/availability-zone"] == 200
+    assert fetched[f"{version}/user-data"] == 200
+    tree = [c for c in calls if "/meta-data/" in c[1] or c[1].endswith("/user-data")]
+    assert tree and all(status == 200 for _, _, status, _ in tree), tree
+    puts = [c for c in calls if c[0] == "PUT"]
+    if platform == "unknown":
+        # Not on EC2: cloud-init asks no token and reads with plain GETs (IMDSv1).
+        assert puts == []
+    else:
+        # The token on the first try, then sent with every GET.
+        assert puts == [calls[0]] and calls[0][1:3] == [f"http://{VR}/latest/api/token", 200]
+        assert all("X-aws-ec2-metadata-token" in c[3] for c in calls[1:])

@@ -17,9 +17,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr import metadata_counters
 from vr.metadata_app import create_app
+from vr.metadata_tokens import TOKEN_HEADER, TTL_HEADER
 from vr.paths import Paths
 
 A = "10.1.1.5"
@@ -44,6 +46,29 @@ def client(app: Flask) -> FlaskClient:
 
 def get(client: FlaskClient, path: str, ip: str = A, **kw: Any) -> TestResponse:
     return client.get(path, environ_base={"REMOTE_ADDR": ip}, **kw)
+
+
+# --- the route table (tests/helpers/routes.py; the curl tests run the same cases) ----
+
+ROUTE_VMS = Vms(a="10.2.0.5", b="10.2.0.6", gz="10.2.0.7", unknown="10.2.0.99")
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "flask-only"])
+def route_client(request: pytest.FixtureRequest, paths: Paths) -> FlaskClient:
+    store_route_vms(paths, ROUTE_VMS)
+    return create_app(paths, fast_path=request.param).test_client()
+
+
+@pytest.mark.parametrize("case", route_cases(ROUTE_VMS), ids=lambda c: c.name)
+def test_route_table(route_client: FlaskClient, case: Case) -> None:
+    r = route_client.open(
+        case.path,
+        method=case.method,
+        headers=list(case.headers),
+        environ_base={"REMOTE_ADDR": case.source(ROUTE_VMS)},
+    )
+    headers = {k.lower(): v for k, v in r.headers.items()}
+    check_reply(case, r.status_code, headers, r.data)
 
 
 # --- CloudStack scheme ---------------------------------------------------------------
@@ -91,13 +116,18 @@ def test_stored_key_names_are_looked_up_exactly_under_meta_data(client: FlaskCli
     assert get(client, "/latest/meta-data/custom-key").status_code == 404
 
 
-def test_shortcuts_serve_every_stored_key_but_only_shipped_names_ignore_case(
-    client: FlaskClient,
+@pytest.mark.parametrize(
+    "path",
+    ["/latest/Custom-Key", "/latest/Custom-Key/", "/latest/CUSTOM-KEY", "/latest/custom-key?x"],
+)
+def test_shortcuts_serve_every_stored_key_in_any_letter_case(
+    client: FlaskClient, path: str
 ) -> None:
-    assert get(client, "/latest/Custom-Key").data == b"custom value"
-    assert get(client, "/latest/Custom-Key/").data == b"custom value"
-    assert get(client, "/latest/CUSTOM-KEY").status_code == 404
+    """CloudStack's ``^<file>$ [L,NC,QSA]`` rule matches in any case and writes
+    the stored name; only ``/latest/meta-data/<key>`` keeps the request's case."""
+    assert get(client, path).data == b"custom value"
     assert get(client, "/latest/Local-Hostname").data == b"vm-10-1-1-5"
+    assert get(client, "/latest/meta-data/CUSTOM-KEY").status_code == 404
 
 
 def test_empty_value_is_served_as_an_empty_200(client: FlaskClient) -> None:
@@ -240,6 +270,65 @@ def test_forwarded_post_is_refused_before_method_check(client: FlaskClient) -> N
     assert r.status_code == 403
 
 
+# --- IMDSv2 tokens -------------------------------------------------------------------
+
+
+def put_token(client: FlaskClient, ip: str = A, ttl: str | None = "21600") -> TestResponse:
+    headers = {} if ttl is None else {TTL_HEADER: ttl}
+    return client.put("/latest/api/token", environ_base={"REMOTE_ADDR": ip}, headers=headers)
+
+
+def test_token_put_mints_a_token_that_later_gets_work_with(client: FlaskClient) -> None:
+    r = put_token(client)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "text/plain"
+    assert r.headers[TTL_HEADER] == "21600"
+    token = r.data.decode()
+    got = get(client, "/latest/meta-data/instance-id", headers={TOKEN_HEADER: token})
+    assert (got.status_code, got.data) == (200, instance_id(A).encode())
+    head = client.head(
+        "/latest/user-data", environ_base={"REMOTE_ADDR": GZ}, headers={TOKEN_HEADER: token}
+    )
+    assert head.status_code == 401  # minted for A, not for GZ
+
+
+@pytest.mark.parametrize("token", ["", "bogus", "AAAAAAAAAAAAAAAAAAAAAAAAAAA"])
+def test_a_get_with_an_invalid_token_is_401_and_without_one_still_served(
+    client: FlaskClient, token: str
+) -> None:
+    r = get(client, "/latest/instance-id", headers={TOKEN_HEADER: token})
+    assert r.status_code == 401
+    assert instance_id(A).encode() not in r.data
+    assert get(client, "/latest/instance-id").data == instance_id(A).encode()
+
+
+def test_token_put_without_ttl_is_400(client: FlaskClient) -> None:
+    assert put_token(client, ttl=None).status_code == 400
+
+
+def test_token_path_allows_put_only_and_forwarded_puts_are_refused(client: FlaskClient) -> None:
+    r = client.post("/latest/api/token", environ_base={"REMOTE_ADDR": A})
+    assert (r.status_code, r.headers["Allow"]) == (405, "PUT")
+    assert get(client, "/latest/api/token").status_code == 404
+    assert client.head("/latest/api/token", environ_base={"REMOTE_ADDR": A}).status_code == 404
+    forwarded = client.put(
+        "/latest/api/token",
+        environ_base={"REMOTE_ADDR": A},
+        headers={TTL_HEADER: "60", "X-Forwarded-For": "10.9.9.9"},
+    )
+    assert forwarded.status_code == 403
+
+
+def test_tokens_minted_by_one_worker_are_valid_on_another(app: Flask, paths: Paths) -> None:
+    """(``app`` stores the VMs; two more applications share one key, as workers do.)"""
+    key = b"k" * 32
+    one = create_app(paths, token_key=key).test_client()
+    other = create_app(paths, token_key=key).test_client()
+    token = put_token(one).data.decode()
+    r = get(other, "/latest/instance-id", headers={TOKEN_HEADER: token})
+    assert r.data == instance_id(A).encode()
+
+
 # --- EC2 view ------------------------------------------------------------------------
 
 
@@ -306,10 +395,16 @@ def test_do_tree(client: FlaskClient) -> None:
     assert get(client, f"{v1}/user-data", ip=GZ).data == BINARY
 
 
-def test_do_directory_without_slash_redirects(client: FlaskClient) -> None:
-    r = get(client, "/metadata/v1/interfaces/public")
+@pytest.mark.parametrize(
+    "path", ["/metadata/v1", "/metadata/v1/interfaces", "/metadata/v1/interfaces/public"]
+)
+def test_do_directory_without_slash_redirects_to_the_slash_form(
+    client: FlaskClient, path: str
+) -> None:
+    r = get(client, path)
     assert r.status_code == 301
-    assert r.headers["Location"].endswith("/metadata/v1/interfaces/public/")
+    assert r.headers["Location"] == path + "/"
+    assert get(client, path + "/").status_code == 200
 
 
 def test_do_json_document(client: FlaskClient) -> None:

@@ -75,3 +75,23 @@ def test_user_data_absent_is_not_listed() -> None:
     assert resolve(v, "/latest/").body == b"meta-data"
     assert b"user-data" not in resolve(v, "/metadata/v1/").body
     assert resolve(v, "/latest/user-data").status == 404
+
+
+def test_shortcut_case_rules_exact_first_then_first_pushed_spelling() -> None:
+    v = build_view(1, {"Zone-Note": b"first", "zone-note": b"second", "ZONE-NOTE": b"third"}, {})
+    assert resolve(v, "/latest/zone-note").body == b"second"
+    assert resolve(v, "/latest/ZONE-NOTE").body == b"third"
+    assert resolve(v, "/latest/Zone-NOTE").body == b"first"
+    assert resolve(v, "/latest/meta-data/Zone-NOTE").status == 404
+
+
+def test_shipped_shortcut_name_prefers_the_lower_case_key_as_apache_rewrites_it() -> None:
+    v = build_view(1, {"Instance-Id": b"mixed", "instance-id": b"i-1"}, {})
+    assert resolve(v, "/latest/INSTANCE-ID").body == b"i-1"
+    assert resolve(v, "/latest/Instance-Id").body == b"mixed"
+
+
+def test_lower_case_only_names_need_no_folding_table() -> None:
+    v = build_view(1, BASIC, {})
+    assert v.folded == {}
+    assert resolve(v, "/latest/Local-IPv4").body == b"10.1.1.5"

@@ -251,18 +251,64 @@ def test_oversized_body_gets_its_413_though_the_client_keeps_sending() -> None:
 
 
 def test_over_the_address_limit_with_nothing_idle_the_newcomer_gets_503() -> None:
-    with serving(limits(per_address=2)) as srv:
+    # By hand: the loop accepts when told and reads nothing before it starts, so
+    # the order of events is fixed, whatever else the machine is doing.
+    with serving(limits(per_address=2), start=False) as srv:
         busy = [srv.connect(source="127.0.0.2") for _ in range(2)]
         try:
+            srv.accept()
+            assert srv.conns_from("127.0.0.2") == 2
             for s in busy:  # a request begun: these connections are not idle
                 s.sendall(b"GET /slow HTTP/1.1\r\nHo")
-            # once the loop has accepted both and read their bytes: before that they
-            # count as idle, and the newcomer would (rightly) push one out instead
-            srv.wait_until(lambda: srv.conns_from("127.0.0.2") == 2 and not srv.loop.idle)
+            srv.wait_input()
             with srv.connect(source="127.0.0.2") as extra:
+                srv.accept()
                 assert Reader(extra).response()[0] == 503
+            srv.start()
             busy[0].sendall(b"st: vr\r\n\r\n")
             assert Reader(busy[0]).response()[2] == body_for("/slow", 16)
         finally:
             for s in busy:
                 s.close()
+
+
+def test_request_sent_but_not_yet_read_is_answered_not_evicted_as_idle() -> None:
+    """The connection was idle when last read; its next request is in the kernel
+    when a newcomer from the same address needs room. Closing it would drop a
+    request the client sent; it is served, and the newcomer gets the 503."""
+    with serving(limits(per_address=1), start=False) as srv, srv.connect("127.0.0.2") as sent:
+        srv.accept()
+        sent.sendall(request("/sent"))
+        srv.wait_input()
+        with srv.connect(source="127.0.0.2") as extra:
+            srv.accept()
+            assert Reader(extra).response()[0] == 503
+        reader = Reader(sent)
+        assert reader.response()[2] == body_for("/sent", 16)
+        srv.start()
+        sent.sendall(request("/again"))
+        assert reader.response()[2] == body_for("/again", 16)
+
+
+def test_at_the_connection_limit_a_request_not_yet_read_is_answered_not_evicted() -> None:
+    with serving(limits(connections=1), start=False) as srv, srv.connect("127.0.0.2") as sent:
+        srv.accept()
+        sent.sendall(request("/sent"))
+        srv.wait_input()
+        with srv.connect(source="127.0.0.3") as extra:
+            srv.accept()
+            assert Reader(extra).response()[0] == 503
+        assert Reader(sent).response()[2] == body_for("/sent", 16)
+
+
+def test_idle_connection_whose_client_half_closed_unread_makes_room() -> None:
+    with serving(limits(per_address=1), start=False) as srv, srv.connect("127.0.0.2") as gone:
+        srv.accept()
+        gone.shutdown(socket.SHUT_WR)
+        srv.wait_input()
+        with srv.connect(source="127.0.0.2") as newcomer:
+            srv.accept()
+            assert closed_within_wait(gone)
+            srv.start()
+            newcomer.sendall(request("/newcomer"))
+            assert Reader(newcomer).response()[2] == body_for("/newcomer", 16)

@@ -347,11 +347,12 @@ class PasswordApp:
             LOG.info("password fetch by VM %s: none stored, answered %s", caller, SAVED)
             return SAVED.encode()
         assert vm is not None
+        body = entry.password.encode()  # first: a reply that cannot be made changes nothing
         if not entry.served:
             # recorded before the guest can ack, so its ack can clear this password
             self.store.mark_password_served(vm, entry.gen)
         LOG.info("password fetch by VM %s: served generation %d", vm, entry.gen)
-        return entry.password.encode()
+        return body
 
     def ack(self, vm: IPv4Address | None, caller: str) -> bytes:
         # no entry now: anything stored later is a newer push the ack must not clear

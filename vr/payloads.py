@@ -294,12 +294,13 @@ def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
         not isinstance(password, str)
         or not password
         or len(password) > limits.password_chars
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password)
+        or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in password)
     ):
         raise PayloadError(
             "password",
             REDACTED,
-            f"a non-empty string of at most {limits.password_chars} printable characters",
+            f"a non-empty string of at most {limits.password_chars} printable characters "
+            "(no lone surrogate \\uD8xx)",
             vm,
         )
     return VmPassword(ip, password)

@@ -126,6 +126,9 @@ CASES = [
         (f"VM {VM}", "remove='maybe'", "true or false"), name="vm_dhcp_entry.json.1"),
     Bad("password-missing", {"ip_address": VM, "type": "vmpassword"},
         (f"VM {VM}", "password=None", "present"), name="vm_password.json.1"),
+    Bad("password-lone-surrogate", b'{"ip_address":"10.1.1.23","password":"ab\\ud800",'
+        b'"type":"vmpassword"}',
+        (f"VM {VM}", "password=<redacted>", "no lone surrogate"), name="vm_password.json.1"),
     Bad("ip-missing", {"vm_metadata": [["metadata", "vm-id", "x"]], "type": "vmdata"},
         ("vm_ip_address=None", "expected this field to be present")),
     Bad("password-bad-ip", {"ip_address": "10.1.1.300", "password": "x", "type": "vmpassword"},

@@ -75,13 +75,16 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     from vr import config
     from vr.firewall.model import merge_networks
     from vr.store import list_vms, read_networks
-    from vr.supervisor import Supervisor, port_answers
+    from vr.supervisor import Supervisor, instance_running, port_answers
 
     status: dict[str, Any] = {"root": str(paths.root)}
     try:
         up = json.loads(Supervisor.status_file(paths).read_text())
     except (OSError, ValueError):
         up = {"stopped": True, "services": {}}
+    if not up.get("stopped") and not instance_running(paths):
+        # written by a vr up that was killed (SIGKILL, power cut) before it could say so
+        up.update(stopped=True, ready=False, died=True)
     for svc in up.get("services", {}).values():
         # re-check now: the file is as old as the last change the supervisor saw
         svc["up"] = (
@@ -124,6 +127,8 @@ def format_status(st: dict[str, Any]) -> str:
     """The plain-text ``vr status`` report of :func:`collect_status`'s result."""
     sup = st["supervisor"]
     state = "stopped" if sup.get("stopped") else ("ready" if sup.get("ready") else "starting")
+    if sup.get("died"):
+        state = f"stopped (vr up pid {sup.get('pid')} ended without stopping its services)"
     lines = [f"vr up: {state}" + (f" (pid {sup['pid']})" if not sup.get("stopped") else "")]
     for name, svc in sorted(sup.get("services", {}).items()):
         updown = "up" if svc["up"] else "down"

@@ -295,7 +295,9 @@ class Sandbox:
             if proc.poll() is not None:
                 raise RuntimeError(f"vr up exited with {proc.returncode}; see {self.vr_log}")
             with contextlib.suppress(OSError, ValueError):
-                if json.loads(status.read_text()).get("ready"):
+                st = json.loads(status.read_text())
+                # this vr up's status, not one a killed predecessor left behind
+                if st.get("ready") and st.get("pid") == proc.pid:
                     return
             time.sleep(0.1)
         raise RuntimeError(f"vr up not ready after {timeout}s; see {self.vr_log}")

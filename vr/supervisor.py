@@ -145,6 +145,23 @@ def single_instance(paths: Paths) -> Iterator[None]:
         os.close(fd)
 
 
+def instance_running(paths: Paths) -> bool:
+    """Whether a ``vr up`` holds this root's lock now (a status file outlives a killed one)."""
+    try:
+        fd = os.open(paths.run / "up.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
 def probe_address(listen: str) -> str:
     """A bind address -> where to connect to check it answers."""
     return "127.0.0.1" if listen in ("", "0.0.0.0") else listen

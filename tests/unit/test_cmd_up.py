@@ -17,6 +17,7 @@ from vr.cmd_up import collect_status, format_status
 from vr.paths import Paths
 from vr.payloads import GuestNetwork, VmMetadata
 from vr.store import Store
+from vr.supervisor import single_instance
 
 PUSH_TIME = 1_700_000_000.0
 
@@ -77,7 +78,8 @@ def test_status_prints_services_vms_networks_and_the_last_push(
     Store(paths).apply(vms)
     push_networks(paths, ("eth0", "10.1.1.1", "10.1.1.0/24"))
     record_push(paths, True, "VM 10.1.1.10: changed instance-id deleted -")
-    assert main(["status", "--root", str(paths.root)]) == 0
+    with single_instance(paths):  # as the running vr up holds it
+        assert main(["status", "--root", str(paths.root)]) == 0
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(PUSH_TIME))
     assert capsys.readouterr().out.splitlines() == [
         f"vr up: ready (pid {os.getpid()})",
@@ -110,6 +112,21 @@ def test_status_of_a_stopped_vr_up_with_a_failed_push(
     assert out[-1] == (
         f"last push: {when} vm_metadata.json FAILED: "
         "vm_metadata.json: vm_ip_address='x': expected an IPv4 address"
+    )
+
+
+def test_status_left_by_a_killed_vr_up_is_reported_stopped_not_ready(
+    paths: Paths, listening: int
+) -> None:
+    """SIGKILL leaves run/vr/status.json saying ready; nothing holds the lock any more."""
+    write_up_status(paths, listening, free_port())
+    with single_instance(paths):
+        assert format_status(collect_status(paths)).startswith(f"vr up: ready (pid {os.getpid()})")
+    st = collect_status(paths)
+    assert st["supervisor"]["ready"] is False
+    assert {svc["up"] for svc in st["supervisor"]["services"].values()} == {False}
+    assert format_status(st).splitlines()[0] == (
+        f"vr up: stopped (vr up pid {os.getpid()} ended without stopping its services)"
     )
 
 

@@ -58,7 +58,8 @@ BEFORE_ANY_VM: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def sb() -> Iterator[Sandbox]:
+def box() -> Iterator[Sandbox]:
+    """One sandbox for the module (namespaces, keys, two guests, their pushes)."""
     with sandbox() as box:
         box.start_vr()
         # The guest network arrives by push after start; then, before any VM is pushed,
@@ -75,6 +76,17 @@ def sb() -> Iterator[Sandbox]:
         res = box.push(box.write_payloads(vms))
         assert res.code == 0, res.stderr
         yield box
+
+
+@pytest.fixture
+def sb(box: Sandbox) -> Sandbox:
+    """The module's sandbox with vr up running, whatever an earlier test did to it
+    (stopped, killed): each test starts from a running appliance, and tests about
+    passwords push their own."""
+    if not any(p.poll() is None for p in box.procs):
+        box.procs.clear()
+        box.start_vr()
+    return box
 
 
 def test_before_any_vm_is_pushed_guests_get_404_not_errors(sb: Sandbox) -> None:
@@ -96,6 +108,9 @@ def _wait(cond, timeout: float = 30.0) -> None:
 
 def test_cloud_init_reads_everything_and_acknowledges_the_password(sb: Sandbox) -> None:
     g = sb.guests[0]
+    password = new_password()
+    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, password))]))
+    assert res.code == 0, res.stderr
     seen = sb.cloud_init(g.role)
     assert seen["ok"] is True
     assert seen["vr_address"] == VR_GUEST_IP
@@ -104,7 +119,7 @@ def test_cloud_init_reads_everything_and_acknowledges_the_password(sb: Sandbox) 
     assert seen["availability_zone"] == "zone-a"
     assert seen["public_keys"] == [g.ssh_key]
     assert base64.b64decode(str(seen["user_data_b64"])) == g.user_data
-    same_password(seen["password"], g.password)
+    same_password(seen["password"], password)
     # cloud-init acknowledged it: the next fetch gives no password
     same_password(sb.wget_password(g.role).stdout, NONE)
     no_password_for_cloud_init(sb.cloud_init(g.role))
@@ -122,15 +137,16 @@ def test_guest_reaches_metadata_at_169_254_169_254_and_at_the_vr_address(sb: San
 
 def test_guest_b_never_sees_guest_a_data_or_password(sb: Sandbox) -> None:
     a, b = sb.guests[0], sb.guests[1]
-    only_for_a = new_password()
-    res = sb.push(sb.write_payloads([("vm_password.json", password_payload(a, only_for_a))]))
-    assert res.code == 0, res.stderr
+    only_for_a, for_b = new_password(), new_password()
+    for g, password in ((b, for_b), (a, only_for_a)):
+        res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, password))]))
+        assert res.code == 0, res.stderr
     assert sb.curl(b.role, f"http://{METADATA_IP}/latest/instance-id").stdout == b.instance_id
     assert sb.curl(b.role, f"http://{METADATA_IP}/latest/user-data").stdout.encode() == b.user_data
     got_b = sb.wget_password(b.role).stdout
     if got_b == only_for_a:
         raise AssertionError("guest B was served guest A's password")
-    same_password(got_b, b.password)
+    same_password(got_b, for_b)
     same_password(sb.wget_password(a.role).stdout, only_for_a)
 
 
@@ -206,6 +222,8 @@ def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service
 
 def test_vr_status_counts_vms_networks_last_push_and_refused_requests(sb: Sandbox) -> None:
     g = sb.guests[1]
+    res = sb.push(sb.write_payloads([("vm_metadata.json", metadata_payload(g))]))
+    assert res.code == 0, res.stderr
     refused = sb.run(
         g.role,
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "X-Forwarded-For: 10.1.1.23",
@@ -273,7 +291,6 @@ def _netns_pids(sb: Sandbox) -> list[str]:
 def test_sigkill_of_vr_up_leaves_no_process_of_it(sb: Sandbox) -> None:
     """SIGKILL gives vr up no chance to stop anything: its services (agent, both
     gunicorn arbiters and their workers) must still go, by themselves."""
-    sb.start_vr()
     (up,) = sb.procs
     services = [s["pid"] for s in _status(sb)["services"].values()]
     running = set(_netns_pids(sb))

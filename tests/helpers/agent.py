@@ -9,6 +9,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import paramiko
 
 from tests.helpers.procs import free_port, wait_port
 
@@ -88,3 +91,15 @@ class AgentProcess:
     def cloud_log(self) -> str:
         path = self.root / "var/log/cloud.log"
         return path.read_text() if path.exists() else ""
+
+
+class KexRecorder(paramiko.Transport):
+    """A paramiko client transport that remembers which key exchange it agreed on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kex_names: list[str] = []
+
+    def _parse_kex_init(self, m: paramiko.Message) -> None:
+        super()._parse_kex_init(m)  # type: ignore[misc]
+        self.kex_names.append(self.kex_engine.name)  # type: ignore[attr-defined]

@@ -18,12 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
 import paramiko
 import pytest
 
-from tests.helpers.agent import REPO, AgentProcess, keygen
+from tests.helpers.agent import REPO, AgentProcess, KexRecorder, keygen
 from tests.helpers.procs import free_port, wait_port
 from vr.paths import Paths
 from vr.store import read_vm
@@ -307,18 +306,6 @@ def negotiated(ssh_debug: str) -> dict[str, str]:
             if marker in line:
                 found[what] = line.split(marker, 1)[1].strip()
     return found
-
-
-class KexRecorder(paramiko.Transport):
-    """A paramiko client transport that remembers which key exchange it agreed on."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.kex_names: list[str] = []
-
-    def _parse_kex_init(self, m: paramiko.Message) -> None:
-        super()._parse_kex_init(m)  # type: ignore[misc]
-        self.kex_names.append(self.kex_engine.name)  # type: ignore[attr-defined]
 
 
 def test_cloudstacks_trilead_client_uploads_and_applies_over_sha1(agent: Agent) -> None:

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import paramiko
 import pytest
@@ -22,6 +21,7 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 
+from tests.helpers.agent import KexRecorder
 from tests.helpers.agent_loop import FakeApplier, applied
 from vr import config
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
@@ -39,16 +39,7 @@ from vr.paths import Paths
 RSA_HOST_KEY = LegacyRSAKey(key=paramiko.RSAKey.generate(2048).key)  # type: ignore[attr-defined]
 
 
-class Recording(paramiko.Transport):
-    """A client transport that remembers the key exchange it agreed on."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.kex_names: list[str] = []
-
-    def _parse_kex_init(self, m: paramiko.Message) -> None:
-        super()._parse_kex_init(m)  # type: ignore[misc]
-        self.kex_names.append(self.kex_engine.name)  # type: ignore[attr-defined]
+Recording = KexRecorder
 
 
 class TrileadLike(Recording):

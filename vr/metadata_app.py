@@ -15,8 +15,8 @@ Two doors to the same answers:
   (:mod:`vr.metadata_tokens`), other methods (405 with ``Allow``), and errors.
 
 A GET that carries an IMDSv2 token header is answered only if the token is valid
-(else 401); one without is answered as ever. With ``fast_path=False`` Flask serves everything, which
-  the tests use to prove both doors answer byte for byte the same.
+(else 401); one without is answered as ever. With ``fast_path=False`` Flask serves
+everything, which the tests use to prove both doors answer byte for byte the same.
 """
 
 from __future__ import annotations

@@ -145,6 +145,11 @@ class Paths:
         return self._p("run/vr")
 
     @property
+    def up_lock(self) -> Path:
+        """Held by the one ``vr up`` of this root for its whole life (holds its pid)."""
+        return self.run / "up.lock"
+
+    @property
     def metadata_counters(self) -> Path:
         """Per-worker counter files of the metadata service (``<pid>.json``)."""
         return self.run / "metadata"

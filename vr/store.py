@@ -360,10 +360,7 @@ class Store:
             return now
 
     def _next_gen(self) -> int:
-        try:
-            return int(self.paths.stamp.read_text().strip() or 0) + 1
-        except (FileNotFoundError, ValueError):
-            return 1
+        return _read_int(self.paths.stamp) + 1
 
     def apply(self, payloads: Sequence[Payload]) -> ApplyResult:
         """Apply all ``payloads`` as one unit under the lock."""

@@ -125,7 +125,7 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
 def single_instance(paths: Paths) -> Iterator[None]:
     """Hold ``run/vr/up.lock`` for the life of this ``vr up``; refuse a second one."""
     paths.run.mkdir(parents=True, exist_ok=True)
-    lock = paths.run / "up.lock"
+    lock = paths.up_lock
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
@@ -148,7 +148,7 @@ def single_instance(paths: Paths) -> Iterator[None]:
 def instance_running(paths: Paths) -> bool:
     """Whether a ``vr up`` holds this root's lock now (a status file outlives a killed one)."""
     try:
-        fd = os.open(paths.run / "up.lock", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(paths.up_lock, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:

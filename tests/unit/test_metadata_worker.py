@@ -12,6 +12,8 @@ import select
 import socket
 import threading
 
+import pytest
+
 from tests.helpers.loop_server import (
     Reader,
     body_for,
@@ -272,15 +274,23 @@ def test_over_the_address_limit_with_nothing_idle_the_newcomer_gets_503() -> Non
                 s.close()
 
 
-def test_request_sent_but_not_yet_read_is_answered_not_evicted_as_idle() -> None:
+@pytest.mark.parametrize(
+    ("limit", "newcomer"),
+    [({"per_address": 1}, "127.0.0.2"), ({"connections": 1}, "127.0.0.3")],
+    ids=["address-limit", "connection-limit"],
+)
+def test_request_sent_but_not_yet_read_is_answered_not_evicted_as_idle(
+    limit: dict[str, int], newcomer: str
+) -> None:
     """The connection was idle when last read; its next request is in the kernel
-    when a newcomer from the same address needs room. Closing it would drop a
-    request the client sent; it is served, and the newcomer gets the 503."""
-    with serving(limits(per_address=1), start=False) as srv, srv.connect("127.0.0.2") as sent:
+    when a newcomer (from the same address, or any at the worker's connection
+    limit) needs room. Closing it would drop a request the client sent; it is
+    served, and the newcomer gets the 503."""
+    with serving(limits(**limit), start=False) as srv, srv.connect("127.0.0.2") as sent:
         srv.accept()
         sent.sendall(request("/sent"))
         srv.wait_input()
-        with srv.connect(source="127.0.0.2") as extra:
+        with srv.connect(source=newcomer) as extra:
             srv.accept()
             assert Reader(extra).response()[0] == 503
         reader = Reader(sent)
@@ -288,17 +298,6 @@ def test_request_sent_but_not_yet_read_is_answered_not_evicted_as_idle() -> None
         srv.start()
         sent.sendall(request("/again"))
         assert reader.response()[2] == body_for("/again", 16)
-
-
-def test_at_the_connection_limit_a_request_not_yet_read_is_answered_not_evicted() -> None:
-    with serving(limits(connections=1), start=False) as srv, srv.connect("127.0.0.2") as sent:
-        srv.accept()
-        sent.sendall(request("/sent"))
-        srv.wait_input()
-        with srv.connect(source="127.0.0.3") as extra:
-            srv.accept()
-            assert Reader(extra).response()[0] == 503
-        assert Reader(sent).response()[2] == body_for("/sent", 16)
 
 
 def test_idle_connection_whose_client_half_closed_unread_makes_room() -> None:

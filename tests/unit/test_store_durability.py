@@ -144,9 +144,9 @@ def test_every_apply_fsyncs_data_before_exposing_it_and_its_folders_after(
         store.apply([parse_payload(n, json.dumps(p).encode()) for n, p in _pushes(1)])
     payloads = [parse_payload(n, json.dumps(p).encode()) for n, p in _pushes(2)]
 
-    trace = traced(monkeypatch)
-    store.apply(payloads)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:  # only the trace's patches end here
+        trace = traced(mp)
+        store.apply(payloads)
 
     assert trace.renames >= 3, "the apply made nothing visible by rename"
     assert trace.violations == []
@@ -159,12 +159,12 @@ def test_the_trace_catches_a_rename_of_unsynced_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checker itself: a plain write + rename without fsync is reported."""
-    trace = traced(monkeypatch)
-    fd = os.open(tmp_path / "tmp", os.O_WRONLY | os.O_CREAT, 0o644)
-    os.write(fd, b"data")
-    os.close(fd)
-    os.replace(tmp_path / "tmp", tmp_path / "final")
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        fd = os.open(tmp_path / "tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"data")
+        os.close(fd)
+        os.replace(tmp_path / "tmp", tmp_path / "final")
     assert len(trace.violations) == 1 and "exposes unsynced" in trace.violations[0]
     assert str(tmp_path) in trace.new_entries
 
@@ -183,8 +183,8 @@ def test_the_trace_sees_the_store_skip_a_file_fsync(
         real_write_file(path, data, mode, sync=False)
 
     payloads = [parse_payload(n, json.dumps(p).encode()) for n, p in _pushes(1)]
-    trace = traced(monkeypatch)
-    monkeypatch.setattr(atomic, "write_file", unsynced)
-    Store(paths).apply(payloads)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        mp.setattr(atomic, "write_file", unsynced)
+        Store(paths).apply(payloads)
     assert any("local-hostname" in v or "user-data" in v for v in trace.violations)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.helpers import netns  # noqa: E402
 from tests.helpers.vmdata import vm_payload, vm_triples  # noqa: E402
-from vr.metadata_worker import PER_ADDRESS  # noqa: E402
+from vr.http.worker import PER_ADDRESS  # noqa: E402
 from vr.paths import Paths  # noqa: E402
 from vr.payloads import parse_vm_metadata  # noqa: E402
 from vr.store import Store, list_vms, read_vm  # noqa: E402

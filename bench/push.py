@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.helpers.agent import AgentProcess, keygen  # noqa: E402
 from tests.helpers.procs import free_port, wait_port  # noqa: E402
+from vr.agent.client import Connection, Target, push_batch, push_files  # noqa: E402
 from vr.paths import Paths  # noqa: E402
 from vr.payloads import parse_payload  # noqa: E402
-from vr.pushclient import Connection, Target, push_batch, push_files  # noqa: E402
 from vr.store import Store  # noqa: E402
 
 
@@ -304,7 +304,7 @@ def run(args: argparse.Namespace, b: Bench) -> int:
     assert all(o.ok for o in outcomes), outcomes[:1]
     print(f"  one batch,  vr push --batch              {fmt_total(ours_batch, n, n)}")
     cfg = b.work / "VR-bench.cfg"
-    from vr.pushclient import build_cfg, payload_stem, remote_name
+    from vr.agent.client import build_cfg, payload_stem, remote_name
 
     items = []
     for i in range(n):

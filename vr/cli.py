@@ -17,13 +17,13 @@ from vr import __version__
 from vr.paths import ROOT_ENV
 
 COMMAND_MODULES = [
-    "vr.cmd_apply",
-    "vr.cmd_up",
-    "vr.cmd_demo",
-    "vr.cmd_metadata",
-    "vr.cmd_firewall",
-    "vr.cmd_agent",
-    "vr.cmd_passwd",
+    "vr.cmd.update_config",
+    "vr.cmd.up",
+    "vr.cmd.demo",
+    "vr.cmd.serve_metadata",
+    "vr.cmd.firewall",
+    "vr.cmd.agent",
+    "vr.cmd.serve_passwords",
 ]
 
 

@@ -32,7 +32,7 @@ Script = Callable[[list[str], TextIO, TextIO], int]
 
 @dataclass
 class FakeApplier:
-    """Stands in for :class:`vr.apply.Applier`; records every command it was given."""
+    """Stands in for :class:`vr.applier.Applier`; records every command it was given."""
 
     script: Script
     calls: list[tuple[str, list[str]]] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""Run vr's :class:`~vr.metadata_worker.EventLoop` in-process against a loopback listener.
+"""Run vr's :class:`~vr.http.worker.EventLoop` in-process against a loopback listener.
 
 The loop runs in a thread with real sockets, exactly as a gunicorn worker runs it
 (minus the arbiter), so tests can use small limits and look at its buffers. Client
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from vr.metadata_worker import EventLoop, Limits
+from vr.http.worker import EventLoop, Limits
 
 HOST = "127.0.0.1"
 WAIT = 10.0  # generous bound for anything the server should do "soon"

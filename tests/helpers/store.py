@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from vr.apply import Applier
+from vr.applier import Applier
 from vr.paths import Paths
 
 Snapshot = dict[str, tuple[str, object]]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from vr.sandbox import (
+from vr.demo.sandbox import (
     METADATA_IP,
     VR_GUEST_IP,
     Guest,

@@ -27,7 +27,7 @@ import pytest
 from tests.helpers import netns
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
-from vr import metadata_counters
+from vr.metadata import counters as metadata_counters
 from vr.paths import Paths
 from vr.store import current_gen
 

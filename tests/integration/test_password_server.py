@@ -30,7 +30,7 @@ import pytest
 
 from tests.helpers import netns
 from tests.helpers.fingerprint import fp
-from vr.passwd_app import read_token
+from vr.passwords.app import read_token
 from vr.paths import Paths
 from vr.payloads import VmPassword
 from vr.store import Store, read_passwords
@@ -146,7 +146,7 @@ def setup(module_setup: Setup) -> Setup:
 def audit_lines(s: Setup, vm: str) -> list[tuple[int, str]]:
     """(worker pid, message) of the audit lines about ``vm`` in cloud.log, in order."""
     out = []
-    pattern = re.compile(r"^\S+ \S+ (\d+) vr\.passwd_app \w+ (password .*)$")
+    pattern = re.compile(r"^\S+ \S+ (\d+) vr\.passwords\.app \w+ (password .*)$")
     for line in s.paths.log_file.read_text().splitlines():
         m = pattern.match(line)
         if m and f"VM {vm}:" in m.group(2):

@@ -15,7 +15,7 @@ from tests.helpers.store import (
     update_config,
     vm_metadata,
 )
-from vr.apply import SUMMARY_ITEMS, Applier, summarize
+from vr.applier import SUMMARY_ITEMS, Applier, summarize
 from vr.paths import Paths
 from vr.store import read_vm
 

@@ -205,7 +205,7 @@ def test_rejected_files_are_kept_private_and_bounded(paths: Paths) -> None:
 def test_failed_folder_keeps_only_the_newest_files(paths: Paths) -> None:
     from io import StringIO
 
-    from vr.apply import Applier
+    from vr.applier import Applier
 
     applier = Applier(paths, keep_failed=3)
     for i in range(6):

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers.fake_tables import FakeTables
 from vr.cli import build_parser, main
-from vr.firewall import apply as fw
+from vr.firewall import state as fw
 from vr.firewall.model import RuleSet
 from vr.paths import Paths
 

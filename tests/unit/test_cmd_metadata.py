@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vr.cli import build_parser
-from vr.cmd_metadata import gunicorn_options
+from vr.cmd.serve_metadata import gunicorn_options
 from vr.paths import Paths
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from tests.helpers.fake_tables import FakeTables
 from vr import store
-from vr.apply import Applier
+from vr.applier import Applier
 from vr.errors import FirewallError
-from vr.firewall import apply as fw
+from vr.firewall import state as fw
 from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN
 from vr.paths import Paths
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vr.http1 import (
+from vr.http.parser import (
     CONTINUE,
     MAX_BODY,
     MAX_HEAD,

@@ -19,9 +19,9 @@ from werkzeug.test import TestResponse
 
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
-from vr import metadata_counters
-from vr.metadata_app import create_app
-from vr.metadata_tokens import TOKEN_HEADER, TTL_HEADER
+from vr.metadata import counters as metadata_counters
+from vr.metadata.app import create_app
+from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER
 from vr.paths import Paths
 
 A = "10.1.1.5"

@@ -6,8 +6,8 @@ import json
 import threading
 from collections.abc import Callable
 
-from vr import metadata_counters
-from vr.metadata_counters import FLUSH_INTERVAL, Counters
+from vr.metadata import counters as metadata_counters
+from vr.metadata.counters import FLUSH_INTERVAL, Counters
 from vr.paths import Paths
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vr.metadata_tokens import MAX_TTL, TTL_HEADER, Tokens, is_token_path, new_key
+from vr.metadata.tokens import MAX_TTL, TTL_HEADER, Tokens, is_token_path, new_key
 
 
 class Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vr.metadata_views import NOT_FOUND, build_view, do_document, public_keys, resolve
+from vr.metadata.views import NOT_FOUND, build_view, do_document, public_keys, resolve
 
 BASIC = {
     "availability-zone": b"zone-a",

@@ -1,6 +1,6 @@
 """The event worker's connection handling, its loop run in-process on loopback.
 
-Each test drives real sockets against :class:`vr.metadata_worker.EventLoop` with
+Each test drives real sockets against :class:`vr.http.worker.EventLoop` with
 small limits (tests/helpers/loop_server.py). No timing is asserted: "soon" means
 within a generous bound, and every wait ends.
 """
@@ -22,8 +22,8 @@ from tests.helpers.loop_server import (
     request,
     serving,
 )
-from vr.http1 import MAX_BODY, MAX_HEAD
-from vr.metadata_worker import BUF_LIMIT
+from vr.http.parser import MAX_BODY, MAX_HEAD
+from vr.http.worker import BUF_LIMIT
 
 # --- pipelining and large responses ----------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 from werkzeug.test import Client, TestResponse
 
 from tests.helpers.fingerprint import fp
-from vr.passwd_app import (
+from vr.passwords.app import (
     MAX_BODY,
     FormError,
     PasswordApp,
@@ -227,7 +227,7 @@ def test_audit_lines_name_vm_action_and_outcome_but_never_the_password(
 ) -> None:
     password = new_password()
     token = ensure_token(paths)
-    caplog.set_level(logging.INFO, logger="vr.passwd_app")
+    caplog.set_level(logging.INFO, logger="vr.passwords.app")
     push(paths, VM, password)
     get(app, "send_my_password")
     get(app, "saved_password")

@@ -14,11 +14,8 @@ import paramiko
 import pytest
 
 from tests.helpers.agent_loop import HOST, LoopAgent, loop_agent
-from vr import pushclient
-from vr.errors import PayloadError
-from vr.paths import Paths
-from vr.payloads import parse_cfg, parse_payload
-from vr.pushclient import (
+from vr.agent import client as pushclient
+from vr.agent.client import (
     Connection,
     Outcome,
     Progress,
@@ -28,6 +25,9 @@ from vr.pushclient import (
     push,
     remote_name,
 )
+from vr.errors import PayloadError
+from vr.paths import Paths
+from vr.payloads import parse_cfg, parse_payload
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -183,7 +183,7 @@ def test_fewer_than_twenty_files_show_no_progress_bar() -> None:
 
 
 class FakeConnection:
-    """Stands in for :class:`vr.pushclient.Connection`: every command is applied."""
+    """Stands in for :class:`vr.agent.client.Connection`: every command is applied."""
 
     def __init__(self, target: Target) -> None:
         self.uploaded: list[str] = []

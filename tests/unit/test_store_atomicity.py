@@ -173,7 +173,7 @@ def test_readers_see_the_complete_old_or_new_vm_while_pushes_alternate(paths: Pa
 PUSHER = """
 import io, json, sys
 from pathlib import Path
-from vr.apply import Applier
+from vr.applier import Applier
 from vr.paths import Paths
 root, me, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 paths = Paths(root)

@@ -7,10 +7,10 @@ from ipaddress import IPv4Address
 import pytest
 
 from tests.helpers.vmdata import store_vm
-from vr import vmcache
+from vr.metadata import vmcache
+from vr.metadata.vmcache import VmCache
 from vr.paths import Paths
 from vr.store import read_vm
-from vr.vmcache import VmCache
 
 A, B = IPv4Address("10.1.1.5"), IPv4Address("10.1.1.6")
 

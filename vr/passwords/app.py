@@ -46,7 +46,7 @@ from typing import Any
 
 from vr import atomic
 from vr.errors import PayloadError, StoreError, VRError, shorten
-from vr.identity import Source, vm_of
+from vr.http.identity import Source, vm_of
 from vr.paths import Paths
 from vr.payloads import parse_vm_password
 from vr.store import Store

@@ -2,7 +2,7 @@
 
 No sockets here: :func:`parse_request` takes the bytes a connection has received,
 :func:`render_response` returns the bytes to send. The worker
-(:mod:`vr.metadata_worker`) owns the I/O. Limits are enforced while parsing, each
+(:mod:`vr.http.worker`) owns the I/O. Limits are enforced while parsing, each
 answered with a status: a request head of at most :data:`MAX_HEAD` bytes (431), a
 body only with ``Content-Length`` up to :data:`MAX_BODY` (413; ``Transfer-Encoding``
 501) — the services have no use for bodies beyond that.

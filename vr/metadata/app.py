@@ -1,8 +1,8 @@
 """The metadata HTTP service: a Flask application with a pure-WSGI fast path.
 
-The calling VM is the TCP peer (``REMOTE_ADDR``) mapped by ``vr.identity.vm_of``;
+The calling VM is the TCP peer (``REMOTE_ADDR``) mapped by ``vr.http.identity.vm_of``;
 no header is ever consulted for identity. Every URL is answered by
-``vr.metadata_views.resolve`` from the worker's :class:`vr.vmcache.VmCache`.
+``vr.metadata.views.resolve`` from the worker's :class:`vr.metadata.vmcache.VmCache`.
 
 Two doors to the same answers:
 
@@ -12,7 +12,7 @@ Two doors to the same answers:
   than the lookup itself;
 * Flask handles everything else: requests with ``X-Forwarded-For``/``Forwarded``
   (403, counted: an SSRF guard as GCE and Azure have), the IMDSv2 token ``PUT``
-  (:mod:`vr.metadata_tokens`), other methods (405 with ``Allow``), and errors.
+  (:mod:`vr.metadata.tokens`), other methods (405 with ``Allow``), and errors.
 
 A GET that carries an IMDSv2 token header is answered only if the token is valid
 (else 401); one without is answered as ever. With ``fast_path=False`` Flask serves
@@ -29,8 +29,8 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from vr.metadata_counters import Counters
-from vr.metadata_tokens import (
+from vr.metadata.counters import Counters
+from vr.metadata.tokens import (
     TOKEN_ENVIRON,
     TTL_ENVIRON,
     UNAUTHORIZED,
@@ -38,9 +38,9 @@ from vr.metadata_tokens import (
     is_token_path,
     new_key,
 )
-from vr.metadata_views import NOT_FOUND, Reply, resolve
+from vr.metadata.views import NOT_FOUND, Reply, resolve
+from vr.metadata.vmcache import VmCache
 from vr.paths import Paths
-from vr.vmcache import VmCache
 
 LOG = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def create_app(
     tokens = Tokens(token_key if token_key is not None else new_key())
     if warm:
         LOG.info("metadata worker loaded %s VMs from %s", vms.warm(), paths.latest)
-    app.extensions["vr.vmcache"] = vms
+    app.extensions["vr.metadata.vmcache"] = vms
     app.extensions["vr.counters"] = counts
 
     @app.before_request

@@ -64,9 +64,9 @@ def make_applier(paths: Paths) -> Any:
     that cannot be read makes every push fail with that reason.
     """
     from vr import config
-    from vr.apply import Applier
+    from vr.applier import Applier
     from vr.errors import ConfigError
-    from vr.firewall.apply import push_hooks
+    from vr.firewall.state import push_hooks
     from vr.payloads import DEFAULT_LIMITS
 
     before, after = push_hooks(paths)

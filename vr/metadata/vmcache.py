@@ -19,8 +19,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from vr import store
-from vr.identity import Source, vm_of
-from vr.metadata_views import VmView, build_view
+from vr.http.identity import Source, vm_of
+from vr.metadata.views import VmView, build_view
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)

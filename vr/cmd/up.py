@@ -102,7 +102,7 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     # device, and a pushed removal takes a configured one away
     pushed = read_networks(paths, removals=True)
     status["networks"] = len(merge_networks(configured, pushed))
-    from vr.metadata_counters import totals
+    from vr.metadata.counters import totals
 
     status["metadata_counters"] = totals(paths)
     try:

@@ -13,7 +13,7 @@ from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
 
-WORKER_CLASSES = ("event", "sync")  # see vr.gunicorn_runner.WORKER_CLASSES
+WORKER_CLASSES = ("event", "sync")  # see vr.http.runner.WORKER_CLASSES
 
 
 def register(sub: Any) -> None:
@@ -71,7 +71,7 @@ def gunicorn_options(
     per_address: int | None = None,
 ) -> dict[str, Any]:
     """gunicorn settings for the password server (pure; tested)."""
-    from vr.gunicorn_runner import base_options
+    from vr.http.runner import base_options
 
     return {
         **base_options(binds, workers, worker_class, f"vr-passwd[{paths.root}]", per_address),
@@ -96,8 +96,8 @@ def _audit_to_file_only() -> None:
 def _serve(args: argparse.Namespace) -> int:
     from vr import config
     from vr.errors import VRError
-    from vr.gunicorn_runner import run
-    from vr.passwd_app import ensure_token, make_app
+    from vr.http.runner import run
+    from vr.passwords.app import ensure_token, make_app
 
     paths = Paths(root_from_env(args.root))
     paths.ensure()

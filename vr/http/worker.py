@@ -4,7 +4,7 @@ Why: a guest's boot is a dozen tiny GETs, and hundreds of guests boot at once. W
 gunicorn's threaded worker most of the time per request goes to handing the socket
 between the poller thread and a pool thread and to its general-purpose HTTP parser,
 not to the application. This worker keeps every connection in one ``selectors``
-loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http1`) and
+loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http.parser`) and
 calls the WSGI application directly. Everything else stays gunicorn's: the arbiter,
 worker supervision, heartbeat, signals and graceful stop.
 
@@ -27,7 +27,7 @@ client still sending reads them.
 
 :class:`EventLoop` is the loop itself and knows nothing of gunicorn (tests run it
 in-process against a loopback listener); :class:`EventWorker` is the gunicorn
-worker that runs it. Use it with ``worker_class="vr.metadata_worker.EventWorker"``.
+worker that runs it. Use it with ``worker_class="vr.http.worker.EventWorker"``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 from gunicorn.config import Setting, validate_pos_int
 from gunicorn.workers.base import Worker
 
-from vr.http1 import (
+from vr.http.parser import (
     CONTINUE,
     CONTINUE_RESPONSE,
     MAX_BODY,
@@ -93,7 +93,7 @@ class ConnectionsPerAddress(Setting):  # type: ignore[misc]
     default = PER_ADDRESS
     desc = """\
         The most connections one client address may hold open in one worker
-        (vr.metadata_worker.EventWorker only). Above it the client's oldest idle
+        (vr.http.worker.EventWorker only). Above it the client's oldest idle
         connection is closed, or the new one refused with 503.
         """
 
@@ -127,7 +127,7 @@ class Limits:
 
 def _per_address(cfg: Any) -> int:
     # The setting exists once this module is imported before gunicorn builds its
-    # config (vr.gunicorn_runner does); a plain gunicorn run gets the default.
+    # config (vr.http.runner does); a plain gunicorn run gets the default.
     setting = cfg.settings.get(ConnectionsPerAddress.name)
     return PER_ADDRESS if setting is None else int(setting.get())
 

@@ -14,7 +14,7 @@ from vr.paths import Paths, root_from_env
 LOG = logging.getLogger(__name__)
 
 DEFAULT_BIND = "0.0.0.0:80"
-WORKER_CLASSES = ("event", "gthread", "sync")  # see vr.gunicorn_runner.WORKER_CLASSES
+WORKER_CLASSES = ("event", "gthread", "sync")  # see vr.http.runner.WORKER_CLASSES
 
 
 def register(sub: Any) -> None:
@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
         choices=sorted(WORKER_CLASSES),
         default="event",
         help="gunicorn worker class: event (default; vr's single-threaded keep-alive "
-        "worker, see vr/metadata_worker.py), gthread or sync (gunicorn's own)",
+        "worker, see vr/http/worker.py), gthread or sync (gunicorn's own)",
     )
     p.add_argument(
         "--warm",
@@ -66,7 +66,7 @@ def gunicorn_options(
     per_address: int | None = None,
 ) -> dict[str, Any]:
     """gunicorn settings for the metadata service (pure; tested)."""
-    from vr.gunicorn_runner import base_options
+    from vr.http.runner import base_options
 
     return {
         **base_options(binds, workers, worker_class, f"vr-metadata[{paths.root}]", per_address),
@@ -75,9 +75,11 @@ def gunicorn_options(
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config, gunicorn_runner, metadata_counters
-    from vr.metadata_app import create_app
-    from vr.metadata_tokens import new_key
+    from vr import config
+    from vr.http import runner as gunicorn_runner
+    from vr.metadata import counters as metadata_counters
+    from vr.metadata.app import create_app
+    from vr.metadata.tokens import new_key
 
     paths = Paths(root_from_env(args.root))
     logs.setup(paths, args.verbose)

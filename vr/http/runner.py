@@ -13,14 +13,14 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 # Registers the worker's own gunicorn setting before any config is built.
-from vr.metadata_worker import ConnectionsPerAddress
+from vr.http.worker import ConnectionsPerAddress
 
 WSGIApp = Callable[..., Any]
 
 WORKER_CLASSES = {
-    # vr's single-threaded keep-alive worker (vr/metadata_worker.py): one selectors
+    # vr's single-threaded keep-alive worker (vr/http/worker.py): one selectors
     # loop per process, so hundreds of guests asking at once wait in no backlog.
-    "event": "vr.metadata_worker.EventWorker",
+    "event": "vr.http.worker.EventWorker",
     "gthread": "gthread",
     "sync": "sync",
 }
@@ -37,7 +37,7 @@ def base_options(
 
     ``per_address``: the most connections one client address (one VM) may hold in
     one event worker; None keeps the worker's default
-    (:data:`vr.metadata_worker.PER_ADDRESS`).
+    (:data:`vr.http.worker.PER_ADDRESS`).
     """
     return {
         "bind": binds,

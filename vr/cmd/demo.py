@@ -44,7 +44,7 @@ def _show(label: str, text: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vr.sandbox import METADATA_IP, VR_GUEST_IP, VR_PUBLIC_IP, sandbox
+    from vr.demo.sandbox import METADATA_IP, VR_GUEST_IP, VR_PUBLIC_IP, sandbox
 
     logs.setup(None, args.verbose)
 

@@ -103,7 +103,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from vr.pushclient import Target, push
+    from vr.agent.client import Target, push
 
     logs.setup(None, args.verbose)
     target = Target(

@@ -74,7 +74,7 @@ def _paths(args: argparse.Namespace, log_file: bool = True) -> Paths:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from vr.firewall import apply as fw
+    from vr.firewall import state as fw
 
     paths = _paths(args)
     try:
@@ -87,7 +87,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from vr.firewall import apply as fw
+    from vr.firewall import state as fw
 
     paths = _paths(args)
     try:
@@ -100,7 +100,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from vr.firewall import apply as fw
+    from vr.firewall import state as fw
 
     paths = _paths(args, log_file=False)
     try:
@@ -121,7 +121,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _counters(args: argparse.Namespace) -> int:
-    from vr.firewall import apply as fw
+    from vr.firewall import state as fw
 
     _paths(args, log_file=False)
     try:

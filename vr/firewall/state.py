@@ -149,7 +149,7 @@ def push_hooks(
     tables_factory: TablesFactory = real_tables,
     exists: DeviceExists = device_exists,
 ) -> tuple[Callable[[Sequence[Payload]], None], Callable[[ApplyResult], None]]:
-    """``(before_commit, after_commit)`` for :class:`vr.apply.Applier`."""
+    """``(before_commit, after_commit)`` for :class:`vr.applier.Applier`."""
 
     def before_commit(payloads: Sequence[Payload]) -> None:
         validate_push(paths, payloads, exists)

@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from vr.metadata_views import TEXT, Reply
+from vr.metadata.views import TEXT, Reply
 
 # Names, not secrets:
 TOKEN_PATH = "/latest/api/token"  # noqa: S105

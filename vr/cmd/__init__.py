@@ -1,0 +1,1 @@
+"""The ``vr`` subcommands: one module each, argparse and wiring only."""

@@ -304,7 +304,8 @@ def run(args: argparse.Namespace, b: Bench) -> int:
     assert all(o.ok for o in outcomes), outcomes[:1]
     print(f"  one batch,  vr push --batch              {fmt_total(ours_batch, n, n)}")
     cfg = b.work / "VR-bench.cfg"
-    from vr.agent.client import build_cfg, payload_stem, remote_name
+    from vr.agent.client import payload_stem, remote_name
+    from vr.cloudstack import build_cfg
 
     items = []
     for i in range(n):

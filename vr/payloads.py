@@ -3,7 +3,7 @@
 Every payload type CloudStack's VR accepts through ``update_config.py`` becomes a
 small frozen dataclass. Anything that is not exactly what the management server may
 send raises :class:`vr.errors.PayloadError` naming the VM, the field, the value and
-what was expected. Names from payloads are checked against :data:`KEY_PATTERN`
+what was expected. Names from payloads are checked against :data:`vr.cloudstack.NAME_PATTERN`
 before anything else sees them, and addresses are parsed with :mod:`ipaddress`.
 """
 
@@ -18,10 +18,8 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Any
 
+from vr.cloudstack import FILE_TYPES, check_name, file_stem
 from vr.errors import REDACTED, PayloadError
-
-KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""Metadata key and pushed file names: no ``/``, no control characters, bounded."""
 
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 DEVICE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
@@ -128,31 +126,6 @@ class DhcpEntry:
 
 
 Payload = VmMetadata | VmPassword | GuestNetwork | DhcpEntry
-
-# file-name stem -> JSON "type"
-FILE_TYPES = {
-    "vm_metadata": "vmdata",
-    "vm_password": "vmpassword",
-    "guest_network": "guestnetwork",
-    "vm_dhcp_entry": "dhcpentry",
-}
-
-
-def file_stem(name: str) -> str:
-    """``vm_metadata.json.3f1c`` -> ``vm_metadata`` (CloudStack: text before ``.json``)."""
-    return name.split(".json", 1)[0]
-
-
-def check_name(name: object, field_name: str, vm: str | None = None) -> str:
-    if not isinstance(name, str) or not KEY_PATTERN.fullmatch(name) or ".." in name:
-        raise PayloadError(
-            field_name,
-            name,
-            "a name of 1-128 letters, digits, '.', '_' or '-', not starting with "
-            "'.', '_' or '-', without '..'",
-            vm,
-        )
-    return name
 
 
 def parse_ipv4(value: object, field_name: str, vm: str | None = None) -> IPv4Address:
@@ -418,85 +391,3 @@ def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Pa
     if stem_type is not None and kind != stem_type:
         raise PayloadError("type", kind, f"{stem_type!r} as the file name says", subject=where)
     return PARSERS[kind](obj, limits)
-
-
-# --- VR-<uuid>.cfg batches ---------------------------------------------------------
-
-CFG_HEADER = "#Apache CloudStack Virtual Router Config File"
-UPDATE_CONFIG_SCRIPTS = ("/opt/cloud/bin/update_config.py", "update_config.py")
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One script line of a batch: apply ``name``; ``archive`` False = delete it."""
-
-    name: str
-    data: bytes
-    archive: bool
-
-
-@dataclass(frozen=True)
-class Batch:
-    items: tuple[BatchItem, ...]
-
-
-def parse_update_config_args(args: list[str]) -> tuple[str, bool]:
-    """``<file> [false]`` -> (name, archive). The file is a bare name or under /var/cache/cloud."""
-    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in ("true", "false")):
-        raise PayloadError("arguments", " ".join(args), "<file> [true|false]")
-    name = args[0]
-    for prefix in ("/var/cache/cloud/",):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return check_name(name, "file"), len(args) == 1 or args[1] == "true"
-
-
-def parse_cfg(text: str) -> Batch:
-    """Parse a ``VR-<uuid>.cfg`` aggregate (cloudstack-vr.md §1.5) into apply items."""
-    lines = text.split("\n")
-    files: dict[str, bytes] = {}
-    items: list[BatchItem] = []
-    i = 0
-    saw_version = False
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#") or line.strip() == "":
-            i += 1
-            continue
-        if line == "<version>":
-            if i + 2 >= len(lines) or lines[i + 2] != "</version>":
-                raise PayloadError(f"cfg line {i + 1}", line, "<version> / 1.0 / </version>")
-            if lines[i + 1].strip() != "1.0":
-                raise PayloadError("cfg version", lines[i + 1], "1.0")
-            saw_version = True
-            i += 3
-        elif line == "<file>":
-            try:
-                end = lines.index("</file>", i + 2)
-            except ValueError:
-                raise PayloadError(f"cfg line {i + 1}", line, "a closing </file>") from None
-            path = lines[i + 1]
-            if not path.startswith("/var/cache/cloud/"):
-                raise PayloadError(f"cfg line {i + 2}", path, "a path under /var/cache/cloud/")
-            name = check_name(path[len("/var/cache/cloud/") :], f"cfg line {i + 2}")
-            # vr_cfg.sh writes each content line with echo, i.e. adds a newline per line
-            files[name] = "".join(s + "\n" for s in lines[i + 2 : end]).encode("utf-8")
-            i = end + 1
-        elif line == "<script>":
-            if i + 2 >= len(lines) or lines[i + 2] != "</script>":
-                raise PayloadError(f"cfg line {i + 1}", line, "<script> / command / </script>")
-            argv = lines[i + 1].split()
-            if not argv or argv[0] not in UPDATE_CONFIG_SCRIPTS:
-                raise PayloadError(
-                    f"cfg line {i + 2}", lines[i + 1], "/opt/cloud/bin/update_config.py <file>"
-                )
-            name, archive = parse_update_config_args(argv[1:])
-            if name not in files:
-                raise PayloadError(f"cfg line {i + 2}", name, "a file defined earlier in the cfg")
-            items.append(BatchItem(name, files[name], archive))
-            i += 3
-        else:
-            raise PayloadError(f"cfg line {i + 1}", line, "<version>, <file> or <script>")
-    if not saw_version:
-        raise PayloadError("cfg", text[:40], "a <version> block")
-    return Batch(tuple(items))

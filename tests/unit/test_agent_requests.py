@@ -7,13 +7,12 @@ import pytest
 from vr.agent.requests import (
     NOT_FOUND,
     ApplyCfg,
-    OutsideCache,
     Refused,
     ScpSink,
     UpdateConfig,
-    cache_target,
     parse_exec,
 )
+from vr.cloudstack import OutsideCache, cache_name
 
 
 @pytest.mark.parametrize(
@@ -108,8 +107,8 @@ def test_a_very_long_command_is_refused_without_echoing_it() -> None:
         (".", None),
     ],
 )
-def test_cache_target_maps_cloudstack_paths(path: str, name: str | None) -> None:
-    assert cache_target(path) == name
+def test_cache_name_maps_cloudstack_paths(path: str, name: str | None) -> None:
+    assert cache_name(path) == name
 
 
 @pytest.mark.parametrize(
@@ -125,6 +124,6 @@ def test_cache_target_maps_cloudstack_paths(path: str, name: str | None) -> None
         "/var/cache/cloud/f\0",
     ],
 )
-def test_cache_target_refuses_everything_else(path: str) -> None:
+def test_cache_name_refuses_everything_else(path: str) -> None:
     with pytest.raises(OutsideCache):
-        cache_target(path)
+        cache_name(path)

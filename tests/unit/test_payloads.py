@@ -8,6 +8,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from vr.cloudstack import parse_cfg, parse_update_config_args
 from vr.errors import PayloadError
 from vr.payloads import (
     DELETE,
@@ -15,9 +16,7 @@ from vr.payloads import (
     VmMetadata,
     VmPassword,
     decode_userdata,
-    parse_cfg,
     parse_payload,
-    parse_update_config_args,
 )
 
 HEADER = "#Apache CloudStack Virtual Router Config File\n<version>\n1.0\n</version>\n"

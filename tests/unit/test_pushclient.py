@@ -20,14 +20,14 @@ from vr.agent.client import (
     Outcome,
     Progress,
     Target,
-    build_cfg,
     payload_stem,
     push,
     remote_name,
 )
+from vr.cloudstack import build_cfg, parse_cfg
 from vr.errors import PayloadError
 from vr.paths import Paths
-from vr.payloads import parse_cfg, parse_payload
+from vr.payloads import parse_payload
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 

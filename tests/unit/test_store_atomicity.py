@@ -246,7 +246,7 @@ def test_lock_is_exclusive_across_threads(paths: Paths) -> None:
 
 def test_temp_names_never_collide_with_pushed_names() -> None:
     from vr import atomic
-    from vr.payloads import KEY_PATTERN
+    from vr.cloudstack import NAME_PATTERN
 
-    assert not KEY_PATTERN.fullmatch(atomic.TMP_PREFIX + "x")
+    assert not NAME_PATTERN.fullmatch(atomic.TMP_PREFIX + "x")
     assert Path(atomic.TMP_PREFIX).name.startswith(".")

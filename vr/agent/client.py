@@ -24,14 +24,11 @@ from typing import Any, TextIO
 
 import paramiko
 
+from vr.cloudstack import CACHE_DIR, FILE_TYPES, UPDATE_CONFIG, VR_CFG, build_cfg, file_stem
 from vr.errors import PayloadError, VRError
-from vr.payloads import CFG_HEADER, FILE_TYPES, file_stem
 
 LOG = logging.getLogger(__name__)
 
-CACHE = "/var/cache/cloud"
-UPDATE_CONFIG = "/opt/cloud/bin/update_config.py"
-VR_CFG = "/opt/cloud/bin/vr_cfg.sh"
 STEM_OF_TYPE = {t: s for s, t in FILE_TYPES.items()}
 
 
@@ -61,18 +58,6 @@ def payload_stem(filename: str, data: bytes) -> str:
 def remote_name(stem: str) -> str:
     """``vm_metadata`` -> ``vm_metadata.json.<uuid4>``, as the management server names it."""
     return f"{stem}.json.{uuid.uuid4()}"
-
-
-def build_cfg(items: Sequence[tuple[str, bytes]]) -> str:
-    """One ``VR-<uuid>.cfg`` text carrying ``(name, payload)`` items, each then applied."""
-    lines = [CFG_HEADER, "<version>", "1.0", "</version>"]
-    for name, data in items:
-        content = data.decode("utf-8").rstrip("\n").split("\n")
-        if "</file>" in content:
-            raise PayloadError("file", name, "content without a line '</file>'")
-        lines += ["<file>", f"{CACHE}/{name}", *content, "</file>"]
-        lines += ["<script>", f"{UPDATE_CONFIG} {name}", "</script>"]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -189,7 +174,9 @@ class Connection:
         if self._sftp is None:
             self._sftp = self.client.open_sftp()
             self._sftp.get_channel().settimeout(self.target.timeout)  # type: ignore[union-attr]
-        self._sftp.putfo(io.BytesIO(data), f"{CACHE}/{name}", file_size=len(data), confirm=False)
+        self._sftp.putfo(
+            io.BytesIO(data), f"{CACHE_DIR}/{name}", file_size=len(data), confirm=False
+        )
 
     def run(self, command: str) -> tuple[int, str, str]:
         """Run ``command``; its exit status, stdout and stderr (each read to the end).
@@ -346,7 +333,7 @@ def _send_batch(
     try:
         with Connection(target) as conn:
             conn.upload(cfg_name, cfg)
-            code, o, e = conn.run(f"{VR_CFG} -c {CACHE}/{cfg_name}")
+            code, o, e = conn.run(f"{VR_CFG} -c {CACHE_DIR}/{cfg_name}")
     except (OSError, paramiko.SSHException, EOFError, VRError) as exc:
         code, o, e = 255, "", f"cannot push to {target.host}: {exc or type(exc).__name__}"
     if code == 0:
@@ -367,4 +354,4 @@ def push(target: Target, files: Sequence[Path], batch: bool, out: TextIO, err: T
     return 0
 
 
-__all__ = ["Outcome", "Target", "build_cfg", "payload_stem", "push", "remote_name"]
+__all__ = ["Outcome", "Target", "payload_stem", "push", "remote_name"]

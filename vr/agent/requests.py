@@ -1,28 +1,22 @@
 """What an SSH request asks for, decided without touching the system (pure).
 
 CloudStack names everything by its absolute path inside the VR
-(``/var/cache/cloud/<file>``, ``/opt/cloud/bin/<script>``); these functions map
-such strings onto a validated file name in the cache folder or refuse them.
-Relative paths are taken relative to ``/var/cache/cloud``, the session's only
-directory.
+(``/var/cache/cloud/<file>``, ``/opt/cloud/bin/<script>``); :mod:`vr.cloudstack`
+maps such strings onto a validated file name in the cache folder or refuses them.
 """
 
 from __future__ import annotations
 
-import posixpath
 import shlex
 from dataclasses import dataclass
 
-from vr.errors import PayloadError, shorten
-from vr.payloads import check_name
+from vr import cloudstack
+from vr.cloudstack import CACHE_DIR, OutsideCache, cache_name
+from vr.errors import shorten
 
-CACHE_DIR = "/var/cache/cloud"
-BIN_DIR = "/opt/cloud/bin"
-UPDATE_CONFIG = ("update_config.py", f"{BIN_DIR}/update_config.py")
-VR_CFG = ("vr_cfg.sh", f"{BIN_DIR}/vr_cfg.sh")
 ALLOWED = (
-    "allowed: /opt/cloud/bin/update_config.py <file> [false], "
-    "/opt/cloud/bin/vr_cfg.sh -c <cfg>, scp -t /var/cache/cloud, sftp"
+    f"allowed: {cloudstack.UPDATE_CONFIG} <file> [false], "
+    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp"
 )
 NOT_FOUND = 127
 MAX_COMMAND = 4096
@@ -61,31 +55,6 @@ Request = UpdateConfig | ApplyCfg | ScpSink | Refused
 SHELL = Refused(f"no interactive shell on this appliance; {ALLOWED}")
 
 
-class OutsideCache(ValueError):
-    """A path that does not name the cache folder or a valid file in it."""
-
-
-def cache_target(path: str) -> str | None:
-    """Map a request path to a file name in the cache folder, or None for the folder.
-
-    Raises :class:`OutsideCache` with a one-line reason for anything else.
-    """
-    if not path or "\0" in path:
-        raise OutsideCache(f"{shorten(path)}: expected a path under {CACHE_DIR}")
-    if ".." in path.split("/"):
-        raise OutsideCache(f"{shorten(path)}: '..' is not allowed in paths")
-    full = posixpath.normpath(posixpath.join(CACHE_DIR, path))
-    if full == CACHE_DIR:
-        return None
-    parent, name = posixpath.split(full)
-    if parent != CACHE_DIR:
-        raise OutsideCache(f"{shorten(path)}: uploads go only to {CACHE_DIR}/")
-    try:
-        return check_name(name, "file name")
-    except PayloadError as exc:
-        raise OutsideCache(str(exc)) from None
-
-
 def parse_exec(command: bytes) -> Request:
     """Decide what an ``exec`` request means; anything unknown is :class:`Refused`."""
     if len(command) > MAX_COMMAND:
@@ -97,9 +66,10 @@ def parse_exec(command: bytes) -> Request:
     if not argv:
         return Refused(f"empty command; {ALLOWED}")
     prog, args = argv[0], tuple(argv[1:])
-    if prog in UPDATE_CONFIG:
+    which = cloudstack.program(prog)
+    if which == "update_config":
         return UpdateConfig(args)
-    if prog in VR_CFG:
+    if which == "vr_cfg":
         return ApplyCfg(args)
     if prog == "scp":
         return parse_scp(args)
@@ -116,14 +86,14 @@ def parse_scp(args: tuple[str, ...]) -> Request:
             break
         flags.update(opt[1:])
     if "f" in flags:
-        return Refused("downloads (scp -f) are not offered; uploads go to /var/cache/cloud")
+        return Refused("downloads (scp -f) are not offered; uploads go to " + CACHE_DIR)
     if "r" in flags:
         return Refused("directories (scp -r) are not accepted; send files")
     unknown = flags - set("tdpvq")
     if "t" not in flags or unknown or len(rest) != 1:
         return Refused(f"unsupported scp request {shorten(' '.join(args))}; {ALLOWED}")
     try:
-        name = cache_target(rest[0])
+        name = cache_name(rest[0])
     except OutsideCache as exc:
         return ScpSink(None, str(exc))
     if name is not None and "d" in flags:

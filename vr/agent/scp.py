@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Protocol
 
 from vr import atomic
+from vr.cloudstack import check_name
 from vr.errors import PayloadError, VRError, shorten
-from vr.payloads import check_name
 
 LOG = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import paramiko
 from paramiko.sftp import CMD_CLOSE, SFTP_FAILURE, SFTP_OK, SFTP_PERMISSION_DENIED
 
 from vr import atomic
-from vr.agent.requests import CACHE_DIR, OutsideCache, cache_target
 from vr.agent.scp import UPLOAD_MODE
+from vr.cloudstack import CACHE_DIR, OutsideCache, cache_name
 from vr.errors import VRError
 
 LOG = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class CacheSFTP(paramiko.SFTPServerInterface):
 
     def _target(self, path: str) -> str | None:
         self.ctx.touch()
-        return cache_target(path)
+        return cache_name(path)
 
     def canonicalize(self, path: str) -> str:
         full = posixpath.normpath(posixpath.join(CACHE_DIR, path or "."))

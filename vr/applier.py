@@ -20,53 +20,83 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol
 
-from vr import atomic
-from vr.errors import PayloadError, VRError
+from vr import atomic, cloudstack, config
+from vr.config import Config
+from vr.errors import ConfigError, PayloadError, VRError
 from vr.paths import Paths
-from vr.payloads import (
-    DEFAULT_LIMITS,
-    BatchItem,
-    Limits,
-    Payload,
-    check_name,
-    parse_cfg,
-    parse_payload,
-    parse_update_config_args,
-)
+from vr.payloads import DEFAULT_LIMITS, Limits, Payload, parse_payload
 from vr.store import ApplyResult, Store
 
 LOG = logging.getLogger(__name__)
 
-AfterCommit = Callable[[ApplyResult], None]
-"""Called after a commit (e.g. re-apply the firewall when networks changed)."""
-
-BeforeCommit = Callable[[Sequence[Payload]], None]
-"""Called with the parsed payloads before the store commits; raising
-:class:`PayloadError` rejects the push (quarantined, nothing stored)."""
-
 OK = 0
 FAILED = 1
-CACHE_PREFIX = "/var/cache/cloud/"
 
 Archive = tuple[str, Path | None, bytes, bool]
 """(name, source file to remove or None, bytes to archive, archive or just delete)."""
 
+Parsed = tuple[list[Payload], list[Archive]]
+"""The payloads of one push and what to archive once they are applied."""
+
+
+class PushHooks(Protocol):
+    """What runs around the store commit of a push (the firewall).
+
+    Both are called with the store lock held and the appliance config the push read
+    once, so a push takes one lock and reads ``vr.json`` once, whatever it changes.
+    """
+
+    def before_commit(self, cfg: Config, payloads: Sequence[Payload]) -> None:
+        """Raise :class:`PayloadError` to reject the push (quarantined, nothing stored)."""
+
+    def after_commit(self, cfg: Config, result: ApplyResult) -> None:
+        """Called after the commit (re-apply the firewall when networks changed); an
+        exception fails the push, the data stays stored and a retry re-runs it."""
+
+
+class TextOut(Protocol):
+    """Where a push's lines go: ``sys.stdout``/``sys.stderr``, or an SSH channel."""
+
+    def write(self, s: str, /) -> int: ...
+
+
+class Pusher(Protocol):
+    """What the SSH agent runs for ``update_config.py`` and ``vr_cfg.sh``: an
+    :class:`Applier`, or a test's stand-in."""
+
+    def update_config(self, args: list[str], out: TextOut, err: TextOut) -> int: ...
+
+    def apply_cfg(self, args: list[str], out: TextOut, err: TextOut) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Push:
+    """One run of ``update_config.py`` or ``vr_cfg.sh``: what differs between them."""
+
+    name: str
+    bound: Callable[[Limits], int]
+    parse: Callable[[bytes, Limits], Parsed]
+    rejected: str
+    """How a refusal starts: ``rejected`` or ``rejected, nothing applied``."""
+
 
 @dataclass
 class Applier:
-    """``keep_processed`` / ``keep_failed``: how many archived / rejected files to keep."""
+    """``keep_processed`` / ``keep_failed``: how many archived / rejected files to keep.
+
+    ``limits``: fixed payload bounds (tests); None derives them from the config's
+    ``userdata_max_bytes``. A config that cannot be read makes every push fail with
+    its reason (exit 1, file kept for a retry) instead of running with guessed limits.
+    """
 
     paths: Paths
-    limits: Limits = DEFAULT_LIMITS
-    after_commit: AfterCommit | None = None
+    hooks: PushHooks | None = None
+    limits: Limits | None = None
     keep_processed: int = 500
     keep_failed: int = 100
-    before_commit: BeforeCommit | None = None
-    config_error: str | None = None
-    """Set when the appliance config could not be read: every push then fails with
-    it (exit 1, file kept for a retry) instead of running with guessed limits."""
+    load_config: Callable[[Paths], Config] = config.load
 
     @property
     def store(self) -> Store:
@@ -74,137 +104,106 @@ class Applier:
 
     # --- update_config.py ---------------------------------------------------------
 
-    def update_config(self, args: list[str], out: TextIO, err: TextIO) -> int:
+    def update_config(self, args: list[str], out: TextOut, err: TextOut) -> int:
         """Apply one pushed file from the cache folder; see the module docstring."""
         start = time.monotonic()
-        if self.config_error is not None:
-            return self._fail(err, f"update_config.py: not applied: {self.config_error}")
         try:
-            name, archive = parse_update_config_args(args)
+            name, archive = cloudstack.parse_update_config_args(args)
         except PayloadError as exc:
             return self._fail(err, f"usage: update_config.py <file> [false]: {exc}")
         src = self.paths.cache / name
-        try:
-            data = _read_bounded(src, self.limits.payload_bytes)
-        except FileNotFoundError:
-            return self._missing(name, out, err)
-        except PayloadError as exc:
-            return self._reject(src, err, f"{name}: rejected: {exc}")
-        except OSError as exc:
-            return self._fail(err, f"{name}: cannot read {src}: {exc.strerror}")
-        try:
-            payload = parse_payload(name, data, self.limits)
-        except PayloadError as exc:
-            return self._reject(src, err, f"{name}: rejected: {exc}")
-        return self._apply(name, [payload], [(name, src, data, archive)], start, err)
+
+        def parse(data: bytes, limits: Limits) -> Parsed:
+            return [parse_payload(name, data, limits)], [(name, src, data, archive)]
+
+        push = _Push(name, lambda lim: lim.payload_bytes, parse, "rejected")
+        return self._run(push, "update_config.py", start, out, err)
 
     # --- vr_cfg.sh -c ---------------------------------------------------------------
 
-    def apply_cfg(self, args: list[str], out: TextIO, err: TextIO) -> int:
+    def apply_cfg(self, args: list[str], out: TextOut, err: TextOut) -> int:
         """Apply a ``VR-<uuid>.cfg`` batch as one unit: all items or none."""
         start = time.monotonic()
-        if self.config_error is not None:
-            return self._fail(err, f"vr_cfg.sh: not applied: {self.config_error}")
-        if len(args) == 2 and args[0] == "-c":
-            args = args[1:]
-        if len(args) != 1:
-            return self._fail(err, "usage: vr_cfg.sh -c <cfg file>")
-        raw = args[0]
-        if raw.startswith(CACHE_PREFIX):
-            raw = raw[len(CACHE_PREFIX) :]
         try:
-            name = check_name(raw, "cfg file")
+            name = cloudstack.parse_vr_cfg_args(args)
         except PayloadError as exc:
             return self._fail(err, f"usage: vr_cfg.sh -c <cfg file>: {exc}")
         src = self.paths.cache / name
-        try:
-            data = _read_bounded(src, self.limits.cfg_bytes)
-        except FileNotFoundError:
-            return self._missing(name, out, err)
-        except PayloadError as exc:
-            return self._reject(src, err, f"{name}: rejected, nothing applied: {exc}")
-        except OSError as exc:
-            return self._fail(err, f"{name}: cannot read {src}: {exc.strerror}")
-        try:
-            payloads, items = self._parse_batch(name, data)
-        except PayloadError as exc:
-            return self._reject(src, err, f"{name}: rejected, nothing applied: {exc}")
-        archives: list[Archive] = [(i.name, None, i.data, i.archive) for i in items]
-        archives.append((name, src, data, True))
-        return self._apply(name, payloads, archives, start, err)
 
-    def _parse_batch(self, name: str, data: bytes) -> tuple[list[Payload], list[BatchItem]]:
-        """Parse the cfg and every item in it; the error names the failing item."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(
-                "encoding", f"<byte {exc.start}>", "UTF-8 text", subject=f"file {name}"
-            ) from None
-        batch = parse_cfg(text)
-        payloads = []
-        for n, item in enumerate(batch.items, 1):
-            try:
-                payloads.append(parse_payload(item.name, item.data, self.limits))
-            except PayloadError as exc:
-                raise PayloadError(
-                    f"item {n} ({item.name}): {exc.field}",
-                    exc.value,
-                    exc.expected,
-                    exc.vm,
-                    subject=exc.subject,
-                ) from None
-        return payloads, list(batch.items)
+        def parse(data: bytes, limits: Limits) -> Parsed:
+            payloads, items = _parse_batch(name, data, limits)
+            archives: list[Archive] = [(i.name, None, i.data, i.archive) for i in items]
+            return payloads, [*archives, (name, src, data, True)]
+
+        push = _Push(name, lambda lim: lim.cfg_bytes, parse, "rejected, nothing applied")
+        return self._run(push, "vr_cfg.sh", start, out, err)
 
     # --- shared ---------------------------------------------------------------------
 
-    def _apply(
-        self,
-        name: str,
-        payloads: list[Payload],
-        archives: list[Archive],
-        start: float,
-        err: TextIO,
-    ) -> int:
-        if self.before_commit is not None:
-            try:
-                self.before_commit(payloads)
-            except PayloadError as exc:
-                for _, src, _, _ in archives:
-                    if src is not None:
-                        self._quarantine(src)
-                return self._fail(err, f"{name}: rejected, nothing applied: {exc}", record=name)
-            except VRError as exc:
-                return self._fail(err, f"{name}: not applied: {exc}", record=name)
-            except Exception:
-                LOG.exception("%s: unexpected error while validating", name)
-                return self._fail(
-                    err, f"{name}: internal error, see /var/log/cloud.log", record=name
-                )
+    def _run(self, push: _Push, program: str, start: float, out: TextOut, err: TextOut) -> int:
+        """The one path of every push: under one store lock, with one config read."""
         try:
-            result = self.store.apply(payloads)
+            with self.store.locked():
+                return self._run_locked(push, program, start, out, err)
         except VRError as exc:
-            # Not the payload's fault (disk full, lock): the file stays for a retry.
+            # The lock was not had (timeout): not the payload's fault, kept for a retry.
+            return self._fail(err, f"{push.name}: not applied: {exc}", record=push.name)
+
+    def _run_locked(
+        self, push: _Push, program: str, start: float, out: TextOut, err: TextOut
+    ) -> int:
+        name = push.name
+        src = self.paths.cache / name
+        try:
+            cfg = self.load_config(self.paths)
+        except ConfigError as exc:
+            return self._fail(err, f"{program}: not applied: {exc}")
+        limits = self.limits or DEFAULT_LIMITS.with_userdata(cfg.userdata_max_bytes)
+        try:
+            data = _read_bounded(src, push.bound(limits))
+        except FileNotFoundError:
+            return self._missing(name, out, err)
+        except PayloadError as exc:
+            return self._reject([src], err, f"{name}: {push.rejected}: {exc}")
+        except OSError as exc:
+            return self._fail(err, f"{name}: cannot read {src}: {exc.strerror}")
+        try:
+            payloads, archives = push.parse(data, limits)
+        except PayloadError as exc:
+            return self._reject([src], err, f"{name}: {push.rejected}: {exc}")
+        sources = [a[1] for a in archives if a[1] is not None]
+        try:
+            if self.hooks is not None:
+                self.hooks.before_commit(cfg, payloads)
+        except PayloadError as exc:
+            return self._reject(sources, err, f"{name}: rejected, nothing applied: {exc}")
+        except VRError as exc:
+            return self._fail(err, f"{name}: not applied: {exc}", record=name)
+        except Exception:
+            LOG.exception("%s: unexpected error while validating", name)
+            return self._fail(err, f"{name}: internal error, see /var/log/cloud.log", record=name)
+        try:
+            result = self.store.apply_locked(payloads)
+        except VRError as exc:
+            # Not the payload's fault (disk full): the file stays for a retry.
             return self._fail(err, f"{name}: not applied: {exc}", record=name)
         except Exception:
             LOG.exception("%s: unexpected error while applying", name)
             return self._fail(err, f"{name}: internal error, see cloud.log", record=name)
-        if self.after_commit is not None:
-            try:
-                self.after_commit(result)
-            except Exception as exc:
-                # The data is stored; a retry of the same file re-runs the hook.
-                reason = str(exc)
-                if not isinstance(exc, VRError):
-                    LOG.exception("%s: unexpected error after the store commit", name)
-                    reason = "internal error, see cloud.log"
-                return self._fail(
-                    err,
-                    f"{name}: stored, but follow-up failed (retry is safe): {reason}",
-                    record=name,
-                )
-        for item_name, src, data, archive in archives:
-            self._archive(item_name, src, data, archive)
+        try:
+            if self.hooks is not None:
+                self.hooks.after_commit(cfg, result)
+        except Exception as exc:
+            # The data is stored; a retry of the same file re-runs the hook.
+            reason = str(exc)
+            if not isinstance(exc, VRError):
+                LOG.exception("%s: unexpected error after the store commit", name)
+                reason = "internal error, see cloud.log"
+            return self._fail(
+                err, f"{name}: stored, but follow-up failed (retry is safe): {reason}", record=name
+            )
+        for item_name, item_src, item_data, archive in archives:
+            self._archive(item_name, item_src, item_data, archive)
         _prune(self.paths.processed, self.keep_processed, {f"{a[0]}.gz" for a in archives})
         ms = (time.monotonic() - start) * 1000
         summary = summarize(result.describe())
@@ -214,7 +213,7 @@ class Applier:
         self._record(name, True, summary)
         return OK
 
-    def _missing(self, name: str, out: TextIO, err: TextIO) -> int:
+    def _missing(self, name: str, out: TextOut, err: TextOut) -> int:
         """A retry of a file already archived is a success (CloudStack's contract)."""
         if (self.paths.processed / f"{name}.gz").exists():
             LOG.info("%s: already applied", name)
@@ -234,10 +233,11 @@ class Applier:
         except (OSError, VRError) as exc:
             LOG.warning("%s: applied but not archived: %s", name, exc)
 
-    def _reject(self, src: Path, err: TextIO, message: str) -> int:
+    def _reject(self, sources: Sequence[Path], err: TextOut, message: str) -> int:
         """Invalid input: keep it in failed/ for inspection, out of the way of retries."""
-        self._quarantine(src)
-        return self._fail(err, message, record=src.name)
+        for src in sources:
+            self._quarantine(src)
+        return self._fail(err, message, record=sources[0].name if sources else None)
 
     def _quarantine(self, src: Path) -> None:
         try:
@@ -249,7 +249,7 @@ class Applier:
         except OSError as exc:
             LOG.warning("%s: could not move to failed/: %s", src.name, exc)
 
-    def _fail(self, err: TextIO, message: str, record: str | None = None) -> int:
+    def _fail(self, err: TextOut, message: str, record: str | None = None) -> int:
         LOG.error("%s", message)
         print(message, file=err)
         if record is not None:
@@ -263,6 +263,42 @@ class Applier:
             atomic.atomic_write(self.paths.last_push, (json.dumps(entry) + "\n").encode(), 0o600)
         except (OSError, VRError) as exc:
             LOG.warning("cannot record last push: %s", exc)
+
+
+def make_applier(paths: Paths) -> Applier:
+    """The Applier with the appliance's hooks wired in: the firewall validates guest
+    networks before the store commits (unknown or control/public device -> rejected,
+    nothing stored) and re-applies the rules after a commit that changed guest
+    networks or DHCP entries (python-iptables is imported only then)."""
+    from vr.firewall.state import FirewallHooks
+
+    return Applier(paths, hooks=FirewallHooks(paths))
+
+
+def _parse_batch(
+    name: str, data: bytes, limits: Limits
+) -> tuple[list[Payload], list[cloudstack.BatchItem]]:
+    """Parse the cfg and every item in it; the error names the failing item."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError(
+            "encoding", f"<byte {exc.start}>", "UTF-8 text", subject=f"file {name}"
+        ) from None
+    batch = cloudstack.parse_cfg(text)
+    payloads = []
+    for n, item in enumerate(batch.items, 1):
+        try:
+            payloads.append(parse_payload(item.name, item.data, limits))
+        except PayloadError as exc:
+            raise PayloadError(
+                f"item {n} ({item.name}): {exc.field}",
+                exc.value,
+                exc.expected,
+                exc.vm,
+                subject=exc.subject,
+            ) from None
+    return payloads, list(batch.items)
 
 
 SUMMARY_ITEMS = 10

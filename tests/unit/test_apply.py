@@ -164,14 +164,18 @@ def test_missing_cfg_exits_one(paths: Paths) -> None:
 def test_after_commit_hook_sees_the_result_and_its_failure_fails_the_push(paths: Paths) -> None:
     seen = []
 
-    def hook(result: object) -> None:
-        seen.append(result)
-        raise RuntimeError("firewall exploded")
+    class Hooks:
+        def before_commit(self, cfg: object, payloads: object) -> None:
+            pass
+
+        def after_commit(self, cfg: object, result: object) -> None:
+            seen.append(result)
+            raise RuntimeError("firewall exploded")
 
     net = {"device": "eth1", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
     drop(paths, "guest_network.json.1", net)
     err = StringIO()
-    code = Applier(paths, after_commit=hook).update_config(
+    code = Applier(paths, hooks=Hooks()).update_config(
         ["guest_network.json.1"], StringIO(), err
     )
     assert code == 1

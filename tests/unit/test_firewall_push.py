@@ -23,8 +23,8 @@ class Push:
     def __init__(self, paths: Paths, fake: FakeTables) -> None:
         self.paths = paths
         self.fake = fake
-        before, after = fw.push_hooks(paths, lambda: fake, lambda d: d in DEVICES)
-        self.applier = Applier(paths, before_commit=before, after_commit=after)
+        hooks = fw.FirewallHooks(paths, lambda: fake, lambda d: d in DEVICES)
+        self.applier = Applier(paths, hooks=hooks)
 
     def __call__(self, name: str, obj: dict[str, Any]) -> tuple[int, str]:
         (self.paths.cache / name).write_text(json.dumps(obj))

@@ -138,7 +138,7 @@ def build_context(
 
     ``legacy_algorithms`` offers the SHA-1 algorithms CloudStack's Trilead client needs.
     """
-    from vr.cmd.update_config import make_applier
+    from vr.applier import make_applier
 
     paths.ensure()
     for leftover in atomic.sweep_temps(paths.cache):

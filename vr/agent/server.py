@@ -46,6 +46,7 @@ from vr.agent.requests import (
 from vr.agent.scp import ProtocolBroken
 from vr.agent.scp import ScpSink as ScpReceiver
 from vr.agent.sftp import CacheSFTP, CacheSFTPServer, SftpContext
+from vr.applier import Pusher
 from vr.errors import shorten
 from vr.paths import Paths
 
@@ -65,7 +66,7 @@ class AgentContext:
     host_keys: list[paramiko.PKey]
     authorized: AuthorizedKeys
     throttle: AuthThrottle
-    make_applier: Callable[[Paths], Any]
+    make_applier: Callable[[Paths], Pusher]
     legacy_algorithms: bool = True
     """Offer the SHA-1 algorithms CloudStack's management server needs (last)."""
     stopping: threading.Event = field(default_factory=threading.Event)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vr import atomic, config, store
+from vr.config import Config
 from vr.errors import FirewallError, PayloadError
 from vr.firewall import model
 from vr.firewall.sync import RuleCounter, SyncReport, Tables, counters, sync
@@ -46,11 +48,9 @@ def real_tables() -> Tables:
     return IptcTables()
 
 
-def compute(paths: Paths) -> model.RuleSet:
-    """The rule set for the current config and store (read with the lock held)."""
-    return model.desired(
-        config.load(paths), store.read_networks(paths, removals=True), store.read_dhcp(paths)
-    )
+def compute(paths: Paths, cfg: Config) -> model.RuleSet:
+    """The rule set for ``cfg`` and the store (read with the lock held)."""
+    return model.desired(cfg, store.read_networks(paths, removals=True), store.read_dhcp(paths))
 
 
 def managed(paths: Paths) -> bool:
@@ -70,7 +70,7 @@ def load_saved(paths: Paths) -> model.RuleSet | None:
 def apply(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
     """Compute from config + store and apply (``vr firewall apply``, the push hook)."""
     with Store(paths).locked():
-        return _apply_locked(paths, tables, compute(paths), exists)
+        return apply_locked(paths, tables, compute(paths, config.load(paths)), exists)
 
 
 def restore(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
@@ -83,13 +83,14 @@ def restore(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) 
                 "no saved state" if saved is None else "saved state may be stale",
                 paths.config,
             )
-            return _apply_locked(paths, tables, compute(paths), exists)
-        return _apply_locked(paths, tables, saved, exists)
+            return apply_locked(paths, tables, compute(paths, config.load(paths)), exists)
+        return apply_locked(paths, tables, saved, exists)
 
 
-def _apply_locked(
-    paths: Paths, tables: Tables, ruleset: model.RuleSet, exists: DeviceExists
+def apply_locked(
+    paths: Paths, tables: Tables, ruleset: model.RuleSet, exists: DeviceExists = device_exists
 ) -> SyncReport:
+    """Apply ``ruleset`` and save it; the caller holds the store lock."""
     for device in _devices(ruleset):
         if not exists(device):
             # Rules on an absent interface match nothing until it appears; refusing
@@ -122,17 +123,15 @@ def live_counters(tables: Tables, ruleset: model.RuleSet | None = None) -> list[
 
 
 def validate_push(
-    paths: Paths, payloads: Sequence[Payload], exists: DeviceExists = device_exists
+    paths: Paths, cfg: Config, payloads: Sequence[Payload], exists: DeviceExists = device_exists
 ) -> None:
     """Refuse guest networks the VR cannot firewall, before anything is stored.
 
     Raises :class:`PayloadError` naming the device and what was expected.
     """
-    adds = [p for p in payloads if isinstance(p, GuestNetwork) and p.add]
-    if not adds:
-        return
-    cfg = config.load(paths)
-    for n in adds:
+    for n in payloads:
+        if not isinstance(n, GuestNetwork) or not n.add:
+            continue
         if n.device == cfg.control_device or n.device in cfg.public_devices:
             raise PayloadError(
                 "device",
@@ -144,33 +143,37 @@ def validate_push(
             raise PayloadError("device", n.device, "an interface that exists on this router")
 
 
-def push_hooks(
-    paths: Paths,
-    tables_factory: TablesFactory = real_tables,
-    exists: DeviceExists = device_exists,
-) -> tuple[Callable[[Sequence[Payload]], None], Callable[[ApplyResult], None]]:
-    """``(before_commit, after_commit)`` for :class:`vr.applier.Applier`."""
+@dataclass(frozen=True)
+class FirewallHooks:
+    """The firewall's part of a push (:class:`vr.applier.PushHooks`), run under the
+    push's store lock with the config it read."""
 
-    def before_commit(payloads: Sequence[Payload]) -> None:
-        validate_push(paths, payloads, exists)
+    paths: Paths
+    tables_factory: TablesFactory = real_tables
+    exists: DeviceExists = device_exists
 
-    def after_commit(result: ApplyResult) -> None:
+    def before_commit(self, cfg: Config, payloads: Sequence[Payload]) -> None:
+        validate_push(self.paths, cfg, payloads, self.exists)
+
+    def after_commit(self, cfg: Config, result: ApplyResult) -> None:
         changed = result.networks_changed or result.dhcp_changed
-        if not managed(paths):
+        if not managed(self.paths):
             if changed:
-                LOG.info("firewall not set up on %s yet; 'vr firewall apply' will", paths.root)
+                LOG.info("firewall not set up on %s yet; 'vr firewall apply' will", self.paths.root)
             return
         if changed:
-            report = apply(paths, tables_factory(), exists)
+            report = self._apply(cfg)
             LOG.info("firewall re-applied after push: %s", summary(report))
-        elif paths.firewall_pending.exists():
+        elif self.paths.firewall_pending.exists():
             # An earlier apply failed: retry, but do not fail an unrelated push.
             try:
-                apply(paths, tables_factory(), exists)
+                self._apply(cfg)
             except FirewallError as exc:
                 LOG.error("firewall still not applied (retry after push failed): %s", exc)
 
-    return before_commit, after_commit
+    def _apply(self, cfg: Config) -> SyncReport:
+        ruleset = compute(self.paths, cfg)
+        return apply_locked(self.paths, self.tables_factory(), ruleset, self.exists)
 
 
 def summary(report: SyncReport) -> str:

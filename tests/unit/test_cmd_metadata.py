@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from vr.cli import build_parser
-from vr.cmd.serve_metadata import gunicorn_options
-from vr.paths import Paths
+from vr.http.runner import gunicorn_options
 
 
 def test_bind_is_repeatable_and_defaults_are_for_a_small_vr() -> None:
@@ -21,7 +20,7 @@ def test_bind_is_repeatable_and_defaults_are_for_a_small_vr() -> None:
 
 
 def test_gunicorn_options_keep_connections_alive_and_build_the_app_per_worker() -> None:
-    opts = gunicorn_options(["0.0.0.0:80"], 2, "gthread", 2, Paths(Path("/r")))
+    opts = gunicorn_options("metadata", ["0.0.0.0:80"], 2, "gthread", Path("/r"), threads=2)
     assert opts["bind"] == ["0.0.0.0:80"]
     assert opts["keepalive"] > 0
     assert opts["preload_app"] is False
@@ -30,7 +29,7 @@ def test_gunicorn_options_keep_connections_alive_and_build_the_app_per_worker() 
 
 def test_connections_per_address_reaches_the_gunicorn_settings() -> None:
     args = build_parser().parse_args(["serve-metadata", "--connections-per-address", "8"])
-    opts = gunicorn_options(["0.0.0.0:80"], 2, "event", 1, Paths(Path("/r")), 8)
+    opts = gunicorn_options("metadata", ["0.0.0.0:80"], 2, "event", Path("/r"), 8)
     assert args.connections_per_address == 8
     assert opts["vr_connections_per_address"] == 8
     with pytest.raises(SystemExit):

@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vr import logs
-from vr.cli import add_root
+from vr.cmd.args import add_root
 from vr.errors import VRError
 from vr.paths import Paths, root_from_env
+
+if TYPE_CHECKING:
+    from vr.firewall.sync import SyncReport, Tables
 
 
 def register(sub: Any) -> None:
@@ -76,30 +80,33 @@ def _paths(args: argparse.Namespace, log_file: bool = True) -> Paths:
 def _apply(args: argparse.Namespace) -> int:
     from vr.firewall import state as fw
 
-    paths = _paths(args)
-    try:
-        report = fw.apply(paths, fw.real_tables())
-    except VRError as exc:
-        print(f"firewall not applied: {exc}", file=sys.stderr)
-        return 1
-    print(f"firewall applied: {fw.summary(report)}")
-    return 0
+    return _program(args, fw.apply, "applied")
 
 
 def _restore(args: argparse.Namespace) -> int:
     from vr.firewall import state as fw
 
+    return _program(args, fw.restore, "restored")
+
+
+def _program(
+    args: argparse.Namespace, action: Callable[[Paths, Tables], SyncReport], done: str
+) -> int:
+    """Run ``apply`` or ``restore`` on the real tables; one line says what happened."""
+    from vr.firewall import state as fw
+
     paths = _paths(args)
     try:
-        report = fw.restore(paths, fw.real_tables())
+        report = action(paths, fw.real_tables())
     except VRError as exc:
-        print(f"firewall not restored: {exc}", file=sys.stderr)
+        print(f"firewall not {done}: {exc}", file=sys.stderr)
         return 1
-    print(f"firewall restored: {fw.summary(report)}")
+    print(f"firewall {done}: {fw.summary(report)}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
+    from vr import config
     from vr.firewall import state as fw
 
     paths = _paths(args, log_file=False)
@@ -107,7 +114,7 @@ def _show(args: argparse.Namespace) -> int:
         ruleset = fw.load_saved(paths)
         header = f"# saved in {paths.firewall_state}"
         if ruleset is None:
-            ruleset = fw.compute(paths)
+            ruleset = fw.compute(paths, config.load(paths))
             header = "# nothing saved yet: what 'vr firewall apply' would install"
     except VRError as exc:
         print(f"cannot show the firewall: {exc}", file=sys.stderr)

@@ -7,9 +7,7 @@ import logging
 import os
 from typing import Any
 
-from vr import logs
-from vr.cli import add_connections_per_address, add_root
-from vr.paths import Paths, root_from_env
+from vr.cmd.args import add_connections_per_address, add_root, open_root
 
 LOG = logging.getLogger(__name__)
 
@@ -57,23 +55,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_serve)
 
 
-def gunicorn_options(
-    binds: list[str],
-    workers: int,
-    worker_class: str,
-    threads: int,
-    paths: Paths,
-    per_address: int | None = None,
-) -> dict[str, Any]:
-    """gunicorn settings for the metadata service (pure; tested)."""
-    from vr.http.runner import base_options
-
-    return {
-        **base_options(binds, workers, worker_class, f"vr-metadata[{paths.root}]", per_address),
-        "threads": threads,
-    }
-
-
 def _serve(args: argparse.Namespace) -> int:
     from vr import config
     from vr.http import runner as gunicorn_runner
@@ -81,8 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vr.metadata.app import create_app
     from vr.metadata.tokens import new_key
 
-    paths = Paths(root_from_env(args.root))
-    logs.setup(paths, args.verbose)
+    paths = open_root(args)
     workers = args.workers
     if workers is None:
         workers = config.load(paths).metadata_workers
@@ -106,8 +86,14 @@ def _serve(args: argparse.Namespace) -> int:
     token_key = new_key()
     gunicorn_runner.run(
         lambda: create_app(paths, warm=warm, token_key=token_key),
-        gunicorn_options(
-            binds, workers, args.worker_class, args.threads, paths, args.connections_per_address
+        gunicorn_runner.gunicorn_options(
+            "metadata",
+            binds,
+            workers,
+            args.worker_class,
+            paths.root,
+            args.connections_per_address,
+            args.threads,
         ),
     )
     return 0

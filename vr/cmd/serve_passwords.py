@@ -8,7 +8,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from vr import logs
-from vr.cli import add_connections_per_address, add_root
+from vr.cmd.args import add_connections_per_address, add_root
 from vr.paths import Paths, root_from_env
 
 LOG = logging.getLogger(__name__)
@@ -63,27 +63,6 @@ def parse_bind(value: str) -> str:
     return value
 
 
-def gunicorn_options(
-    binds: list[str],
-    workers: int,
-    worker_class: str,
-    paths: Paths,
-    per_address: int | None = None,
-) -> dict[str, Any]:
-    """gunicorn settings for the password server (pure; tested)."""
-    from vr.http.runner import base_options
-
-    return {
-        **base_options(binds, workers, worker_class, f"vr-passwd[{paths.root}]", per_address),
-        # The protocol's header name has an underscore; gunicorn's own parser (sync
-        # worker) drops such headers by default. DomU-Request then means the same.
-        "header_map": "dangerous",
-        "limit_request_line": 4094,
-        "limit_request_fields": 50,
-        "limit_request_field_size": 8190,
-    }
-
-
 def _audit_to_file_only() -> None:
     """One audit line per request belongs in cloud.log, not on the supervisor's stderr
     (it would be written twice at thousands of requests per second); warnings and
@@ -96,7 +75,7 @@ def _audit_to_file_only() -> None:
 def _serve(args: argparse.Namespace) -> int:
     from vr import config
     from vr.errors import VRError
-    from vr.http.runner import run
+    from vr.http.runner import gunicorn_options, run
     from vr.passwords.app import ensure_token, make_app
 
     paths = Paths(root_from_env(args.root))
@@ -122,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.worker_class,
     )
     options = gunicorn_options(
-        binds, workers, args.worker_class, paths, args.connections_per_address
+        "passwords", binds, workers, args.worker_class, paths.root, args.connections_per_address
     )
     run(lambda: make_app(paths), options)
     return 0

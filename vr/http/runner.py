@@ -8,7 +8,8 @@ before fork (files, sockets, caches) is shared between workers by accident.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from gunicorn.app.base import BaseApplication
 
@@ -26,18 +27,36 @@ WORKER_CLASSES = {
 }
 
 
-def base_options(
+Service = Literal["metadata", "passwords"]
+
+SERVICE_OPTIONS: dict[Service, dict[str, Any]] = {
+    "metadata": {},
+    "passwords": {
+        # The protocol's header name has an underscore; gunicorn's own parser (sync
+        # worker) drops such headers by default. DomU-Request then means the same.
+        "header_map": "dangerous",
+        "limit_request_line": 4094,
+        "limit_request_fields": 50,
+        "limit_request_field_size": 8190,
+    },
+}
+PROC_NAMES: dict[Service, str] = {"metadata": "vr-metadata", "passwords": "vr-passwd"}
+
+
+def gunicorn_options(
+    service: Service,
     binds: list[str],
     workers: int,
     worker_class: str,
-    proc_name: str,
+    root: Path,
     per_address: int | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Settings shared by vr's gunicorn services; callers add their own.
+    """gunicorn settings for one of vr's services (pure).
 
     ``per_address``: the most connections one client address (one VM) may hold in
     one event worker; None keeps the worker's default
-    (:data:`vr.http.worker.PER_ADDRESS`).
+    (:data:`vr.http.worker.PER_ADDRESS`). ``threads`` matters to gthread only.
     """
     return {
         "bind": binds,
@@ -50,7 +69,8 @@ def base_options(
         "worker_connections": 1000,
         "timeout": 30,
         "graceful_timeout": 5,
-        "proc_name": proc_name,
+        "proc_name": f"{PROC_NAMES[service]}[{root}]",
+        "threads": threads,
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "info",
@@ -59,6 +79,7 @@ def base_options(
         # several appliances and both services would fight over it.
         "control_socket_disable": True,
         ConnectionsPerAddress.name: per_address,
+        **SERVICE_OPTIONS[service],
     }
 
 

@@ -43,6 +43,20 @@ class Config:
 USERDATA_MAX_RANGE = (1024, 32 * 1024 * 1024)
 """Below 1 KiB no cloud-config fits; above 32 MiB a push no longer fits an upload."""
 
+PORT_RANGE = (1, 65535)
+WORKERS_RANGE = (1, 64)
+"""A router has a few vCPUs; more than 64 processes per service only costs memory."""
+
+RANGES: dict[str, tuple[tuple[int, int], str]] = {
+    "ssh_port": (PORT_RANGE, "a TCP port"),
+    "metadata_port": (PORT_RANGE, "a TCP port"),
+    "password_port": (PORT_RANGE, "a TCP port"),
+    "metadata_workers": (WORKERS_RANGE, "a number of worker processes"),
+    "password_workers": (WORKERS_RANGE, "a number of worker processes"),
+    "userdata_max_bytes": (USERDATA_MAX_RANGE, "a number of bytes"),
+}
+"""Integer settings and the values they may take (inclusive)."""
+
 
 def load(paths: Paths) -> Config:
     """Read the config file; a missing file means all defaults."""
@@ -89,11 +103,16 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
                 "interface: expected a guest interface (metadata and passwords are "
                 "never offered on control or public interfaces)"
             )
-    low, high = USERDATA_MAX_RANGE
-    if not low <= cfg.userdata_max_bytes <= high:
+    for key, ((low, high), what) in RANGES.items():
+        value = getattr(cfg, key)
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: {key}={value!r}: expected {what} from {low} to {high}")
+    ports = {"ssh_port": cfg.ssh_port, "metadata_port": cfg.metadata_port}
+    ports["password_port"] = cfg.password_port
+    if len(set(ports.values())) < len(ports):
         raise ConfigError(
-            f"{where}: userdata_max_bytes={cfg.userdata_max_bytes!r}: "
-            f"expected a number of bytes from {low} to {high}"
+            f"{where}: ssh_port={cfg.ssh_port}, metadata_port={cfg.metadata_port}, "
+            f"password_port={cfg.password_port}: expected three different ports"
         )
     try:
         IPv4Address(cfg.ssh_listen)

@@ -78,3 +78,45 @@ def test_userdata_limit_outside_its_range_names_value_and_range(paths: Paths, va
     paths.config.write_text(json.dumps({"userdata_max_bytes": value}))
     with pytest.raises(ConfigError, match=rf"userdata_max_bytes={value}: expected .* 1024 to"):
         config.load(paths)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("ssh_port", 99999, "a TCP port from 1 to 65535"),
+        ("ssh_port", 0, "a TCP port from 1 to 65535"),
+        ("metadata_port", 0, "a TCP port from 1 to 65535"),
+        ("password_port", 65536, "a TCP port from 1 to 65535"),
+        ("metadata_workers", -3, "a number of worker processes from 1 to 64"),
+        ("metadata_workers", 0, "a number of worker processes from 1 to 64"),
+        ("password_workers", 65, "a number of worker processes from 1 to 64"),
+    ],
+)
+def test_a_number_outside_its_range_is_refused_naming_key_value_and_range(
+    paths: Paths, key: str, value: int, expected: str
+) -> None:
+    paths.config.write_text(json.dumps({key: value}))
+    with pytest.raises(ConfigError) as exc:
+        config.load(paths)
+    assert f"{key}={value}: expected {expected}" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ssh_port", 1), ("ssh_port", 65535), ("metadata_workers", 1), ("password_workers", 64)],
+)
+def test_the_ends_of_each_range_are_accepted(paths: Paths, key: str, value: int) -> None:
+    paths.config.write_text(json.dumps({key: value}))
+    assert getattr(config.load(paths), key) == value
+
+
+def test_a_boolean_is_not_taken_for_a_number(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metadata_workers": True}))
+    with pytest.raises(ConfigError, match="metadata_workers=True: expected int"):
+        config.load(paths)
+
+
+def test_two_services_on_one_port_are_refused(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metadata_port": 8080}))
+    with pytest.raises(ConfigError, match="expected three different ports"):
+        config.load(paths)

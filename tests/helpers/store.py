@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from vr.applier import Applier
+from vr.cloudstack import build_cfg
 from vr.paths import Paths
 
 Snapshot = dict[str, tuple[str, object]]
+
+
+def cfg_text(files: dict[str, Any]) -> str:
+    """A ``VR-<uuid>.cfg`` carrying each ``name -> JSON payload`` (the push client's builder)."""
+    return build_cfg([(name, json.dumps(obj).encode()) for name, obj in files.items()])
+
 
 # Files that legitimately change on a rejected push: the rejected file moves,
 # logs grow, the last-push record and the lock file are bookkeeping.

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import json
 from io import StringIO
 
 from tests.helpers.store import (
     apply_cfg,
+    cfg_text,
     drop,
     ip,
     served_tree,
@@ -20,15 +20,6 @@ from vr.paths import Paths
 from vr.store import read_vm
 
 HEADER = "#Apache CloudStack Virtual Router Config File\n<version>\n1.0\n</version>\n"
-
-
-def cfg_text(files: dict[str, object]) -> str:
-    text = HEADER
-    for name, obj in files.items():
-        text += f"<file>\n/var/cache/cloud/{name}\n{json.dumps(obj)}\n</file>\n"
-    for name in files:
-        text += f"<script>\n/opt/cloud/bin/update_config.py {name}\n</script>\n"
-    return text
 
 
 def test_applied_file_is_archived_gzipped_in_processed(paths: Paths) -> None:
@@ -175,9 +166,7 @@ def test_after_commit_hook_sees_the_result_and_its_failure_fails_the_push(paths:
     net = {"device": "eth1", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
     drop(paths, "guest_network.json.1", net)
     err = StringIO()
-    code = Applier(paths, hooks=Hooks()).update_config(
-        ["guest_network.json.1"], StringIO(), err
-    )
+    code = Applier(paths, hooks=Hooks()).update_config(["guest_network.json.1"], StringIO(), err)
     assert code == 1
     assert seen and seen[0].networks_changed is True
     assert "internal error" in err.getvalue()

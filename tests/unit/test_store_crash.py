@@ -9,7 +9,6 @@ real ``update_config.py`` processes from outside after random short delays.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 from tests.helpers.store import (
     apply_cfg,
+    cfg_text,
     drop,
     served_tree,
     temp_names,
@@ -38,7 +38,6 @@ SYSCALLS = (
     "mkdir", "unlink", "rmdir",
 )  # fmt: skip
 KILLED = -signal.SIGKILL
-HEADER = "#Apache CloudStack Virtual Router Config File\n<version>\n1.0\n</version>\n"
 
 
 def _in_child_killed_at(step: int, action: Callable[[], object], report: int) -> None:
@@ -164,15 +163,6 @@ def test_kill_at_every_step_of_a_push_leaves_old_or_new_and_reapply_works(tmp_pa
     assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
 
 
-def _cfg(files: dict[str, dict[str, Any]]) -> str:
-    text = HEADER
-    for name, obj in files.items():
-        text += f"<file>\n/var/cache/cloud/{name}\n{json.dumps(obj)}\n</file>\n"
-    for name in files:
-        text += f"<script>\n/opt/cloud/bin/update_config.py {name}\n</script>\n"
-    return text
-
-
 def test_kill_during_a_batch_is_all_or_nothing_once_the_next_writer_runs(tmp_path: Path) -> None:
     ips = [f"10.1.1.{i}" for i in (11, 12, 13)]
     base = Paths(tmp_path / "base")
@@ -187,7 +177,7 @@ def test_kill_during_a_batch_is_all_or_nothing_once_the_next_writer_runs(tmp_pat
         for n, ip in enumerate(ips)
     }
     batch["vm_password.json.p"] = {"ip_address": ips[0], "password": "Pw-new"}
-    (base.cache / "VR-1.cfg").write_text(_cfg(batch))
+    (base.cache / "VR-1.cfg").write_text(cfg_text(batch))
     old = {ip: vm_state(base, ip) for ip in ips}
 
     done = clone(base.root, tmp_path / "done")
@@ -223,13 +213,13 @@ def test_update_config_processes_killed_from_outside_leave_a_consistent_store(
         f"vm_metadata.json.o{n}": vm_metadata(ip, ["metadata", "v", "old"], ["metadata", "w", "o"])
         for n, ip in enumerate(ips)
     }
-    (base.cache / "VR-old.cfg").write_text(_cfg(files))
+    (base.cache / "VR-old.cfg").write_text(cfg_text(files))
     assert apply_cfg(base, "VR-old.cfg").code == 0
     files = {
         f"vm_metadata.json.n{n}": vm_metadata(ip, ["metadata", "v", "new"], ["metadata", "w", ""])
         for n, ip in enumerate(ips)
     }
-    (base.cache / "VR-new.cfg").write_text(_cfg(files))
+    (base.cache / "VR-new.cfg").write_text(cfg_text(files))
     old_vm = ({"v": b"old", "w": b"o"}, {})
     new_vm = ({"v": b"new"}, {})
 

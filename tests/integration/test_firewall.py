@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.line_peer import WAIT, Lines
 from tests.helpers.netns import Lab, Namespace, lab
 from vr import store
 from vr.paths import Paths
@@ -215,6 +217,44 @@ def test_a_guest_spoofing_a_bound_address_is_dropped_and_counted(vr: VR) -> None
     vr.push_ok("vm_dhcp_entry.json.2", dhcp_push(VM_IP, G1_MAC, remove=True))
     vr.vr.run("ip", "neigh", "flush", "dev", "eth0")
     assert get(vr.g2, META, 80) == f"{VM_IP} {VR_GUEST}:80"
+
+
+def test_a_spoofer_cannot_ride_the_bound_guests_established_connection(make_vr: Any) -> None:
+    # The service listens on its own port so that a server which never times out holds
+    # the connection; 169.254.169.254:80 is redirected there as for the real one.
+    v: VR = make_vr({"metadata_port": 8000})
+    v.firewall("apply")
+    v.push_ok("guest_network.json.1", network_push())
+    v.push_ok("vm_dhcp_entry.json.1", dhcp_push(VM_IP, G1_MAC))
+    peer = [sys.executable, "-m", "tests.helpers.line_peer"]
+    server = Lines(v.lab.spawn(v.vr, [*peer, "server", "8000"], stdout=subprocess.PIPE))
+    server.wait_for("ready")
+    client = Lines(
+        v.lab.spawn(
+            v.g1, [*peer, "client", META, "80"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+    )
+    client.wait_for("connected")
+    client.send("from the bound mac")
+    server.wait_for(f"{VM_IP} from the bound mac")
+    before = v.counter(f"binding {VM_IP}")
+
+    # Same connection (conntrack ESTABLISHED), same address, another MAC.
+    v.g1.run("ip", "link", "set", "dev", "eth0", "address", G2_MAC)
+    client.send("from another mac")
+    spoofed = f"{VM_IP} from another mac"
+    deadline = time.monotonic() + WAIT
+    dropped = 0
+    while spoofed not in server.poll(0.2) and time.monotonic() < deadline:
+        dropped = v.counter(f"binding {VM_IP}") - before
+        if dropped:
+            break
+    assert spoofed not in server.poll(0), "a segment from another MAC was delivered"
+    assert dropped > 0
+
+    # The connection only stalled: back on the bound MAC, the retransmission arrives.
+    v.g1.run("ip", "link", "set", "dev", "eth0", "address", G1_MAC)
+    server.wait_for(spoofed)
 
 
 def test_unbound_addresses_are_refused_when_binding_is_required(make_vr: Any) -> None:

@@ -114,6 +114,19 @@ def test_a_dhcp_entry_drops_its_address_from_other_macs_before_any_accept() -> N
     assert chain.index(b) < first_guest_accept
 
 
+@pytest.mark.parametrize("require_binding", [False, True])
+def test_the_binding_drop_checks_every_packet_not_only_new_connections(
+    require_binding: bool,
+) -> None:
+    # A spoofer must not ride an established connection: no conntrack state in the drop.
+    rs = desired(Config(require_mac_binding=require_binding), [GUEST], [VM])
+    (b,) = [r for r in rules(rs, INPUT_CHAIN) if r.mac_source is not None]
+    assert b.target == "DROP"
+    assert b.ctstate == ()
+    assert [m.name for m in b.spec().matches] == ["multiport", "mac", "comment"]
+    assert "conntrack" not in b.spec().render()
+
+
 def test_removing_a_dhcp_entry_removes_exactly_its_rule() -> None:
     other = DhcpEntry("02:00:00:00:00:0b", IPv4Address("10.1.1.11"), "vm2")
     both = rules(desired(Config(), [GUEST], [VM, other]), INPUT_CHAIN)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -366,6 +367,77 @@ def test_ec2_dated_index_marks_directories_and_every_entry_resolves(client: Flas
     for entry in index:
         r = get(client, f"/2009-04-04/meta-data/{entry}")
         assert r.status_code == 200, entry
+
+
+# A VM per shape of ``public-keys``: keys, null (an empty file: a VM without a key
+# pair), blank lines only, deleted (``""``), and one line that is no key at all.
+WALK_KEYS: dict[str, str | None] = {
+    "10.3.0.1": KEYS_A,
+    "10.3.0.2": None,
+    "10.3.0.3": "\n \n\t",
+    "10.3.0.4": "",
+    "10.3.0.5": "not an ssh key",
+}
+NO_KEYS = ("10.3.0.2", "10.3.0.3", "10.3.0.4")
+WALK_ROOTS = ("/", "/latest/", "/latest/meta-data/", "/2009-04-04/", "/2021-03-23/meta-data/",
+              "/metadata/v1/")  # fmt: skip
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "flask-only"])
+def walk_client(request: pytest.FixtureRequest, paths: Paths) -> FlaskClient:
+    for ip, keys in WALK_KEYS.items():
+        triples = [t for t in vm_triples(ip) if t[1] != "public-keys"]
+        store_vm(paths, ip, [*triples, ["metadata", "public-keys", keys]])
+    return create_app(paths, fast_path=request.param).test_client()
+
+
+def walk(client: FlaskClient, ip: str, directory: str) -> list[str]:
+    """Every path reachable from the listing at ``directory``, each checked to answer 200.
+
+    As cloud-init crawls: a name ending in ``/`` is a directory, ``N=name`` is the
+    directory ``N/`` (EC2 public keys), anything else a leaf fetched as listed.
+    """
+    r = get(client, directory, ip)
+    assert r.status_code == 200, (ip, directory)
+    found = [directory]
+    for name in filter(None, (line.strip() for line in r.data.decode().split("\n"))):
+        key_dir = re.fullmatch(r"(\d+)=.*", name)
+        path = directory + (f"{key_dir.group(1)}/" if key_dir else name)
+        if path.endswith("/"):
+            found += walk(client, ip, path)
+        else:
+            assert get(client, path, ip).status_code == 200, (ip, path)
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("ip", list(WALK_KEYS))
+def test_every_listed_entry_of_every_index_tree_answers_200(
+    walk_client: FlaskClient, ip: str
+) -> None:
+    found = [p for root in WALK_ROOTS for p in walk(walk_client, ip, root)]
+    assert "/latest/meta-data/instance-id" in found
+    assert "/2021-03-23/meta-data/instance-id" in found
+    # Whether a line that is no SSH key is offered as one is not this test's business;
+    # only that what is listed is served.
+    if ip == "10.3.0.1":
+        assert "/2021-03-23/meta-data/public-keys/1/openssh-key" in found
+    if ip in NO_KEYS:
+        assert not [p for p in found if "public-keys/" in p]
+    assert "/2009-04-04/user-data" in found and "/metadata/v1/interfaces/" in found
+    # CloudStack's index lists its raw file whenever one is stored, even an empty one.
+    assert ("/latest/meta-data/public-keys" in found) == (WALK_KEYS[ip] != "")
+
+
+@pytest.mark.parametrize("ip", NO_KEYS)
+@pytest.mark.parametrize("version", ["2009-04-04", "2021-03-23"])
+def test_ec2_index_leaves_out_public_keys_when_no_key_is_there(
+    walk_client: FlaskClient, ip: str, version: str
+) -> None:
+    index = get(walk_client, f"/{version}/meta-data/", ip).data.decode().split("\n")
+    assert "instance-id" in index
+    assert not [n for n in index if n.startswith("public-keys/")]
+    assert get(walk_client, f"/{version}/meta-data/public-keys/", ip).status_code == 404
 
 
 def test_ec2_dated_user_data_is_the_same_bytes(client: FlaskClient) -> None:

@@ -8,15 +8,19 @@ import secrets
 import stat
 import subprocess
 import sys
+import time
 from ipaddress import IPv4Address
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 from werkzeug.test import Client, TestResponse
 
 from tests.helpers.fingerprint import fp
+from vr.passwords import app as passwd_app
 from vr.passwords.app import (
     MAX_BODY,
+    Entry,
     FormError,
     PasswordApp,
     PasswordCache,
@@ -470,6 +474,82 @@ def test_cache_sees_a_file_rewritten_in_place_with_the_same_size_and_mtime(
     os.utime(paths.passwords, ns=(st.st_atime_ns, st.st_mtime_ns))
     second = cache.get(IPv4Address(VM))
     assert second is not None and fp(second.password) == fp("bbbbbbbb")
+
+
+HOUR_NS = 3600 * 10**9
+
+
+def age(path: Path, ns: int = HOUR_NS) -> int:
+    """Set ``path``'s mtime ``ns`` into the past (well beyond the racy window); the mtime."""
+    old = time.time_ns() - ns
+    os.utime(path, ns=(old, old))
+    return old
+
+
+def ctime_passes(path: Path, scratch: Path) -> None:
+    """Return once the file system clock has moved past ``path``'s ctime, so the next
+    change to ``path`` gets another ctime (timestamps advance in coarse ticks)."""
+    ctime = os.stat(path).st_ctime_ns
+    scratch.touch()
+    deadline = time.monotonic() + 10
+    while os.stat(scratch).st_ctime_ns <= ctime:
+        assert time.monotonic() < deadline, "the ctime clock did not move in 10 s"
+        os.utime(scratch)
+
+
+def cached_password(cache: PasswordCache) -> str:
+    entry = cache.get(IPv4Address(VM))
+    assert entry is not None
+    return fp(entry.password)
+
+
+def test_cache_sees_a_push_over_a_file_it_read_when_old(paths: Paths) -> None:
+    push(paths, VM, "aaaaaaaa")
+    age(paths.passwords)
+    cache = PasswordCache(paths.passwords)
+    assert cached_password(cache) == fp("aaaaaaaa")
+    push(paths, VM, "bbbbbbbb")
+    assert cached_password(cache) == fp("bbbbbbbb")
+    # ... and a push whose file is made old at once (a clock set back) too.
+    push(paths, VM, "cccccccc")
+    age(paths.passwords, 2 * HOUR_NS)
+    assert cached_password(cache) == fp("cccccccc")
+
+
+@pytest.mark.parametrize("new_size", [False, True], ids=["same-size", "other-size"])
+def test_cache_sees_an_old_file_rewritten_in_place_with_its_mtime_kept(
+    paths: Paths, tmp_path: Path, new_size: bool
+) -> None:
+    push(paths, VM, "aaaaaaaa")
+    old = age(paths.passwords)
+    cache = PasswordCache(paths.passwords)
+    assert cached_password(cache) == fp("aaaaaaaa")
+    ctime_passes(paths.passwords, tmp_path / "clock")
+    replacement = "bbbbbbbbbb" if new_size else "bbbbbbbb"
+    data = paths.passwords.read_bytes().replace(b"aaaaaaaa", replacement.encode())
+    with open(paths.passwords, "r+b") as f:
+        f.write(data)
+    os.utime(paths.passwords, ns=(old, old))
+    assert cached_password(cache) == fp(replacement)
+
+
+def test_cache_reads_an_unchanged_old_file_once(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    push(paths, VM, "aaaaaaaa")
+    age(paths.passwords)
+    parsed: list[Path] = []
+    real = passwd_app._parse_passwords
+
+    def counting(data: bytes, path: Path) -> dict[str, Entry]:
+        parsed.append(path)
+        return real(data, path)
+
+    monkeypatch.setattr(passwd_app, "_parse_passwords", counting)
+    cache = PasswordCache(paths.passwords)
+    for _ in range(3):
+        assert cached_password(cache) == fp("aaaaaaaa")
+    assert parsed == [paths.passwords]
 
 
 def test_cache_forgets_everything_when_the_file_goes_away(paths: Paths) -> None:

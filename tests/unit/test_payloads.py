@@ -82,6 +82,54 @@ def test_user_data_accepts_standard_base64_with_optional_padding(text: str, data
     assert decode_userdata(text, "10.1.1.5") == data
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "QUFB\nQUFB\n",
+        "QUFB\r\nQUFB\r\n",
+        "\nQUFB\n\nQUFB",
+        "QUFBQUFB",
+    ],
+)
+def test_user_data_may_be_wrapped_in_lines_of_any_length(text: str) -> None:
+    assert decode_userdata(text, "10.1.1.5") == b"AAAAAA"
+
+
+# Each text below would decode if the characters outside the alphabet were dropped, as
+# CloudStack's b64decode (or b64decode(validate=False)) does: what is left is whole
+# base64 and the length is a multiple of 4, so only the alphabet check refuses them.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-_-_",  # URL-safe for what standard base64 spells "+/+/"
+        "QUFB-_-_",
+        "aGk-_w==",
+        "I2Nsb3VkLWNvbmZpZwo-_w==",
+        "QUFB!!!!",
+        "QUFB*.*.",
+        "QUFB\x00\x00\x00\x00",
+        "QUFBéééé",
+        "Q U F B ",  # inner and trailing spaces
+        "    QUFB",
+        "QUFB\t\t\t\t",
+        "QUFB\r\r\r\r",  # a lone CR is no line break
+        "QUFB\f\v\f\v",
+    ],
+)
+def test_user_data_outside_the_standard_alphabet_is_refused_naming_the_value(text: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        decode_userdata(text, "10.1.1.5")
+    message = str(err.value)
+    assert message.startswith(f"VM 10.1.1.5: user-data={text!r}: expected standard base64")
+    assert "URL-safe '-' and '_' are not accepted" in message
+
+
+@pytest.mark.parametrize("text", ["QU=B", "QUFB=QUF", "QUFB\n=QUF"])
+def test_user_data_with_padding_before_the_end_is_refused(text: str) -> None:
+    with pytest.raises(PayloadError, match="expected standard base64"):
+        decode_userdata(text, "10.1.1.5")
+
+
 def test_user_data_limit_is_configurable_and_exact() -> None:
     limits = Limits(userdata_bytes=10)
     assert decode_userdata(base64.b64encode(b"x" * 10).decode(), "vm", limits) == b"x" * 10

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.store import drop, snapshot, update_config, vm_metadata
+from tests.helpers.store import apply_cfg, drop, snapshot, update_config, vm_metadata
 from vr.paths import Paths
 
 VM = "10.1.1.23"
@@ -285,3 +288,56 @@ def test_failed_folder_keeps_only_the_newest_files(paths: Paths) -> None:
     kept = {p.name for p in paths.failed.iterdir()}
     assert len(kept) == 3
     assert "vm_metadata.json.bad5" in kept
+
+
+@pytest.mark.parametrize("entry", ["update-config", "apply-cfg"])
+def test_symlink_in_the_cache_is_refused_and_its_target_left_alone(
+    entry: str, paths: Paths, tmp_path: Path
+) -> None:
+    """A link is not a push: never read through, and the quarantine's chmod never
+    reaches what it points to."""
+    _baseline(paths)
+    before = snapshot(paths.root)
+    target = tmp_path / "elsewhere" / "secret.json"
+    target.parent.mkdir()
+    if entry == "update-config":
+        name = "vm_metadata.json.link"
+        content = json.dumps(meta(["metadata", "vm-id", "from-the-link"])).encode()
+    else:
+        name = "VR-link.cfg"
+        content = (
+            "#Apache CloudStack Virtual Router Config File\n<version>\n1.0\n</version>\n"
+            "<file>\n/var/cache/cloud/vm_metadata.json.l\n"
+            + json.dumps(meta(["metadata", "vm-id", "from-the-link"]))
+            + "\n</file>\n<script>\n/opt/cloud/bin/update_config.py vm_metadata.json.l\n"
+            "</script>\n"
+        ).encode()
+    target.write_bytes(content)
+    target.chmod(0o644)
+    (paths.cache / name).symlink_to(target)
+
+    run = update_config(paths, name) if entry == "update-config" else apply_cfg(paths, name)
+
+    assert run.code == 1
+    lines = run.err.splitlines()
+    assert len(lines) == 1, run.err
+    assert name in lines[0] and "<symbolic link>" in lines[0] and "a regular file" in lines[0]
+    assert snapshot(paths.root) == before
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.read_bytes() == content
+    assert not os.path.lexists(paths.cache / name)
+    moved = paths.failed / name
+    assert moved.is_symlink() and os.readlink(moved) == str(target)
+
+
+def test_directory_in_the_cache_is_refused_as_not_a_regular_file(paths: Paths) -> None:
+    _baseline(paths)
+    before = snapshot(paths.root)
+    (paths.cache / "vm_metadata.json.dir").mkdir()
+
+    run = update_config(paths, "vm_metadata.json.dir")
+
+    assert run.code == 1
+    assert "<directory>" in run.err and "a regular file" in run.err
+    assert snapshot(paths.root) == before
+    assert not (paths.cache / "vm_metadata.json.dir").exists()

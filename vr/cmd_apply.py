@@ -94,10 +94,11 @@ def _apply_cfg(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from vr import show
+    from vr import show, store
 
     paths = Paths(root_from_env(args.root))
     logs.setup(None, args.verbose)
+    store.recover(paths)  # a batch killed mid-commit: show its outcome, not a mix
     try:
         ips = [IPv4Address(a) for a in args.ip] if args.ip else None
     except ValueError as exc:

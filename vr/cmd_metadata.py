@@ -75,7 +75,7 @@ def gunicorn_options(
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config, gunicorn_runner, metadata_counters
+    from vr import config, gunicorn_runner, metadata_counters, store
     from vr.metadata_app import create_app
     from vr.metadata_tokens import new_key
 
@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     binds = args.bind or [DEFAULT_BIND]
     paths.run.mkdir(parents=True, exist_ok=True)
     metadata_counters.reset(paths)
+    store.recover(paths)  # before any worker reads: never a batch half-renamed
     LOG.info(
         "metadata service for %s on %s: %s %s workers x %s threads (pid %s)",
         paths.root,

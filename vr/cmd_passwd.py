@@ -94,7 +94,7 @@ def _audit_to_file_only() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config
+    from vr import config, store
     from vr.errors import VRError
     from vr.gunicorn_runner import run
     from vr.passwd_app import ensure_token, make_app
@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(paths, args.verbose)
     if not args.verbose:
         _audit_to_file_only()
+    store.recover(paths)  # a batch killed mid-commit may hold a passwords file
     try:
         cfg = config.load(paths)
         binds = [parse_bind(b) for b in (args.bind or [f"0.0.0.0:{cfg.password_port}"])]

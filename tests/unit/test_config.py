@@ -78,3 +78,9 @@ def test_userdata_limit_outside_its_range_names_value_and_range(paths: Paths, va
     paths.config.write_text(json.dumps({"userdata_max_bytes": value}))
     with pytest.raises(ConfigError, match=rf"userdata_max_bytes={value}: expected .* 1024 to"):
         config.load(paths)
+
+
+def test_config_with_a_key_twice_names_it_instead_of_keeping_the_last(paths: Paths) -> None:
+    paths.config.write_text('{"metadata_port": 80, "metadata_port": 8081}')
+    with pytest.raises(ConfigError, match="JSON key='metadata_port': expected each key at most"):
+        config.load(paths)

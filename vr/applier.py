@@ -12,10 +12,12 @@ except "already applied" for a retry. A password never appears in either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -243,8 +245,8 @@ class Applier:
         try:
             self.paths.failed.mkdir(parents=True, exist_ok=True, mode=0o700)
             dest = self.paths.failed / src.name
-            os.replace(src, dest)
-            os.chmod(dest, 0o600)
+            os.replace(src, dest)  # moves a symbolic link itself, not its target
+            _chmod_if_regular(dest, 0o600)
             _prune(self.paths.failed, self.keep_failed, {src.name})
         except OSError as exc:
             LOG.warning("%s: could not move to failed/: %s", src.name, exc)
@@ -317,14 +319,64 @@ def summarize(changes: Sequence[str], limit: int = SUMMARY_ITEMS) -> str:
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
-    """Read ``path`` unless it is larger than ``limit`` (PayloadError naming its size)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
+    """Read ``path`` unless it is larger than ``limit`` (PayloadError naming its size).
+
+    Only a regular file is read: a symbolic link (never followed), a FIFO (opened
+    without blocking), a directory or a device is a :class:`PayloadError`.
+    """
+    where = f"file {path.name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
             raise PayloadError(
-                "size", f"<{size} bytes>", f"at most {limit} bytes", subject=f"file {path.name}"
+                "type", "<symbolic link>", "a regular file pushed into the cache", subject=where
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise PayloadError(
+            "type", f"<{_kind(st.st_mode)}>", "a regular file pushed into the cache", subject=where
+        )
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise PayloadError(
+                "size", f"<{st.st_size} bytes>", f"at most {limit} bytes", subject=where
             )
         return f.read(limit + 1)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _chmod_if_regular(path: Path, mode: int) -> None:
+    """chmod ``path`` itself, never what a symbolic link there points to."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return
+        raise
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _prune(folder: Path, keep: int, protect: set[str]) -> None:

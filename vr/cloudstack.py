@@ -186,7 +186,13 @@ def parse_cfg(text: str) -> Batch:
                 raise PayloadError(f"cfg line {i + 2}", path, f"a path under {CACHE_DIR}/")
             name = cache_file(path, f"cfg line {i + 2}")
             # vr_cfg.sh writes each content line with echo, i.e. adds a newline per line
-            files[name] = "".join(s + "\n" for s in lines[i + 2 : end]).encode("utf-8")
+            content = "".join(s + "\n" for s in lines[i + 2 : end])
+            try:
+                files[name] = content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PayloadError(
+                    f"cfg file {name}", f"<character {exc.start}>", "UTF-8 text"
+                ) from None
             i = end + 1
         elif line == "<script>":
             if i + 2 >= len(lines) or lines[i + 2] != "</script>":

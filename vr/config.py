@@ -7,14 +7,13 @@ ignored. Guest networks listed here are active from boot; more arrive by push.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address
 from typing import Any
 
 from vr.errors import ConfigError, PayloadError
 from vr.paths import Paths
-from vr.payloads import GuestNetwork, parse_guest_network
+from vr.payloads import GuestNetwork, load_json, parse_guest_network
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,11 @@ RANGES: dict[str, tuple[tuple[int, int], str]] = {
 def load(paths: Paths) -> Config:
     """Read the config file; a missing file means all defaults."""
     try:
-        raw = json.loads(paths.config.read_text())
+        raw = load_json(paths.config.read_text(), str(paths.config))
     except FileNotFoundError:
         return Config()
+    except PayloadError as exc:
+        raise ConfigError(f"not readable JSON: {exc}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{paths.config}: not readable JSON: {exc}") from None
     if not isinstance(raw, dict):

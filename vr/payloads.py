@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_network
 from typing import Any
 
 from vr.cloudstack import FILE_TYPES, check_name, file_stem
@@ -32,6 +32,24 @@ FOLDERS = ("metadata", "userdata")
 
 
 DEFAULT_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+MAX_INT_DIGITS = 4300
+"""Longest JSON integer accepted (Python's own conversion limit); no field takes a
+number, but a longer one must be refused as a payload error, not crash the parser."""
+
+WIDEST_GUEST_PREFIX = 8
+"""A guest network's prefix is at least /8: CloudStack's guest networks are /16 to
+/30 in practice (isolated /24 by default); a wider one (0.0.0.0/0) would make every
+address a guest's."""
+
+RESERVED_NETWORKS = tuple(
+    ip_network(n)
+    for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
+)
+"""No guest network overlaps these: "this host", loopback, link-local (the VR's own
+control network and 169.254.169.254), multicast and reserved addresses."""
+
+RESERVED_DEVICES = ("lo",)
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,11 @@ class DhcpEntry:
 Payload = VmMetadata | VmPassword | GuestNetwork | DhcpEntry
 
 
-def parse_ipv4(value: object, field_name: str, vm: str | None = None) -> IPv4Address:
+def parse_ipv4(
+    value: object, field_name: str, vm: str | None = None, *, router: bool = False
+) -> IPv4Address:
+    """A unicast IPv4 address; ``router``: also not link-local (169.254.0.0/16 is the
+    VR's control network and holds the metadata address 169.254.169.254)."""
     if not isinstance(value, str):
         raise PayloadError(field_name, value, "an IPv4 address as a string", vm)
     try:
@@ -144,6 +166,10 @@ def parse_ipv4(value: object, field_name: str, vm: str | None = None) -> IPv4Add
         or addr == IPv4Address("255.255.255.255")
     ):
         raise PayloadError(field_name, value, "a unicast guest address", vm)
+    if router and addr.is_link_local:
+        raise PayloadError(
+            field_name, value, "a guest address outside link-local 169.254.0.0/16", vm
+        )
     return addr
 
 
@@ -267,13 +293,14 @@ def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
         not isinstance(password, str)
         or not password
         or len(password) > limits.password_chars
-        or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in password)
+        or not password.isprintable()
     ):
         raise PayloadError(
             "password",
             REDACTED,
             f"a non-empty string of at most {limits.password_chars} printable characters "
-            "(no lone surrogate \\uD8xx)",
+            "(no control character such as tab or U+0085, no line or paragraph separator, "
+            "no format, private-use or unassigned character, no lone surrogate \\uD8xx)",
             vm,
         )
     return VmPassword(ip, password)
@@ -281,13 +308,20 @@ def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
 
 def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
     device = _require(obj, "device")
-    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+    if (
+        not isinstance(device, str)
+        or not DEVICE_PATTERN.fullmatch(device)
+        or device in RESERVED_DEVICES
+    ):
         raise PayloadError(
-            "device", device, "an interface name like eth0 (1-15 chars)", subject="guest network"
+            "device",
+            device,
+            "a guest interface name like eth0 (1-15 chars, not the loopback 'lo')",
+            subject="guest network",
         )
     net = f"guest network {device}"
     try:
-        ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip")
+        ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip", router=True)
         cidr_text = _require(obj, "cidr")
         if not isinstance(cidr_text, str):
             raise PayloadError("cidr", cidr_text, "an IPv4 network as a string")
@@ -297,6 +331,16 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
             raise PayloadError(
                 "cidr", cidr_text, "an IPv4 network like 10.1.1.0/24 (host bits zero)"
             ) from None
+        if cidr.prefixlen < WIDEST_GUEST_PREFIX:
+            raise PayloadError(
+                "cidr",
+                cidr_text,
+                f"a guest network of at most /{WIDEST_GUEST_PREFIX} (prefix length "
+                f"{WIDEST_GUEST_PREFIX}-32)",
+            )
+        for reserved in RESERVED_NETWORKS:
+            if cidr.overlaps(reserved):
+                raise PayloadError("cidr", cidr_text, f"a guest network not overlapping {reserved}")
         if ip not in cidr:
             raise PayloadError("router_guest_ip", str(ip), f"an address inside cidr {cidr}")
         if cidr.prefixlen < 31 and ip in (cidr.network_address, cidr.broadcast_address):
@@ -308,7 +352,7 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
         if mac is not None:
             mac = parse_mac(mac, "mac_address")
         gw_text = obj.get("router_guest_gateway")
-        gateway = parse_ipv4(gw_text, "router_guest_gateway") if gw_text else None
+        gateway = parse_ipv4(gw_text, "router_guest_gateway", router=True) if gw_text else None
         if gateway is not None and gateway not in cidr:
             raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
     except PayloadError as exc:
@@ -318,10 +362,21 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
     return GuestNetwork(device, ip, cidr, add, mac, gateway)
 
 
+MAC_EXPECTED = "a unicast MAC address like 02:00:4c:5a:00:01"
+
+
 def parse_mac(value: object, field_name: str, vm: str | None = None) -> str:
+    """A unicast MAC: a guest can never send from a multicast (first octet odd, e.g.
+    the broadcast ff:ff:ff:ff:ff:ff) or the all-zero address, so a binding to one
+    would lock the VM out of the metadata and password services."""
     if not isinstance(value, str) or not MAC_PATTERN.fullmatch(value.lower()):
-        raise PayloadError(field_name, value, "a MAC address like 02:00:4c:5a:00:01", vm)
-    return value.lower()
+        raise PayloadError(field_name, value, MAC_EXPECTED, vm)
+    mac = value.lower()
+    if int(mac[:2], 16) & 1:
+        raise PayloadError(field_name, value, f"{MAC_EXPECTED}, not multicast/broadcast", vm)
+    if mac == "00:00:00:00:00:00":
+        raise PayloadError(field_name, value, f"{MAC_EXPECTED}, not all zero", vm)
+    return mac
 
 
 def parse_dhcp_entry(obj: dict[str, Any]) -> DhcpEntry:
@@ -354,6 +409,96 @@ PARSERS: dict[str, Callable[[dict[str, Any], Limits], Payload]] = {
 }
 
 
+class _LongInt:
+    """Stands for a JSON integer too long to convert, until its place is known."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+        self.size = len(digits.lstrip("-"))
+
+    def __repr__(self) -> str:
+        shown = f": {self.digits[:20]}..." if self.digits else ""
+        return f"<integer of {self.size} digits{shown}>"
+
+
+def _pairs_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            # json.loads would keep the last one silently: which one did the sender mean?
+            raise PayloadError("JSON key", key, "each key at most once in an object")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise PayloadError("JSON", name, "standard JSON numbers (no NaN or Infinity)")
+
+
+def _path_of_long_int(obj: Any) -> tuple[str, _LongInt] | None:
+    """Where the first :class:`_LongInt` sits, as ``a.b[2]`` (iterative: no recursion)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _LongInt):
+            if where.rpartition(".")[2] == "password":
+                value.digits = ""  # a password's digits are never shown
+            return where or "JSON", value
+        if isinstance(value, dict):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return None
+
+
+def load_json(text: str, where: str) -> Any:
+    """Strict ``json.loads``: every failure is a :class:`PayloadError` about ``where``.
+
+    Refused beyond what ``json.loads`` refuses: a key twice in one object, NaN and
+    Infinity, integers of more than :data:`MAX_INT_DIGITS` digits (named with their
+    place in the document).
+    """
+    long_ints: list[_LongInt] = []
+
+    def parse_int(digits: str) -> int | _LongInt:
+        if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+            long_ints.append(_LongInt(digits))
+            return long_ints[-1]
+        return int(digits)
+
+    try:
+        obj = json.loads(
+            text,
+            object_pairs_hook=_pairs_once,
+            parse_int=parse_int,
+            parse_constant=_no_constant,
+        )
+    except PayloadError as exc:
+        raise PayloadError(exc.field, exc.value, exc.expected, subject=where) from None
+    except json.JSONDecodeError as exc:
+        raise PayloadError(
+            "JSON",
+            f"<{exc.msg} at line {exc.lineno} column {exc.colno}>",
+            "one valid JSON object",
+            subject=where,
+        ) from None
+    except RecursionError:
+        raise PayloadError(
+            "JSON", "<nested too deeply>", "a flat JSON object", subject=where
+        ) from None
+    if long_ints:
+        found = _path_of_long_int(obj)
+        field_name, value = found if found is not None else ("JSON", long_ints[0])
+        raise PayloadError(
+            field_name, value, f"a number of at most {MAX_INT_DIGITS} digits", subject=where
+        )
+    return obj
+
+
 def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Payload:
     """Parse one pushed file: ``name`` is its file name, ``data`` its bytes."""
     # Content is never quoted in these messages: the file may hold a password.
@@ -366,22 +511,12 @@ def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Pa
             subject=where,
         )
     try:
-        obj = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PayloadError(
             "encoding", f"<byte {exc.start}>", "UTF-8 JSON text", subject=where
         ) from None
-    except json.JSONDecodeError as exc:
-        raise PayloadError(
-            "JSON",
-            f"<{exc.msg} at line {exc.lineno} column {exc.colno}>",
-            "one valid JSON object",
-            subject=where,
-        ) from None
-    except RecursionError:
-        raise PayloadError(
-            "JSON", "<nested too deeply>", "a flat JSON object", subject=where
-        ) from None
+    obj = load_json(text, where)
     if not isinstance(obj, dict):
         raise PayloadError("JSON", f"<{type(obj).__name__}>", "a JSON object", subject=where)
     stem_type = FILE_TYPES.get(file_stem(name))

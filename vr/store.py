@@ -21,7 +21,9 @@ same transaction.
 Every change happens under one ``flock`` on ``Paths.lock`` (across processes and
 threads) and through :class:`vr.atomic.Transaction` with a journal: all writes are
 staged first (where a full disk fails), only renames make them visible, and the
-next writer finishes the renames of a writer killed half-way. The exception is the
+next writer finishes the renames of a writer killed half-way; so does
+:func:`recover`, which every reader-side start-up (the metadata and password
+servers, the agent, ``vr up``, ``vr show``) runs before it reads. The exception is the
 password server's life cycle (fetch marks, acks, saves): it rewrites the passwords
 file under that file's own lock (``Paths.passwords_lock``), which an apply takes
 after the store lock, so guests never wait behind a batch.
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vr import atomic, locking
-from vr.errors import StoreError
+from vr.errors import LockTimeout, StoreError
 from vr.paths import Paths
 from vr.payloads import (
     DELETE,
@@ -248,6 +250,37 @@ def read_dhcp(paths: Paths) -> list[DhcpEntry]:
         DhcpEntry(rec["mac_address"], IPv4Address(ip), rec["host_name"], False, rec["default"])
         for ip, rec in sorted(_read_json(paths.dhcp).items(), key=lambda kv: IPv4Address(kv[0]))
     ]
+
+
+def recover(paths: Paths, timeout: float = 120.0, poll: float = 0.005) -> bool:
+    """Finish a commit a ``kill -9`` interrupted, before this process reads the store.
+
+    A batch's renames are one decision across VMs (see :mod:`vr.atomic`): until its
+    journal is rolled forward, readers see some VMs new and others old. Costs one
+    ``stat`` when there is nothing to do. While a journal exists and the store lock
+    is busy, its holder is finishing that journal (:meth:`Store.locked` does so
+    first) or committing its own, both only renames: this waits for the journal to
+    go, not for the lock, so a long batch still staging does not delay a start-up.
+    Never raises: a store it cannot repair (lock file not writable, ``timeout``
+    passed) is left for the next writer, with a warning. Returns whether an
+    interrupted commit was finished here.
+    """
+    deadline = time.monotonic() + timeout
+    while paths.journal.exists():
+        try:
+            with Store(paths, lock_timeout=0).locked():
+                return True
+        except LockTimeout:
+            if time.monotonic() > deadline:
+                LOG.warning(
+                    "%s still there after %ss; left for the next writer", paths.journal, timeout
+                )
+                return False
+            time.sleep(poll)
+        except (OSError, StoreError) as exc:
+            LOG.warning("cannot finish the interrupted commit of %s: %s", paths.journal, exc)
+            return False
+    return False
 
 
 # --- writing -------------------------------------------------------------------------

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.store import drop, snapshot, update_config, vm_metadata
+from tests.helpers.store import apply_cfg, drop, snapshot, update_config, vm_metadata
 from vr.paths import Paths
 
 VM = "10.1.1.23"
@@ -115,10 +118,10 @@ CASES = [
         ("guest network eth1", "router_guest_ip='10.1.1.255'", "not its network/broadcast"),
         name="guest_network.json.1"),
     Bad("network-bad-device", NET | {"device": "eth1; reboot"},
-        ("guest network", "device='eth1; reboot'", "an interface name"),
+        ("guest network", "device='eth1; reboot'", "interface name"),
         name="guest_network.json.1"),
     Bad("dhcp-bad-mac", DHCP | {"mac_address": "02:00:zz:01:01:17"},
-        (f"VM {VM}", "mac_address='02:00:zz:01:01:17'", "a MAC address"),
+        (f"VM {VM}", "mac_address='02:00:zz:01:01:17'", "MAC address like"),
         name="vm_dhcp_entry.json.1"),
     Bad("dhcp-bad-host-name", DHCP | {"host_name": "web_1!"},
         (f"VM {VM}", "host_name='web_1!'", "host name label"), name="vm_dhcp_entry.json.1"),
@@ -137,6 +140,77 @@ CASES = [
         ("ip_address=None", "present"), name="vm_password.json.1"),
     Bad("dhcp-bad-ip", DHCP | {"ipv4_address": "10.1.1.999"},
         ("ipv4_address='10.1.1.999'", "an IPv4 address"), name="vm_dhcp_entry.json.1"),
+    Bad("huge-integer", b'{"vm_ip_address":"10.1.1.23","vm_metadata":[["metadata","vm-id",'
+        + b"7" * 5000 + b"]],\"type\":\"vmdata\"}",
+        (f"file {META}", "vm_metadata[0][2]=<integer of 5000 digits: 77777",
+         "a number of at most 4300 digits")),
+    Bad("huge-integer-password", b'{"ip_address":"10.1.1.23","password":' + b"7" * 5000 + b"}",
+        ("file vm_password.json.1", "password=<integer of 5000 digits>", "at most 4300 digits"),
+        name="vm_password.json.1"),
+    Bad("huge-negative-integer-in-unknown-field", b'{"vm_ip_address":"10.1.1.23","vm_metadata":[]'
+        b',"x":{"y":-' + b"1" * 4301 + b"}}",
+        (f"file {META}", "x.y=<integer of 4301 digits: -1111", "at most 4300 digits")),
+    Bad("json-nan", b'{"vm_ip_address":"10.1.1.23","vm_metadata":[],"x":NaN}',
+        (f"file {META}", "JSON='NaN'", "no NaN or Infinity")),
+    Bad("duplicate-top-level-key", b'{"vm_ip_address":"10.1.1.23","vm_metadata":[],'
+        b'"vm_ip_address":"10.1.1.24"}',
+        (f"file {META}", "JSON key='vm_ip_address'", "each key at most once")),
+    Bad("duplicate-nested-key", b'{"vm_ip_address":"10.1.1.23","vm_metadata":[],'
+        b'"x":[{"a":1,"b":2,"a":3}]}',
+        (f"file {META}", "JSON key='a'", "each key at most once")),
+    Bad("duplicate-password-key", b'{"ip_address":"10.1.1.23","password":"One-1",'
+        b'"password":"Two-2","type":"vmpassword"}',
+        ("file vm_password.json.1", "JSON key='password'", "each key at most once"),
+        name="vm_password.json.1"),
+    *[Bad(f"password-{label}", {"ip_address": VM, "password": f"ab{ch}cd", "type": "vmpassword"},
+          (f"VM {VM}", "password=<redacted>", "printable characters"), name="vm_password.json.1")
+      for label, ch in (("c1-nel", "\x85"), ("c1-csi", "\x9b"), ("line-separator", "\u2028"),
+                        ("paragraph-separator", "\u2029"), ("zero-width-space", "\u200b"),
+                        ("bidi-override", "\u202e"), ("private-use", "\ue000"),
+                        ("unassigned", "\U000e0080"), ("del", "\x7f"))],
+    Bad("network-cidr-everything", NET | {"cidr": "0.0.0.0/0", "router_guest_ip": "10.1.1.1"},
+        ("guest network eth1", "cidr='0.0.0.0/0'", "at most /8"), name="guest_network.json.1"),
+    Bad("network-cidr-too-wide", NET | {"cidr": "10.0.0.0/7"},
+        ("guest network eth1", "cidr='10.0.0.0/7'", "at most /8"), name="guest_network.json.1"),
+    Bad("network-cidr-link-local", NET | {"cidr": "169.254.0.0/16",
+                                          "router_guest_ip": "169.254.0.1"},
+        ("guest network eth1", "router_guest_ip='169.254.0.1'", "outside link-local"),
+        name="guest_network.json.1"),
+    Bad("network-cidr-covers-link-local", NET | {"cidr": "169.0.0.0/8",
+                                                 "router_guest_ip": "169.1.0.1"},
+        ("guest network eth1", "cidr='169.0.0.0/8'", "not overlapping 169.254.0.0/16"),
+        name="guest_network.json.1"),
+    Bad("network-router-ip-metadata-address", NET | {"cidr": "169.254.169.0/24",
+                                                     "router_guest_ip": "169.254.169.254"},
+        ("guest network eth1", "router_guest_ip='169.254.169.254'", "outside link-local"),
+        name="guest_network.json.1"),
+    Bad("network-router-ip-loopback", NET | {"cidr": "127.0.0.0/8", "router_guest_ip": "127.0.0.1"},
+        ("guest network eth1", "router_guest_ip='127.0.0.1'", "unicast"),
+        name="guest_network.json.1"),
+    Bad("network-router-ip-multicast", NET | {"cidr": "224.0.0.0/24",
+                                              "router_guest_ip": "224.0.0.1"},
+        ("guest network eth1", "router_guest_ip='224.0.0.1'", "unicast"),
+        name="guest_network.json.1"),
+    Bad("network-router-ip-unspecified", NET | {"cidr": "0.0.0.0/8", "router_guest_ip": "0.0.0.0"},
+        ("guest network eth1", "router_guest_ip='0.0.0.0'", "unicast"),
+        name="guest_network.json.1"),
+    Bad("network-gateway-link-local", NET | {"router_guest_gateway": "169.254.0.1"},
+        ("guest network eth1", "router_guest_gateway='169.254.0.1'", "outside link-local"),
+        name="guest_network.json.1"),
+    Bad("network-device-loopback", NET | {"device": "lo"},
+        ("guest network", "device='lo'", "not the loopback 'lo'"), name="guest_network.json.1"),
+    Bad("dhcp-broadcast-mac", DHCP | {"mac_address": "ff:ff:ff:ff:ff:ff"},
+        (f"VM {VM}", "mac_address='ff:ff:ff:ff:ff:ff'", "not multicast/broadcast"),
+        name="vm_dhcp_entry.json.1"),
+    Bad("dhcp-multicast-mac", DHCP | {"mac_address": "01:00:5E:00:00:fb"},
+        (f"VM {VM}", "mac_address='01:00:5E:00:00:fb'", "not multicast/broadcast"),
+        name="vm_dhcp_entry.json.1"),
+    Bad("dhcp-zero-mac", DHCP | {"mac_address": "00:00:00:00:00:00"},
+        (f"VM {VM}", "mac_address='00:00:00:00:00:00'", "not all zero"),
+        name="vm_dhcp_entry.json.1"),
+    Bad("network-multicast-mac", NET | {"mac_address": "33:33:00:00:00:01"},
+        ("guest network eth1", "mac_address='33:33:00:00:00:01'", "not multicast"),
+        name="guest_network.json.1"),
     Bad("network-device-missing", {k: v for k, v in NET.items() if k != "device"},
         ("device=None", "present"), name="guest_network.json.1"),
 ]  # fmt: skip
@@ -214,3 +288,56 @@ def test_failed_folder_keeps_only_the_newest_files(paths: Paths) -> None:
     kept = {p.name for p in paths.failed.iterdir()}
     assert len(kept) == 3
     assert "vm_metadata.json.bad5" in kept
+
+
+@pytest.mark.parametrize("entry", ["update-config", "apply-cfg"])
+def test_symlink_in_the_cache_is_refused_and_its_target_left_alone(
+    entry: str, paths: Paths, tmp_path: Path
+) -> None:
+    """A link is not a push: never read through, and the quarantine's chmod never
+    reaches what it points to."""
+    _baseline(paths)
+    before = snapshot(paths.root)
+    target = tmp_path / "elsewhere" / "secret.json"
+    target.parent.mkdir()
+    if entry == "update-config":
+        name = "vm_metadata.json.link"
+        content = json.dumps(meta(["metadata", "vm-id", "from-the-link"])).encode()
+    else:
+        name = "VR-link.cfg"
+        content = (
+            "#Apache CloudStack Virtual Router Config File\n<version>\n1.0\n</version>\n"
+            "<file>\n/var/cache/cloud/vm_metadata.json.l\n"
+            + json.dumps(meta(["metadata", "vm-id", "from-the-link"]))
+            + "\n</file>\n<script>\n/opt/cloud/bin/update_config.py vm_metadata.json.l\n"
+            "</script>\n"
+        ).encode()
+    target.write_bytes(content)
+    target.chmod(0o644)
+    (paths.cache / name).symlink_to(target)
+
+    run = update_config(paths, name) if entry == "update-config" else apply_cfg(paths, name)
+
+    assert run.code == 1
+    lines = run.err.splitlines()
+    assert len(lines) == 1, run.err
+    assert name in lines[0] and "<symbolic link>" in lines[0] and "a regular file" in lines[0]
+    assert snapshot(paths.root) == before
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.read_bytes() == content
+    assert not os.path.lexists(paths.cache / name)
+    moved = paths.failed / name
+    assert moved.is_symlink() and os.readlink(moved) == str(target)
+
+
+def test_directory_in_the_cache_is_refused_as_not_a_regular_file(paths: Paths) -> None:
+    _baseline(paths)
+    before = snapshot(paths.root)
+    (paths.cache / "vm_metadata.json.dir").mkdir()
+
+    run = update_config(paths, "vm_metadata.json.dir")
+
+    assert run.code == 1
+    assert "<directory>" in run.err and "a regular file" in run.err
+    assert snapshot(paths.root) == before
+    assert not (paths.cache / "vm_metadata.json.dir").exists()

@@ -120,3 +120,9 @@ def test_two_services_on_one_port_are_refused(paths: Paths) -> None:
     paths.config.write_text(json.dumps({"metadata_port": 8080}))
     with pytest.raises(ConfigError, match="expected three different ports"):
         config.load(paths)
+
+
+def test_config_with_a_key_twice_names_it_instead_of_keeping_the_last(paths: Paths) -> None:
+    paths.config.write_text('{"metadata_port": 80, "metadata_port": 8081}')
+    with pytest.raises(ConfigError, match="JSON key='metadata_port': expected each key at most"):
+        config.load(paths)

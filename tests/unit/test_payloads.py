@@ -188,3 +188,9 @@ def test_malformed_cfg_is_rejected_with_the_line(text: str, says: str) -> None:
     with pytest.raises(PayloadError) as exc:
         parse_cfg(text)
     assert says in str(exc.value)
+
+
+def test_cfg_with_a_lone_surrogate_in_a_file_is_a_payload_error() -> None:
+    text = cfg(file_block("vm_metadata.json.a", '{"x": "\ud800"}'), script("vm_metadata.json.a"))
+    with pytest.raises(PayloadError, match=r"cfg file vm_metadata.json.a=.*UTF-8 text"):
+        parse_cfg(text)

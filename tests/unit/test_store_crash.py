@@ -3,27 +3,33 @@ same push then succeeds.
 
 A forked child counts the file-system calls that change something (open, write,
 fsync, rename, symlink, mkdir, unlink, ...) and SIGKILLs itself just before call N,
-for every N: no hook in the product code, every step covered. A second test kills
-real ``update_config.py`` processes from outside after random short delays.
+for every N: no hook in the product code, every step covered. Real ``vr apply-cfg``
+processes are also SIGKILLed from outside, each held at a chosen rename inside the
+apply (:mod:`tests.helpers.held_rename`), and every reader-side start-up (the
+services, ``vr show``) is shown to finish such a batch before it reads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers.store import (
     apply_cfg,
     cfg_text,
     drop,
+    kept_logging,
     served_tree,
     temp_names,
     update_config,
@@ -203,45 +209,194 @@ def test_kill_during_a_batch_is_all_or_nothing_once_the_next_writer_runs(tmp_pat
     assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
 
 
-def test_update_config_processes_killed_from_outside_leave_a_consistent_store(
-    tmp_path: Path,
-) -> None:
-    ips = [f"10.1.2.{i}" for i in range(1, 21)]
-    base = Paths(tmp_path / "base")
-    base.ensure()
+@contextlib.contextmanager
+def held_at_rename(
+    paths: Paths, step: int, *args: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m vr ARGS`` in a real process, stopped before its ``step``-th rename
+    (see :mod:`tests.helpers.held_rename`): yields what it reported (``held`` or
+    ``done <renames>``) and the process; it is SIGKILLed and reaped on the way out."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.held_rename", str(step), str(w), *args],
+        env={**os.environ, "VR_ROOT": str(paths.root)},
+        pass_fds=(w,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            # blocks until the child is held or has finished (EOF at its exit)
+            report = f.readline().decode().strip()
+        yield report, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _batch_over(base: Path, ips: list[str]) -> tuple[Paths, tuple[Any, Any]]:
+    """A store of ``ips`` (old) with ``VR-new.cfg`` waiting in the cache, and the
+    (old, new) state of one VM."""
+    paths = Paths(base)
+    paths.ensure()
     files = {
         f"vm_metadata.json.o{n}": vm_metadata(ip, ["metadata", "v", "old"], ["metadata", "w", "o"])
         for n, ip in enumerate(ips)
     }
-    (base.cache / "VR-old.cfg").write_text(cfg_text(files))
-    assert apply_cfg(base, "VR-old.cfg").code == 0
+    (paths.cache / "VR-old.cfg").write_text(cfg_text(files))
+    assert apply_cfg(paths, "VR-old.cfg").code == 0
     files = {
         f"vm_metadata.json.n{n}": vm_metadata(ip, ["metadata", "v", "new"], ["metadata", "w", ""])
         for n, ip in enumerate(ips)
     }
-    (base.cache / "VR-new.cfg").write_text(cfg_text(files))
-    old_vm = ({"v": b"old", "w": b"o"}, {})
-    new_vm = ({"v": b"new"}, {})
+    (paths.cache / "VR-new.cfg").write_text(cfg_text(files))
+    return paths, (({"v": b"old", "w": b"o"}, {}), ({"v": b"new"}, {}))
 
-    rng = random.Random(1234)  # reproducible delays
-    for _ in range(12):
+
+BATCH_IPS = [f"10.1.2.{i}" for i in range(1, 21)]
+COMMIT_RENAMES = 1 + 2 * len(BATCH_IPS) + 1
+"""VR-new.cfg's commit over existing VMs: the journal, each VM's generation and
+pointer, the stamp."""
+
+
+def test_update_config_processes_killed_from_outside_leave_a_consistent_store(
+    tmp_path: Path,
+) -> None:
+    """Real ``vr apply-cfg`` processes SIGKILLed from outside at chosen points inside
+    the apply: before its journal, after it, between the renames of its VMs, at its
+    stamp and in the clean-up after the commit. Each kill is known to land there."""
+    ips = BATCH_IPS
+    base, (old_vm, new_vm) = _batch_over(tmp_path / "base", ips)
+
+    done = clone(base.root, tmp_path / "done")
+    with held_at_rename(done, 0, "apply-cfg", "VR-new.cfg") as (report, proc):
+        assert proc.wait() == 0
+    total = int(report.split()[1])
+    assert total > COMMIT_RENAMES + 3, report  # old generations, archives, last push
+
+    steps = sorted({1, 2, 3, 8, 13, 21, 22, 30, COMMIT_RENAMES - 1, COMMIT_RENAMES,
+                    COMMIT_RENAMES + 1, total})  # fmt: skip
+    outcomes = {"old": 0, "new": 0, "mixed before repair": 0}
+    for step in steps:
         paths = clone(base.root, tmp_path / "work")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vr", "apply-cfg", "VR-new.cfg"],
-            env={**os.environ, "VR_ROOT": str(paths.root)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            proc.wait(timeout=rng.uniform(0.05, 0.6))
-        except subprocess.TimeoutExpired:
+        with held_at_rename(paths, step, "apply-cfg", "VR-new.cfg") as (report, proc):
+            assert report == "held", (step, report)  # inside the apply, not after it
+            in_commit = paths.journal.exists()
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        assert all(vm_state(paths, ip) in (old_vm, new_vm) for ip in ips)
+            assert proc.wait() == KILLED, step
+        assert in_commit == (2 <= step <= COMMIT_RENAMES), step
+        states = [vm_state(paths, ip) for ip in ips]
+        assert all(s in (old_vm, new_vm) for s in states), step  # each VM whole
+        if old_vm in states and new_vm in states:
+            outcomes["mixed before repair"] += 1
         with Store(paths).locked():
             pass
         states = [vm_state(paths, ip) for ip in ips]
-        assert states in ([old_vm] * len(ips), [new_vm] * len(ips))
+        assert states in ([old_vm] * len(ips), [new_vm] * len(ips)), step
+        outcomes["old" if states[0] == old_vm else "new"] += 1
+        assert (states[0] == new_vm) == (step >= 2), step  # decided once the journal is written
         assert apply_cfg(paths, "VR-new.cfg").code == 0
         assert [vm_state(paths, ip) for ip in ips] == [new_vm] * len(ips)
         assert no_leftovers(paths) == []
+    assert outcomes["old"] == 1 and outcomes["mixed before repair"] >= 4, outcomes
+
+
+def _captured_at_start(paths: Paths, ips: list[str]) -> dict[str, Any]:
+    return {"journal": paths.journal.exists(), "vms": [vm_state(paths, ip) for ip in ips]}
+
+
+class _Started(Exception):
+    """Stops a service entry point where it would start serving."""
+
+
+def _start_service(
+    command: list[str], paths: Paths, ips: list[str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """Run ``vr COMMAND`` in-process up to where it starts serving (gunicorn, the
+    agent's listener, the supervisor) and return the store as it is at that moment."""
+    from vr.agent import daemon
+    from vr.cli import main
+    from vr.http import runner as gunicorn_runner
+    from vr.supervisor import Supervisor
+
+    seen: dict[str, Any] = {}
+
+    def serving(*args: Any, **kwargs: Any) -> Any:
+        seen.update(_captured_at_start(paths, ips))
+        raise _Started
+
+    with monkeypatch.context() as mp, kept_logging():
+        mp.setattr(gunicorn_runner, "run", serving)
+        mp.setattr(daemon, "build_context", serving)
+        mp.setattr(Supervisor, "run", serving)
+        mp.setenv("VR_ROOT", str(paths.root))
+        with pytest.raises(_Started):
+            main(command)
+    return seen
+
+
+@pytest.fixture
+def killed_mid_batch(tmp_path: Path) -> tuple[Paths, Any, Any]:
+    """A store whose ``VR-new.cfg`` apply was SIGKILLed after 10 of its 20 VMs were
+    switched: what every reader-side start-up must find whole. (Made anew for each
+    test: the journal names absolute paths, so a copy would repair the original.)"""
+    paths, (old_vm, new_vm) = _batch_over(tmp_path / "killed", BATCH_IPS)
+    with held_at_rename(paths, 2 + 2 * 10, "apply-cfg", "VR-new.cfg") as (report, proc):
+        assert report == "held"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == KILLED
+    states = [vm_state(paths, ip) for ip in BATCH_IPS]
+    assert states.count(new_vm) == 10 and states.count(old_vm) == 10  # the mix to repair
+    assert paths.journal.exists()
+    return paths, old_vm, new_vm
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve-metadata", "--bind", "127.0.0.1:1"],
+        ["serve-passwords", "--bind", "127.0.0.1:1"],
+        ["agent", "--listen", "127.0.0.1", "--port", "1"],
+        ["up", "--no-firewall"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_every_service_finishes_a_killed_batch_before_it_serves(
+    command: list[str],
+    killed_mid_batch: tuple[Paths, Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    paths, _, new_vm = killed_mid_batch
+
+    seen = _start_service(command, paths, BATCH_IPS, monkeypatch)
+
+    assert seen == {"journal": False, "vms": [new_vm] * len(BATCH_IPS)}
+
+
+def test_vr_show_after_a_killed_batch_shows_one_state_across_vms(
+    killed_mid_batch: tuple[Paths, Any, Any],
+) -> None:
+    paths, _, _ = killed_mid_batch
+
+    run = subprocess.run(
+        [sys.executable, "-m", "vr", "show", "--json"],
+        env={**os.environ, "VR_ROOT": str(paths.root)},
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+    )
+
+    vms = json.loads(run.stdout)["vms"]
+    shown = {ip: {k: v["text"] for k, v in vms[ip]["meta-data"].items()} for ip in BATCH_IPS}
+    assert shown == {ip: {"v": "new"} for ip in BATCH_IPS}
+    assert not paths.journal.exists()
+
+
+def test_recover_is_a_no_op_without_an_interrupted_commit(paths: Paths) -> None:
+    from vr.store import recover
+
+    assert recover(paths) is False
+    assert not paths.lock.exists()  # not even the lock was taken

@@ -67,7 +67,7 @@ class Trace:
 
 def traced(monkeypatch: pytest.MonkeyPatch) -> Trace:
     t = Trace()
-    names = ("open", "write", "fsync", "close", "mkdir", "symlink", "replace", "rename")
+    names = ("open", "write", "pwrite", "fsync", "close", "mkdir", "symlink", "replace", "rename")
     real = {n: getattr(os, n) for n in names}
 
     def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
@@ -81,6 +81,12 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Trace:
 
     def write(fd: int, data: Any) -> int:
         n: int = real["write"](fd, data)
+        if fd in t.fds:
+            t.dirty.add(t.fds[fd])
+        return n
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        n: int = real["pwrite"](fd, data, offset)
         if fd in t.fds:
             t.dirty.add(t.fds[fd])
         return n
@@ -115,7 +121,8 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Trace:
 
         return rename
 
-    for name, fn in (("open", open_), ("write", write), ("fsync", fsync), ("close", close),
+    for name, fn in (("open", open_), ("write", write), ("pwrite", pwrite), ("fsync", fsync),
+                     ("close", close),
                      ("mkdir", mkdir), ("symlink", symlink),
                      ("replace", renaming("replace")), ("rename", renaming("rename"))):  # fmt: skip
         monkeypatch.setattr(os, name, fn)
@@ -188,3 +195,56 @@ def test_the_trace_sees_the_store_skip_a_file_fsync(
         mp.setattr(atomic, "write_file", unsynced)
         Store(paths).apply(payloads)
     assert any("local-hostname" in v or "user-data" in v for v in trace.violations)
+
+
+def _upload(folder: Path) -> Path:
+    """What the agent does with an scp/SFTP upload: pieces, out of order, then commit."""
+    from vr.atomic import StagedFile
+
+    upload = StagedFile(folder / "vm_metadata.json.up")
+    upload.write(b"B" * 5000, offset=5000)
+    upload.write(b"A" * 5000, offset=0)
+    upload.commit()
+    return upload.path
+
+
+def test_an_upload_is_fsynced_before_its_rename_and_its_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        path = _upload(tmp_path)
+
+    assert trace.renames == 1
+    assert trace.violations == []
+    left = sorted(p for p in trace.dirty | trace.new_entries if os.path.lexists(p))
+    assert left == [], f"changed but never fsynced when the upload was committed: {left}"
+    assert path.read_bytes() == b"A" * 5000 + b"B" * 5000
+
+
+@pytest.mark.parametrize("skipped", ["file", "folder"])
+def test_the_trace_sees_an_upload_skip_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skipped: str
+) -> None:
+    """Mutation check: StagedFile.commit without its file's (or folder's) fsync is caught."""
+    import stat
+
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        traced_fsync = os.fsync
+
+        def fsync_skipping(fd: Any) -> None:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            if is_dir == (skipped == "folder"):
+                return  # the mutant: this fsync never happens
+            traced_fsync(fd)
+
+        mp.setattr(os, "fsync", fsync_skipping)
+        _upload(tmp_path)
+
+    if skipped == "file":
+        assert len(trace.violations) == 1 and "exposes unsynced" in trace.violations[0]
+        assert ".tmp-vm_metadata.json.up" in trace.violations[0]
+    else:
+        assert trace.violations == []
+        assert str(tmp_path) in trace.new_entries

@@ -41,12 +41,15 @@ def register(sub: Any) -> None:
 def _agent(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from vr import config
+    from vr import config, store
     from vr.agent.daemon import Agent, Listen, build_context, open_listener
     from vr.agent.limits import DEFAULT_AGENT_LIMITS
     from vr.errors import VRError
 
     paths = open_root(args)
+    # restarted by vr up after a kill: finish its interrupted commit at once, not at
+    # the next push, so the running servers stop serving a half-renamed batch
+    store.recover(paths)
     try:
         cfg = config.load(paths)
     except VRError as exc:

@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config
+    from vr import config, store
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
     from vr.metadata.app import create_app
@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     binds = args.bind or [DEFAULT_BIND]
     paths.run.mkdir(parents=True, exist_ok=True)
     metadata_counters.reset(paths)
+    store.recover(paths)  # before any worker reads: never a batch half-renamed
     LOG.info(
         "metadata service for %s on %s: %s %s workers x %s threads (pid %s)",
         paths.root,

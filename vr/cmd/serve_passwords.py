@@ -73,7 +73,7 @@ def _audit_to_file_only() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config
+    from vr import config, store
     from vr.errors import VRError
     from vr.http.runner import gunicorn_options, run
     from vr.passwords.app import ensure_token, make_app
@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(paths, args.verbose)
     if not args.verbose:
         _audit_to_file_only()
+    store.recover(paths)  # a batch killed mid-commit may hold a passwords file
     try:
         cfg = config.load(paths)
         binds = [parse_bind(b) for b in (args.bind or [f"0.0.0.0:{cfg.password_port}"])]

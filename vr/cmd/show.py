@@ -28,9 +28,10 @@ def register(sub: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from vr import show
+    from vr import show, store
 
     paths = open_root(args, log_file=False)
+    store.recover(paths)  # a batch killed mid-commit: show its outcome, not a mix
     try:
         ips = [IPv4Address(a) for a in args.ip] if args.ip else None
     except ValueError as exc:

@@ -33,12 +33,13 @@ def register(sub: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from vr import config
+    from vr import config, store
     from vr.supervisor import Supervisor
 
     paths = Paths(root_from_env(args.root))
     paths.ensure()
     logs.setup(paths, args.verbose)
+    store.recover(paths)  # before any service reads (also with --no-firewall)
     try:
         cfg = config.load(paths)
     except VRError as exc:

@@ -18,14 +18,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import netns
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
+from tests.helpers.service_lab import ServiceLab, guest_link, start_service
 from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
 from vr.metadata import counters as metadata_counters
 from vr.paths import Paths
@@ -45,15 +44,7 @@ CLOUD_INIT_PYTHON = "/usr/bin/python3"
 ROUTE_VMS = Vms(a="10.50.0.20", b="10.50.0.21", gz="10.50.0.22", unknown="10.50.0.29")
 
 
-@dataclass
-class Setup:
-    lab: netns.Lab
-    vr: netns.Namespace
-    guest: netns.Namespace
-    paths: Paths
-    server: subprocess.Popen[bytes]
-    log: Path
-
+class Setup(ServiceLab):
     def curl(self, *args: str, source: str = VM1) -> subprocess.CompletedProcess[bytes]:
         return self.guest.run_bytes("curl", "-sS", "--interface", source, *args, timeout=30)
 
@@ -67,19 +58,6 @@ class Setup:
         return res.stdout.decode()
 
 
-def start_server(
-    lab: netns.Lab, vr: netns.Namespace, paths: Paths, log: Path
-) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "vr", "serve-metadata", "--root", str(paths.root)]
-    # -v: each worker logs (with its pid) every VM generation it loads.
-    cmd += ["--bind", f"{VR}:80", "--workers", "2", "-v"]
-    with open(log, "wb") as out:
-        proc = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT)
-    wait = f"from tests.helpers.procs import wait_port; wait_port({VR!r}, 80)"
-    vr.run(sys.executable, "-c", wait, timeout=30)
-    return proc
-
-
 @contextlib.contextmanager
 def metadata_lab(tmp: Path) -> Iterator[Setup]:
     """VR and guest namespaces, two VMs stored, the service running."""
@@ -88,16 +66,13 @@ def metadata_lab(tmp: Path) -> Iterator[Setup]:
     store_vm(paths, VM1, keys=KEYS, userdata=USERDATA)
     store_vm(paths, VM2, name="second-vm", userdata=b"second VM's user-data")
     store_route_vms(paths, ROUTE_VMS)
-    with netns.lab() as lab:
-        vr = lab.host("vr")
-        guest = lab.host("guest")
-        lab.link(vr, "eth0", f"{VR}/24", guest, "eth0", f"{VM1}/24")
-        for ip in (VM2, ROUTE_VMS.a, ROUTE_VMS.b, ROUTE_VMS.gz, ROUTE_VMS.unknown):
-            guest.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
-        guest.run("ip", "route", "add", "default", "via", VR)
+    guests = (VM1, VM2, ROUTE_VMS.a, ROUTE_VMS.b, ROUTE_VMS.gz, ROUTE_VMS.unknown)
+    with guest_link(VR, guests) as (lab, vr, guest):
         log = tmp / "serve-metadata.log"
-        server = start_server(lab, vr, paths, log)
-        yield Setup(lab, vr, guest, paths, server, log)
+        # -v: each worker logs (with its pid) every VM generation it loads.
+        argv = ["serve-metadata", "--bind", f"{VR}:80", "--workers", "2", "-v"]
+        server = start_service(lab, vr, paths, log, argv, (VR, 80))
+        yield Setup(lab, vr, guest, paths, log, server)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +153,7 @@ def test_keep_alive_serves_a_whole_crawl_on_one_connection(setup: Setup) -> None
 def generation_loads(s: Setup, vm: str) -> dict[int, set[int]]:
     """Generation of ``vm`` -> pids of the workers that loaded it (their debug log)."""
     pattern = re.compile(
-        rf"^\S+ \S+ (\d+) vr\.vmcache DEBUG VM {re.escape(vm)}: loaded generation (\d+)$"
+        rf"^\S+ \S+ (\d+) vr\.metadata\.vmcache DEBUG VM {re.escape(vm)}: loaded generation (\d+)$"
     )
     out: dict[int, set[int]] = {}
     for line in s.paths.log_file.read_text().splitlines():

@@ -30,6 +30,7 @@ import pytest
 
 from tests.helpers import netns
 from tests.helpers.fingerprint import fp
+from tests.helpers.service_lab import ServiceLab, guest_link, start_service
 from vr.passwords.app import read_token
 from vr.paths import Paths
 from vr.payloads import VmPassword
@@ -56,13 +57,7 @@ def push(paths: Paths, ip: str, password: str) -> None:
 
 
 @dataclass
-class Setup:
-    lab: netns.Lab
-    vr: netns.Namespace
-    guest: netns.Namespace
-    paths: Paths
-    log: Path
-    server: subprocess.Popen[bytes]
+class Setup(ServiceLab):
     client: subprocess.Popen[bytes]
 
     def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -92,13 +87,9 @@ class Setup:
 def start_server(
     lab: netns.Lab, vr: netns.Namespace, paths: Paths, log: Path
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "vr", "serve-passwords", "--root", str(paths.root)]
-    cmd += ["--workers", str(WORKERS)]
-    with open(log, "ab") as out:
-        proc = lab.spawn(vr, cmd, stdout=out, stderr=subprocess.STDOUT)
-    wait = f"from tests.helpers.procs import wait_port; wait_port({VR!r}, {PORT})"
-    vr.run(sys.executable, "-c", wait, timeout=30)
-    return proc
+    return start_service(
+        lab, vr, paths, log, ["serve-passwords", "--workers", str(WORKERS)], (VR, PORT)
+    )
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> int:
@@ -111,12 +102,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
 def password_lab(tmp: Path) -> Iterator[Setup]:
     paths = Paths(tmp / "vrroot")
     paths.ensure()
-    with netns.lab() as lab:
-        vr = lab.host("vr")
-        guest = lab.host("guest")
-        lab.link(vr, "eth0", f"{VR}/24", guest, "eth0", f"{VM1}/24")
-        guest.run("ip", "addr", "add", f"{VM2}/24", "dev", "eth0")
-        guest.run("ip", "route", "add", "default", "via", VR)
+    with guest_link(VR, (VM1, VM2)) as (lab, vr, guest):
         log = tmp / "serve-passwords.log"
         server = start_server(lab, vr, paths, log)
         client = lab.spawn(

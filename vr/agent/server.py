@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha1
@@ -197,6 +198,7 @@ class AgentServer(paramiko.ServerInterface):
         self.key_used: str | None = None
         self._offered: str | None = None
         self._pending: dict[int, Request] = {}
+        self._commanded: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._stop_seen: float | None = None
         self._lock = threading.Lock()
 
@@ -289,6 +291,8 @@ class AgentServer(paramiko.ServerInterface):
         if name != "sftp":
             LOG.warning("refused subsystem %s from %s", shorten(name, 40), self.peer)
             return False
+        if not self._claim(channel, "subsystem sftp"):
+            return False
         self.activity.touch()
         ok: bool = super().check_channel_subsystem_request(channel, name)
         return ok
@@ -323,10 +327,31 @@ class AgentServer(paramiko.ServerInterface):
             self.ctx.paths.cache, self.ctx.limits.max_upload_bytes, self.peer, self.activity.touch
         )
 
-    def _queue(self, channel: Channel, request: Request) -> bool:
+    def _claim(self, channel: Channel, what: str) -> bool:
+        """Mark ``channel`` as running its one command; False if it already has one.
+
+        Like OpenSSH, a session channel takes one shell, exec or subsystem request:
+        each further one would start another thread past ``max_channels``.
+        """
         with self._lock:
-            if channel.get_id() in self._pending:
-                return False
+            if channel in self._commanded:
+                refused = True
+            else:
+                refused = False
+                self._commanded.add(channel)
+        if refused:
+            LOG.warning(
+                "refused %s on channel %d from %s: the channel already ran a command",
+                what,
+                channel.get_id(),
+                self.peer,
+            )
+        return not refused
+
+    def _queue(self, channel: Channel, request: Request) -> bool:
+        if not self._claim(channel, "shell" if request is SHELL else "exec"):
+            return False
+        with self._lock:
             self._pending[channel.get_id()] = request
         self.activity.touch()
         return True

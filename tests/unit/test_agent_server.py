@@ -435,3 +435,22 @@ def test_a_channel_runs_one_command_and_further_requests_start_no_thread(
         finally:
             release.set()
             t.close()
+
+
+def test_a_packet_announced_larger_than_openssh_accepts_is_refused_before_it_is_read(
+    ctx: AgentContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before any login: paramiko would otherwise read (and buffer, copying it at each
+    chunk) all of a 2 GiB packet a stranger announces."""
+    caplog.set_level(logging.INFO, logger="vr.agent.server")
+    with serve(ctx) as served:
+        served.sock.sendall(b"SSH-2.0-stranger\r\n")
+        assert served.sock.recv(64).startswith(b"SSH-2.0-vr_agent")
+        # length 0x7ffffff4 (a multiple of the block size 8 after the length field), then
+        # the rest of the first block; nothing more: a patient peer would send the rest
+        served.sock.sendall(bytes.fromhex("7ffffff4") + b"\x04\x14\x00\x00")
+        served.sock.shutdown(socket.SHUT_WR)
+        served.sock.settimeout(20)
+        while served.sock.recv(4096):  # the agent's KEXINIT, until it closes
+            pass
+    assert f"ssh handshake with {PEER} failed: packet of 2147483632 bytes" in caplog.text

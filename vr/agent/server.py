@@ -32,6 +32,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 from paramiko.kex_group14 import KexGroup14SHA256
+from paramiko.packet import Packetizer
 
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
@@ -139,6 +140,24 @@ LEGACY_ALGORITHMS: dict[str, list[str]] = {
 """What ``ssh_legacy_algorithms: false`` disables (paramiko's ``disabled_algorithms``)."""
 
 
+MAX_PACKET = 256 * 1024
+"""Largest SSH packet read, as OpenSSH's PACKET_MAX_SIZE (RFC 4253 asks for 35000)."""
+
+
+class BoundedPacketizer(Packetizer):
+    """paramiko's packet reader, refusing a packet announced larger than :data:`MAX_PACKET`.
+
+    paramiko reads whatever length the peer announces, before any login: a 2 GiB
+    ``recv`` buffer, and the data appended chunk by chunk (copied each time).
+    """
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        if n > MAX_PACKET + 64:  # + the MAC
+            raise paramiko.SSHException(f"packet of {n} bytes is larger than {MAX_PACKET}")
+        data: bytes = super().read_all(n, check_rekey)
+        return data
+
+
 class AgentAuthHandler(AuthHandler):
     """paramiko's server-side authentication, telling the server each final result."""
 
@@ -171,6 +190,11 @@ class AgentTransport(paramiko.Transport):
         if self.server_mode and self.auth_handler is None:
             self.auth_handler = AgentAuthHandler(self)
         super()._parse_newkeys(m)  # type: ignore[misc]
+
+    def __init__(self, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        # paramiko builds its Packetizer in __init__; only the reading limit changes
+        self.packetizer.__class__ = BoundedPacketizer
 
     _channel_handler_table = {
         **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
@@ -413,7 +437,7 @@ class AgentServer(paramiko.ServerInterface):
                 return sink.refuse_target(request.error).exit_code
             return sink.run().exit_code
         except (ProtocolBroken, TimeoutError, EOFError, OSError) as exc:
-            LOG.warning("scp from %s broke off: %s", self.peer, exc or type(exc).__name__)
+            LOG.warning("scp from %s broke off: %s", self.peer, str(exc) or type(exc).__name__)
             return 1
 
     # --- connection life ----------------------------------------------------------------
@@ -471,7 +495,7 @@ def serve_connection(
     try:
         transport.start_server(server=server)
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        LOG.info("ssh handshake with %s failed: %s", peer, exc or type(exc).__name__)
+        LOG.info("ssh handshake with %s failed: %s", peer, str(exc) or type(exc).__name__)
         transport.close()
         return
     logged_in = False

@@ -34,7 +34,12 @@ def register(sub: Any) -> None:
     )
     add_root(p)
     p.add_argument("--listen", default=None, help="address to listen on (default: config)")
-    p.add_argument("--port", type=int, default=None, help="TCP port (default: config, 3922)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="TCP port (default: config, 3922; 0: any free port, logged at start)",
+    )
     p.add_argument("--max-upload", type=int, default=None, help="largest upload in bytes")
     p.add_argument(
         "--max-sessions",
@@ -125,7 +130,10 @@ def _agent(args: argparse.Namespace) -> int:
             print(f"vr agent: {option}={value!r}: expected {want}", file=sys.stderr)
             return 2
     limits = replace(DEFAULT_AGENT_LIMITS, **{k: v for k, v in overrides.items() if v is not None})
-    listen = Listen(args.listen or cfg.ssh_listen, args.port or cfg.ssh_port)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print(f"vr agent: --port={args.port!r}: expected 0 to 65535", file=sys.stderr)
+        return 2
+    listen = Listen(args.listen or cfg.ssh_listen, cfg.ssh_port if args.port is None else args.port)
     if not cfg.ssh_legacy_algorithms:
         LOG.info("ssh_legacy_algorithms is off: SHA-1 clients (CloudStack's Trilead) are refused")
     agent = Agent(build_context(paths, limits, cfg.ssh_legacy_algorithms), listen)

@@ -66,7 +66,8 @@ class Agent:
 
     def serve(self, sock: socket.socket) -> None:
         """Accept connections until a signal is recorded, then stop cleanly."""
-        LOG.info("push agent listening on %s port %d", self.listen.address, self.listen.port)
+        port = sock.getsockname()[1]  # the one picked if the configured port is 0
+        LOG.info("push agent listening on %s port %d", self.listen.address, port)
         try:
             while self._signal is None:
                 self._act(self._admission.expire())
@@ -75,7 +76,7 @@ class Agent:
                 except TimeoutError:
                     continue
                 except OSError as exc:
-                    LOG.error("accept on port %d failed: %s", self.listen.port, exc)
+                    LOG.error("accept on port %d failed: %s", port, exc)
                     time.sleep(POLL)
                     continue
                 self._admit(conn, addr[0], f"{addr[0]}:{addr[1]}")

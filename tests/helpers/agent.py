@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Any
 
 import paramiko
 
-from tests.helpers.procs import free_port, wait_port
+from tests.helpers.procs import wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+LISTENING = "push agent listening on 127.0.0.1 port "
 
 
 def keygen(path: Path, kind: str, pem: bool = False) -> Path:
@@ -47,8 +49,11 @@ class AgentProcess:
         self.log = self.root / "agent.stderr"
 
     def start(self) -> AgentProcess:
-        self.port = self.port or free_port()
+        """Start the agent; on the first start it picks a free port itself (``--port 0``)
+        and the port is read from its log: a port chosen here and bound later by the
+        agent could be taken by any other socket in between."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        started = self.cloud_log().count(LISTENING)
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
                 [
@@ -70,11 +75,26 @@ class AgentProcess:
                 start_new_session=True,
             )
         try:
+            self.port = self._listening_port(started)
             wait_port("127.0.0.1", self.port, timeout=30)
-        except TimeoutError:
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise
         return self
+
+    def _listening_port(self, seen: int, timeout: float = 30) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.cloud_log().splitlines() if LISTENING in line]
+            if len(lines) > seen:
+                return int(lines[-1].rsplit(" port ", 1)[1])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vr agent exited with {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-500:]}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vr agent logged no {LISTENING!r} in {timeout}s")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait; returns the exit code (kills on timeout)."""

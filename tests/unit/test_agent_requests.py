@@ -92,6 +92,35 @@ def test_anything_else_is_refused_with_127_and_one_line(command: bytes, words: s
     assert "\n" not in req.reason
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        # the same program name in another folder is not CloudStack's script
+        b"/tmp/update_config.py vm_metadata.json.1",
+        b"/opt/cloud/bin/../x/update_config.py vm_metadata.json.1",
+        b"/opt/cloud/bin/x/update_config.py vm_metadata.json.1",
+        b"./update_config.py vm_metadata.json.1",
+        b"/update_config.py vm_metadata.json.1",
+        b"/tmp/vr_cfg.sh -c /var/cache/cloud/VR-1.cfg",
+        b"/opt/cloud/bin/../../../tmp/vr_cfg.sh -c VR-1.cfg",
+        b"xupdate_config.py vm_metadata.json.1",
+        b"update_config.pyc vm_metadata.json.1",
+        # other programs in /opt/cloud/bin are not an apply
+        b"/opt/cloud/bin/router_proxy.sh vm_metadata.json.1",
+        b"/opt/cloud/bin/configure.py vm_metadata.json.1",
+        b"/opt/cloud/bin/ vm_metadata.json.1",
+        b"/opt/cloud/bin vm_metadata.json.1",
+        b"router_proxy.sh update_config.py vm_metadata.json.1",
+    ],
+)
+def test_only_the_two_cloudstack_scripts_are_an_apply(command: bytes) -> None:
+    req = parse_exec(command)
+    assert isinstance(req, Refused), req
+    assert req.code == NOT_FOUND
+    prog = command.split()[0].decode()
+    assert f"command not available on this appliance: {prog!r}" in req.reason
+
+
 def test_a_very_long_command_is_refused_without_echoing_it() -> None:
     req = parse_exec(b"x" * 10000)
     assert isinstance(req, Refused) and len(req.reason) < 300

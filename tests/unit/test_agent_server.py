@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import paramiko
 import pytest
@@ -19,6 +20,7 @@ from paramiko.channel import Channel
 from paramiko.common import (
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
     OPEN_FAILED_RESOURCE_SHORTAGE,
+    cMSG_CHANNEL_REQUEST,
     cMSG_USERAUTH_REQUEST,
 )
 
@@ -326,8 +328,14 @@ def test_a_connection_is_closed_after_the_session_timeout_even_when_active(
         try:
             deadline = time.monotonic() + 20
             while t.is_active() and time.monotonic() < deadline:
-                t.send_ignore()  # traffic: never idle
+                try:
+                    t.send_ignore()  # traffic: never idle
+                except EOFError:
+                    # the agent closed the connection between is_active() and the send
+                    break
                 time.sleep(0.1)
+            while t.is_active() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the client's transport thread notices the close
             assert not t.is_active()
         finally:
             t.close()
@@ -375,3 +383,74 @@ def test_agent_forwarding_is_refused_and_no_agent_channel_is_opened(
         assert agent_channels == []  # the server never opens an agent channel
     finally:
         t.close()
+
+
+def raw_request(chan: Channel, kind: str, *strings: str) -> None:
+    """A channel request as a client may send it: no reply asked, no client-side checks."""
+    m = paramiko.Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(chan.remote_chanid)
+    m.add_string(kind)
+    m.add_boolean(False)
+    for s in strings:
+        m.add_string(s)
+    chan.transport._send_user_message(m)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "again",
+    [("exec", "/opt/cloud/bin/update_config.py g"), ("shell",), ("subsystem", "sftp")],
+)
+def test_a_channel_runs_one_command_and_further_requests_start_no_thread(
+    ctx: AgentContext,
+    authorized_key: paramiko.PKey,
+    caplog: pytest.LogCaptureFixture,
+    again: tuple[str, ...],
+) -> None:
+    release = threading.Event()
+    running = threading.Event()
+
+    def held(args: list[str], out: TextIO, err: TextIO) -> int:
+        running.set()
+        release.wait(20)
+        return 0
+
+    applier = FakeApplier(held)
+    blocking = dataclasses.replace(ctx, make_applier=lambda p: applier)
+    with serve(blocking) as served:
+        t = logged_in(served, authorized_key)
+        try:
+            chan = t.open_session(timeout=20)
+            chan.exec_command("/opt/cloud/bin/update_config.py f")
+            assert running.wait(20)
+            threads = threading.active_count()
+            for _ in range(50):
+                raw_request(chan, *again)
+            # answered after the 50 before it (one transport thread, in order): refused
+            with pytest.raises(paramiko.SSHException):
+                chan.exec_command("/opt/cloud/bin/update_config.py h")
+            assert threading.active_count() == threads
+            assert applier.calls == [("update_config", ["f"])]
+            assert "the channel already ran a command" in caplog.text
+        finally:
+            release.set()
+            t.close()
+
+
+def test_a_packet_announced_larger_than_openssh_accepts_is_refused_before_it_is_read(
+    ctx: AgentContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before any login: paramiko would otherwise read (and buffer, copying it at each
+    chunk) all of a 2 GiB packet a stranger announces."""
+    caplog.set_level(logging.INFO, logger="vr.agent.server")
+    with serve(ctx) as served:
+        served.sock.sendall(b"SSH-2.0-stranger\r\n")
+        assert served.sock.recv(64).startswith(b"SSH-2.0-vr_agent")
+        # length 0x7ffffff4 (a multiple of the block size 8 after the length field), then
+        # the rest of the first block; nothing more: a patient peer would send the rest
+        served.sock.sendall(bytes.fromhex("7ffffff4") + b"\x04\x14\x00\x00")
+        served.sock.shutdown(socket.SHUT_WR)
+        served.sock.settimeout(20)
+        while served.sock.recv(4096):  # the agent's KEXINIT, until it closes
+            pass
+    assert f"ssh handshake with {PEER} failed: packet of 2147483632 bytes" in caplog.text

@@ -17,13 +17,19 @@ from types import FrameType
 
 from vr import atomic
 from vr.agent.keys import AuthorizedKeys, load_host_keys
-from vr.agent.limits import AgentLimits, AuthThrottle, PreAuthSlot, PreAuthSlots
+from vr.agent.limits import Admission, AgentLimits, AuthThrottle, Decisions, Ticket
 from vr.agent.server import AgentContext, serve_connection
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
 
 POLL = 0.25
+
+
+@dataclass(frozen=True)
+class Accepted:
+    conn: socket.socket
+    peer: str
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class Agent:
         self._signal: int | None = None
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._preauth = PreAuthSlots(ctx.limits.max_unauthenticated_per_address)
+        self._admission: Admission[Accepted] = Admission(ctx.limits)
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
@@ -60,15 +66,17 @@ class Agent:
 
     def serve(self, sock: socket.socket) -> None:
         """Accept connections until a signal is recorded, then stop cleanly."""
-        LOG.info("push agent listening on %s port %d", self.listen.address, self.listen.port)
+        port = sock.getsockname()[1]  # the one picked if the configured port is 0
+        LOG.info("push agent listening on %s port %d", self.listen.address, port)
         try:
             while self._signal is None:
+                self._act(self._admission.expire())
                 try:
                     conn, addr = sock.accept()
                 except TimeoutError:
                     continue
                 except OSError as exc:
-                    LOG.error("accept on port %d failed: %s", self.listen.port, exc)
+                    LOG.error("accept on port %d failed: %s", port, exc)
                     time.sleep(POLL)
                     continue
                 self._admit(conn, addr[0], f"{addr[0]}:{addr[1]}")
@@ -78,47 +86,47 @@ class Agent:
         self.stop()
 
     def _admit(self, conn: socket.socket, address: str, peer: str) -> None:
-        with self._lock:
-            self._threads = {t for t in self._threads if t.is_alive()}
-            if len(self._threads) >= self.ctx.limits.max_sessions:
-                LOG.warning(
-                    "refused connection from %s: %d sessions already open",
-                    peer,
-                    len(self._threads),
-                )
-                conn.close()
-                return
-            slot = self._preauth.take(address)
-            if slot is None:
-                LOG.warning(
-                    "refused connection from %s: %d connections from %s not logged in yet",
-                    peer,
-                    self._preauth.per_address,
-                    address,
-                )
-                conn.close()
-                return
-            conn.settimeout(None)
-            # SSH exchanges many small packets; Nagle + delayed ACK would add ~40 ms each
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(
-                target=self._connection, args=(conn, peer, slot), name=f"ssh-{peer}", daemon=True
-            )
-            self._threads.add(t)
-        t.start()
+        conn.settimeout(None)
+        # SSH exchanges many small packets; Nagle + delayed ACK would add ~40 ms each
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._act(self._admission.arrive(Accepted(conn, peer), address))
 
-    def _connection(self, conn: socket.socket, peer: str, slot: PreAuthSlot) -> None:
+    def _act(self, decisions: Decisions[Accepted]) -> None:
+        """Do what the admission decided: log waits, close the refused, start the rest."""
+        for item, reason in decisions.waiting:
+            LOG.info("connection from %s waits for a free place: %s", item.peer, reason)
+        for item, reason in decisions.close:
+            LOG.warning("refused connection from %s: %s", item.peer, reason)
+            item.conn.close()
+        for item, ticket in decisions.start:
+            t = threading.Thread(
+                target=self._connection,
+                args=(item, ticket),
+                name=f"ssh-{item.peer}",
+                daemon=True,
+            )
+            with self._lock:
+                self._threads = {t for t in self._threads if t.is_alive()}
+                self._threads.add(t)
+            t.start()
+
+    def _connection(self, item: Accepted, ticket: Ticket) -> None:
+        def on_login() -> None:
+            self._act(self._admission.login(ticket))
+
         try:
-            serve_connection(conn, peer, self.ctx, on_login=slot.release)
+            serve_connection(item.conn, item.peer, self.ctx, on_login=on_login)
         except Exception:
-            LOG.exception("connection from %s failed", peer)
+            LOG.exception("connection from %s failed", item.peer)
         finally:
-            slot.release()
-            conn.close()
+            item.conn.close()
+            self._act(self._admission.done(ticket))
 
     def stop(self) -> None:
         """Close every connection once its running command finished (bounded)."""
         self.ctx.stopping.set()
+        for item in self._admission.drain():
+            item.conn.close()
         deadline = time.monotonic() + self.ctx.limits.stop_grace + 2
         with self._lock:
             threads = list(self._threads)

@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha1
@@ -31,6 +32,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 from paramiko.kex_group14 import KexGroup14SHA256
+from paramiko.packet import Packetizer
 
 from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
@@ -139,6 +141,24 @@ LEGACY_ALGORITHMS: dict[str, list[str]] = {
 """What ``ssh_legacy_algorithms: false`` disables (paramiko's ``disabled_algorithms``)."""
 
 
+MAX_PACKET = 256 * 1024
+"""Largest SSH packet read, as OpenSSH's PACKET_MAX_SIZE (RFC 4253 asks for 35000)."""
+
+
+class BoundedPacketizer(Packetizer):
+    """paramiko's packet reader, refusing a packet announced larger than :data:`MAX_PACKET`.
+
+    paramiko reads whatever length the peer announces, before any login: a 2 GiB
+    ``recv`` buffer, and the data appended chunk by chunk (copied each time).
+    """
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        if n > MAX_PACKET + 64:  # + the MAC
+            raise paramiko.SSHException(f"packet of {n} bytes is larger than {MAX_PACKET}")
+        data: bytes = super().read_all(n, check_rekey)
+        return data
+
+
 class AgentAuthHandler(AuthHandler):
     """paramiko's server-side authentication, telling the server each final result."""
 
@@ -172,6 +192,11 @@ class AgentTransport(paramiko.Transport):
             self.auth_handler = AgentAuthHandler(self)
         super()._parse_newkeys(m)  # type: ignore[misc]
 
+    def __init__(self, sock: socket.socket, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        # paramiko builds its Packetizer in __init__; only the reading limit changes
+        self.packetizer.__class__ = BoundedPacketizer
+
     _channel_handler_table = {
         **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
         MSG_CHANNEL_REQUEST: _handle_request_then_start,
@@ -198,6 +223,7 @@ class AgentServer(paramiko.ServerInterface):
         self.key_used: str | None = None
         self._offered: str | None = None
         self._pending: dict[int, Request] = {}
+        self._commanded: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._stop_seen: float | None = None
         self._lock = threading.Lock()
 
@@ -290,6 +316,8 @@ class AgentServer(paramiko.ServerInterface):
         if name != "sftp":
             LOG.warning("refused subsystem %s from %s", shorten(name, 40), self.peer)
             return False
+        if not self._claim(channel, "subsystem sftp"):
+            return False
         self.activity.touch()
         ok: bool = super().check_channel_subsystem_request(channel, name)
         return ok
@@ -324,10 +352,31 @@ class AgentServer(paramiko.ServerInterface):
             self.ctx.paths.cache, self.ctx.limits.max_upload_bytes, self.peer, self.activity.touch
         )
 
-    def _queue(self, channel: Channel, request: Request) -> bool:
+    def _claim(self, channel: Channel, what: str) -> bool:
+        """Mark ``channel`` as running its one command; False if it already has one.
+
+        Like OpenSSH, a session channel takes one shell, exec or subsystem request:
+        each further one would start another thread past ``max_channels``.
+        """
         with self._lock:
-            if channel.get_id() in self._pending:
-                return False
+            if channel in self._commanded:
+                refused = True
+            else:
+                refused = False
+                self._commanded.add(channel)
+        if refused:
+            LOG.warning(
+                "refused %s on channel %d from %s: the channel already ran a command",
+                what,
+                channel.get_id(),
+                self.peer,
+            )
+        return not refused
+
+    def _queue(self, channel: Channel, request: Request) -> bool:
+        if not self._claim(channel, "shell" if request is SHELL else "exec"):
+            return False
+        with self._lock:
             self._pending[channel.get_id()] = request
         self.activity.touch()
         return True
@@ -389,7 +438,7 @@ class AgentServer(paramiko.ServerInterface):
                 return sink.refuse_target(request.error).exit_code
             return sink.run().exit_code
         except (ProtocolBroken, TimeoutError, EOFError, OSError) as exc:
-            LOG.warning("scp from %s broke off: %s", self.peer, exc or type(exc).__name__)
+            LOG.warning("scp from %s broke off: %s", self.peer, str(exc) or type(exc).__name__)
             return 1
 
     # --- connection life ----------------------------------------------------------------
@@ -447,7 +496,7 @@ def serve_connection(
     try:
         transport.start_server(server=server)
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        LOG.info("ssh handshake with %s failed: %s", peer, exc or type(exc).__name__)
+        LOG.info("ssh handshake with %s failed: %s", peer, str(exc) or type(exc).__name__)
         transport.close()
         return
     logged_in = False

@@ -27,8 +27,8 @@ import pytest
 
 from tests.helpers.agent import REPO, AgentProcess, KexRecorder, keygen
 from tests.helpers.procs import free_port, wait_port
+from vr.agent.client import Outcome, Target, push_files
 from vr.paths import Paths
-from vr.pushclient import Outcome, Target, push_files
 from vr.store import read_vm
 
 pytestmark = pytest.mark.root

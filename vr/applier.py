@@ -28,7 +28,7 @@ from vr import atomic, cloudstack, config
 from vr.config import Config
 from vr.errors import ConfigError, PayloadError, VRError
 from vr.paths import Paths
-from vr.payloads import DEFAULT_LIMITS, Limits, Payload, parse_payload
+from vr.payloads import DEFAULT_LIMITS, Payload, PayloadLimits, parse_payload
 from vr.store import ApplyResult, Store
 
 LOG = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class _Push:
     """One run of ``update_config.py`` or ``vr_cfg.sh``: what differs between them."""
 
     name: str
-    bound: Callable[[Limits], int]
-    parse: Callable[[bytes, Limits], Parsed]
+    bound: Callable[[PayloadLimits], int]
+    parse: Callable[[bytes, PayloadLimits], Parsed]
     rejected: str
     """How a refusal starts: ``rejected`` or ``rejected, nothing applied``."""
 
@@ -95,7 +95,7 @@ class Applier:
 
     paths: Paths
     hooks: PushHooks | None = None
-    limits: Limits | None = None
+    limits: PayloadLimits | None = None
     keep_processed: int = 500
     keep_failed: int = 100
     load_config: Callable[[Paths], Config] = config.load
@@ -115,7 +115,7 @@ class Applier:
             return self._fail(err, f"usage: update_config.py <file> [false]: {exc}")
         src = self.paths.cache / name
 
-        def parse(data: bytes, limits: Limits) -> Parsed:
+        def parse(data: bytes, limits: PayloadLimits) -> Parsed:
             return [parse_payload(name, data, limits)], [(name, src, data, archive)]
 
         push = _Push(name, lambda lim: lim.payload_bytes, parse, "rejected")
@@ -132,7 +132,7 @@ class Applier:
             return self._fail(err, f"usage: vr_cfg.sh -c <cfg file>: {exc}")
         src = self.paths.cache / name
 
-        def parse(data: bytes, limits: Limits) -> Parsed:
+        def parse(data: bytes, limits: PayloadLimits) -> Parsed:
             payloads, items = _parse_batch(name, data, limits)
             archives: list[Archive] = [(i.name, None, i.data, i.archive) for i in items]
             return payloads, [*archives, (name, src, data, True)]
@@ -278,7 +278,7 @@ def make_applier(paths: Paths) -> Applier:
 
 
 def _parse_batch(
-    name: str, data: bytes, limits: Limits
+    name: str, data: bytes, limits: PayloadLimits
 ) -> tuple[list[Payload], list[cloudstack.BatchItem]]:
     """Parse the cfg and every item in it; the error names the failing item."""
     try:

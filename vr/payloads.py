@@ -53,7 +53,7 @@ RESERVED_DEVICES = ("lo",)
 
 
 @dataclass(frozen=True)
-class Limits:
+class PayloadLimits:
     """Size bounds; the defaults suit CloudStack's 1 MiB ``vm.userdata.max.length``."""
 
     userdata_bytes: int = 1024 * 1024
@@ -64,7 +64,7 @@ class Limits:
     cfg_bytes: int = 128 * 1024 * 1024
     """A router-start batch carries every VM of the network, user-data included."""
 
-    def with_userdata(self, userdata_bytes: int) -> Limits:
+    def with_userdata(self, userdata_bytes: int) -> PayloadLimits:
         """These limits with another decoded user-data bound; a single payload may
         then carry that much user-data in base64 plus its metadata."""
         encoded = (userdata_bytes + 2) // 3 * 4
@@ -75,7 +75,7 @@ class Limits:
         )
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = PayloadLimits()
 
 
 class Delete:
@@ -96,7 +96,7 @@ DELETE = Delete()
 
 
 @dataclass(frozen=True)
-class Entry:
+class MetadataEntry:
     """One ``[folder, file, content]`` triple: bytes to write, or :data:`DELETE`."""
 
     folder: str
@@ -107,7 +107,7 @@ class Entry:
 @dataclass(frozen=True)
 class VmMetadata:
     ip: IPv4Address
-    entries: tuple[Entry, ...]
+    entries: tuple[MetadataEntry, ...]
     type: str = field(default="vmdata", init=False)
 
 
@@ -180,7 +180,7 @@ B64_EXPECTED = (
 
 
 def decode_userdata(
-    text: str, vm: str, limits: Limits = DEFAULT_LIMITS, field_name: str = "user-data"
+    text: str, vm: str, limits: PayloadLimits = DEFAULT_LIMITS, field_name: str = "user-data"
 ) -> bytes:
     """Strict standard base64 (padding optional) bounded by ``limits.userdata_bytes``.
 
@@ -233,13 +233,13 @@ def _parse_bool(value: object, field_name: str, vm: str | None = None) -> bool:
     raise PayloadError(field_name, value, "true or false", vm)
 
 
-def parse_vm_metadata(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> VmMetadata:
+def parse_vm_metadata(obj: dict[str, Any], limits: PayloadLimits = DEFAULT_LIMITS) -> VmMetadata:
     ip = parse_ipv4(_require(obj, "vm_ip_address"), "vm_ip_address")
     vm = str(ip)
     triples = _require(obj, "vm_metadata", vm)
     if not isinstance(triples, list):
         raise PayloadError("vm_metadata", triples, "a list of [folder, file, content]", vm)
-    entries: dict[tuple[str, str], Entry] = {}
+    entries: dict[tuple[str, str], MetadataEntry] = {}
     for i, triple in enumerate(triples):
         where = f"vm_metadata[{i}]"
         if not isinstance(triple, list) or len(triple) != 3:
@@ -255,7 +255,9 @@ def parse_vm_metadata(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
         name = check_name(name, f"{where}.file", vm)
         if folder == "metadata" and name == INDEX_NAME:
             raise PayloadError(f"{where}.file", name, "a key other than the index name", vm)
-        entries[(folder, name)] = Entry(folder, name, _content(content, folder, name, vm, limits))
+        entries[(folder, name)] = MetadataEntry(
+            folder, name, _content(content, folder, name, vm, limits)
+        )
     if len(entries) > limits.keys_per_vm:
         raise PayloadError(
             "vm_metadata", f"<{len(entries)} keys>", f"at most {limits.keys_per_vm} keys", vm
@@ -263,7 +265,9 @@ def parse_vm_metadata(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> V
     return VmMetadata(ip, tuple(entries.values()))
 
 
-def _content(content: object, folder: str, name: str, vm: str, limits: Limits) -> bytes | Delete:
+def _content(
+    content: object, folder: str, name: str, vm: str, limits: PayloadLimits
+) -> bytes | Delete:
     """``null`` -> empty, ``""`` -> delete, user-data base64-decoded, metadata UTF-8."""
     where = f"{folder}/{name}"
     if content is None:
@@ -285,7 +289,7 @@ def _content(content: object, folder: str, name: str, vm: str, limits: Limits) -
     return value
 
 
-def parse_vm_password(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> VmPassword:
+def parse_vm_password(obj: dict[str, Any], limits: PayloadLimits = DEFAULT_LIMITS) -> VmPassword:
     ip = parse_ipv4(_require(obj, "ip_address"), "ip_address")
     vm = str(ip)
     password = _require(obj, "password", vm)
@@ -393,15 +397,15 @@ def parse_dhcp_entry(obj: dict[str, Any]) -> DhcpEntry:
     return DhcpEntry(mac, ip, host, remove, default)
 
 
-def _parse_guest_network(obj: dict[str, Any], limits: Limits) -> Payload:
+def _parse_guest_network(obj: dict[str, Any], limits: PayloadLimits) -> Payload:
     return parse_guest_network(obj)
 
 
-def _parse_dhcp_entry(obj: dict[str, Any], limits: Limits) -> Payload:
+def _parse_dhcp_entry(obj: dict[str, Any], limits: PayloadLimits) -> Payload:
     return parse_dhcp_entry(obj)
 
 
-PARSERS: dict[str, Callable[[dict[str, Any], Limits], Payload]] = {
+PARSERS: dict[str, Callable[[dict[str, Any], PayloadLimits], Payload]] = {
     "vmdata": parse_vm_metadata,
     "vmpassword": parse_vm_password,
     "guestnetwork": _parse_guest_network,
@@ -499,7 +503,7 @@ def load_json(text: str, where: str) -> Any:
     return obj
 
 
-def parse_payload(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Payload:
+def parse_payload(name: str, data: bytes, limits: PayloadLimits = DEFAULT_LIMITS) -> Payload:
     """Parse one pushed file: ``name`` is its file name, ``data`` its bytes."""
     # Content is never quoted in these messages: the file may hold a password.
     where = f"file {name}"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from vr.errors import FirewallError
 from vr.firewall.model import RuleSpec
-from vr.firewall.sync import Counters, LiveRule
+from vr.firewall.sync import LiveRule, PacketCounts
 
 BUILTINS = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
@@ -34,7 +34,9 @@ class FakeTables:
 
     # --- test helpers ---------------------------------------------------------------
 
-    def add_live(self, table: str, chain: str, spec: RuleSpec, counters: Counters = (0, 0)) -> None:
+    def add_live(
+        self, table: str, chain: str, spec: RuleSpec, counters: PacketCounts = (0, 0)
+    ) -> None:
         self.live[table].setdefault(chain, []).append(LiveRule(spec, counters))
 
     def count(self, table: str, chain: str, comment_part: str, packets: int) -> None:
@@ -108,7 +110,7 @@ class FakeTables:
         builtin = spec.target in ("ACCEPT", "DROP", "RETURN", "DNAT")
         assert builtin or spec.target in t, f"jump to unknown chain {spec.target}"
 
-    def append(self, table: str, chain: str, spec: RuleSpec, counters: Counters) -> None:
+    def append(self, table: str, chain: str, spec: RuleSpec, counters: PacketCounts) -> None:
         self._check(table, spec)
         self._t(table)[chain].append(LiveRule(spec, counters))
 

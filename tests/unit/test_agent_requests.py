@@ -7,8 +7,8 @@ import pytest
 from vr.agent.requests import (
     NOT_FOUND,
     ApplyCfg,
-    Refused,
-    ScpSink,
+    ExecRefused,
+    ScpTarget,
     UpdateConfig,
     parse_exec,
 )
@@ -51,7 +51,7 @@ def test_vr_cfg_sh_is_an_apply_of_the_batch() -> None:
     ],
 )
 def test_scp_sink_into_the_cache_folder(command: bytes, name: str | None) -> None:
-    assert parse_exec(command) == ScpSink(name)
+    assert parse_exec(command) == ScpTarget(name)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_scp_sink_into_the_cache_folder(command: bytes, name: str | None) -> Non
 )
 def test_scp_sink_elsewhere_is_refused_with_a_reason(command: bytes, reason: str) -> None:
     req = parse_exec(command)
-    assert isinstance(req, ScpSink)
+    assert isinstance(req, ScpTarget)
     assert req.error is not None and reason in req.error
 
 
@@ -86,7 +86,7 @@ def test_scp_sink_elsewhere_is_refused_with_a_reason(command: bytes, reason: str
 )
 def test_anything_else_is_refused_with_127_and_one_line(command: bytes, words: str) -> None:
     req = parse_exec(command)
-    assert isinstance(req, Refused)
+    assert isinstance(req, ExecRefused)
     assert req.code == NOT_FOUND
     assert words in req.reason
     assert "\n" not in req.reason
@@ -115,7 +115,7 @@ def test_anything_else_is_refused_with_127_and_one_line(command: bytes, words: s
 )
 def test_only_the_two_cloudstack_scripts_are_an_apply(command: bytes) -> None:
     req = parse_exec(command)
-    assert isinstance(req, Refused), req
+    assert isinstance(req, ExecRefused), req
     assert req.code == NOT_FOUND
     prog = command.split()[0].decode()
     assert f"command not available on this appliance: {prog!r}" in req.reason
@@ -123,7 +123,7 @@ def test_only_the_two_cloudstack_scripts_are_an_apply(command: bytes) -> None:
 
 def test_a_very_long_command_is_refused_without_echoing_it() -> None:
     req = parse_exec(b"x" * 10000)
-    assert isinstance(req, Refused) and len(req.reason) < 300
+    assert isinstance(req, ExecRefused) and len(req.reason) < 300
 
 
 @pytest.mark.parametrize(

@@ -132,13 +132,15 @@ def test_cfg_that_is_not_utf8_is_rejected_and_kept_in_failed(paths: Paths) -> No
 
 
 def test_cfg_over_its_size_bound_is_rejected_and_applies_nothing(paths: Paths) -> None:
-    from vr.payloads import Limits
+    from vr.payloads import PayloadLimits
 
     files = {"vm_metadata.json.a": vm_metadata("10.1.1.11", ["metadata", "vm-id", "x" * 500])}
     (paths.cache / "VR-4.cfg").write_text(cfg_text(files))
     before = snapshot(paths.root)
     err = StringIO()
-    code = Applier(paths, limits=Limits(cfg_bytes=400)).apply_cfg(["VR-4.cfg"], StringIO(), err)
+    code = Applier(paths, limits=PayloadLimits(cfg_bytes=400)).apply_cfg(
+        ["VR-4.cfg"], StringIO(), err
+    )
     assert code == 1
     [line] = err.getvalue().splitlines()
     assert "VR-4.cfg: rejected, nothing applied" in line and "at most 400 bytes" in line

@@ -12,7 +12,7 @@ from vr.cloudstack import parse_cfg, parse_update_config_args
 from vr.errors import PayloadError
 from vr.payloads import (
     DELETE,
-    Limits,
+    PayloadLimits,
     VmMetadata,
     VmPassword,
     decode_userdata,
@@ -131,7 +131,7 @@ def test_user_data_with_padding_before_the_end_is_refused(text: str) -> None:
 
 
 def test_user_data_limit_is_configurable_and_exact() -> None:
-    limits = Limits(userdata_bytes=10)
+    limits = PayloadLimits(userdata_bytes=10)
     assert decode_userdata(base64.b64encode(b"x" * 10).decode(), "vm", limits) == b"x" * 10
     with pytest.raises(PayloadError, match="at most 10 bytes"):
         decode_userdata(base64.b64encode(b"x" * 11).decode(), "vm", limits)

@@ -18,7 +18,7 @@ from tests.helpers.store import drop, update_config
 from vr.cloudstack import CFG_HEADER, FILE_TYPES, parse_cfg
 from vr.errors import PayloadError
 from vr.paths import Paths
-from vr.payloads import Limits, parse_payload
+from vr.payloads import PayloadLimits, parse_payload
 
 FUZZ = settings(
     max_examples=400,
@@ -27,7 +27,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-SMALL = Limits(userdata_bytes=4096, value_bytes=4096, keys_per_vm=16, payload_bytes=1 << 20)
+SMALL = PayloadLimits(userdata_bytes=4096, value_bytes=4096, keys_per_vm=16, payload_bytes=1 << 20)
 
 NAMES = st.sampled_from([f"{stem}.json.f" for stem in FILE_TYPES] + ["x.json", "VR-1.cfg"])
 FIELDS = [

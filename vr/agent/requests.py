@@ -33,7 +33,7 @@ class ApplyCfg:
 
 
 @dataclass(frozen=True)
-class ScpSink:
+class ScpTarget:
     """``scp -t <target>``: ``name`` is a fixed file name, or None for the folder itself.
 
     ``error`` is set when the target is refused; the sink then answers with an SCP
@@ -45,26 +45,26 @@ class ScpSink:
 
 
 @dataclass(frozen=True)
-class Refused:
+class ExecRefused:
     reason: str
     code: int = NOT_FOUND
 
 
-Request = UpdateConfig | ApplyCfg | ScpSink | Refused
+ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | ExecRefused
 
-SHELL = Refused(f"no interactive shell on this appliance; {ALLOWED}")
+SHELL = ExecRefused(f"no interactive shell on this appliance; {ALLOWED}")
 
 
-def parse_exec(command: bytes) -> Request:
-    """Decide what an ``exec`` request means; anything unknown is :class:`Refused`."""
+def parse_exec(command: bytes) -> ExecRequest:
+    """Decide what an ``exec`` request means; anything unknown is :class:`ExecRefused`."""
     if len(command) > MAX_COMMAND:
-        return Refused(f"command of {len(command)} bytes is too long; {ALLOWED}")
+        return ExecRefused(f"command of {len(command)} bytes is too long; {ALLOWED}")
     try:
         argv = shlex.split(command.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        return Refused(f"cannot parse command {shorten(command)}: {exc}; {ALLOWED}")
+        return ExecRefused(f"cannot parse command {shorten(command)}: {exc}; {ALLOWED}")
     if not argv:
-        return Refused(f"empty command; {ALLOWED}")
+        return ExecRefused(f"empty command; {ALLOWED}")
     prog, args = argv[0], tuple(argv[1:])
     which = cloudstack.program(prog)
     if which == "update_config":
@@ -73,10 +73,10 @@ def parse_exec(command: bytes) -> Request:
         return ApplyCfg(args)
     if prog == "scp":
         return parse_scp(args)
-    return Refused(f"command not available on this appliance: {shorten(prog)}; {ALLOWED}")
+    return ExecRefused(f"command not available on this appliance: {shorten(prog)}; {ALLOWED}")
 
 
-def parse_scp(args: tuple[str, ...]) -> Request:
+def parse_scp(args: tuple[str, ...]) -> ExecRequest:
     """``scp [-v] [-p] [-d] [-q] -t [--] <target>`` as sent by ``scp -O`` and Java clients."""
     flags: set[str] = set()
     rest = list(args)
@@ -86,16 +86,16 @@ def parse_scp(args: tuple[str, ...]) -> Request:
             break
         flags.update(opt[1:])
     if "f" in flags:
-        return Refused("downloads (scp -f) are not offered; uploads go to " + CACHE_DIR)
+        return ExecRefused("downloads (scp -f) are not offered; uploads go to " + CACHE_DIR)
     if "r" in flags:
-        return Refused("directories (scp -r) are not accepted; send files")
+        return ExecRefused("directories (scp -r) are not accepted; send files")
     unknown = flags - set("tdpvq")
     if "t" not in flags or unknown or len(rest) != 1:
-        return Refused(f"unsupported scp request {shorten(' '.join(args))}; {ALLOWED}")
+        return ExecRefused(f"unsupported scp request {shorten(' '.join(args))}; {ALLOWED}")
     try:
         name = cache_name(rest[0])
     except OutsideCache as exc:
-        return ScpSink(None, str(exc))
+        return ScpTarget(None, str(exc))
     if name is not None and "d" in flags:
-        return ScpSink(None, f"{shorten(rest[0])}: not a directory")
-    return ScpSink(name)
+        return ScpTarget(None, f"{shorten(rest[0])}: not a directory")
+    return ScpTarget(name)

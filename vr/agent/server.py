@@ -39,14 +39,13 @@ from vr.agent.limits import AgentLimits, AuthThrottle
 from vr.agent.requests import (
     SHELL,
     ApplyCfg,
-    Refused,
-    Request,
-    ScpSink,
+    ExecRefused,
+    ExecRequest,
+    ScpTarget,
     UpdateConfig,
     parse_exec,
 )
-from vr.agent.scp import ProtocolBroken
-from vr.agent.scp import ScpSink as ScpReceiver
+from vr.agent.scp import ProtocolBroken, ScpSink
 from vr.agent.sftp import CacheSFTP, CacheSFTPServer, SftpContext
 from vr.applier import Pusher
 from vr.errors import shorten
@@ -222,7 +221,7 @@ class AgentServer(paramiko.ServerInterface):
         self.auth_failures = 0
         self.key_used: str | None = None
         self._offered: str | None = None
-        self._pending: dict[int, Request] = {}
+        self._pending: dict[int, ExecRequest] = {}
         self._commanded: weakref.WeakSet[Channel] = weakref.WeakSet()
         self._stop_seen: float | None = None
         self._lock = threading.Lock()
@@ -373,7 +372,7 @@ class AgentServer(paramiko.ServerInterface):
             )
         return not refused
 
-    def _queue(self, channel: Channel, request: Request) -> bool:
+    def _queue(self, channel: Channel, request: ExecRequest) -> bool:
         if not self._claim(channel, "shell" if request is SHELL else "exec"):
             return False
         with self._lock:
@@ -391,7 +390,7 @@ class AgentServer(paramiko.ServerInterface):
                 target=self._run, args=(channel, request), name=f"req-{self.peer}", daemon=True
             ).start()
 
-    def _run(self, chan: Channel, request: Request) -> None:
+    def _run(self, chan: Channel, request: ExecRequest) -> None:
         code = 1
         try:
             code = self._execute(chan, request)
@@ -404,7 +403,7 @@ class AgentServer(paramiko.ServerInterface):
             self.activity.end()
             _finish(chan, code)
 
-    def _execute(self, chan: Channel, request: Request) -> int:
+    def _execute(self, chan: Channel, request: ExecRequest) -> int:
         out, err = ChannelText(chan.sendall), ChannelText(chan.sendall_stderr)
         if isinstance(request, UpdateConfig):
             LOG.info("%s: update_config.py %s", self.peer, " ".join(request.args))
@@ -416,16 +415,16 @@ class AgentServer(paramiko.ServerInterface):
             applier = self.ctx.make_applier(self.ctx.paths)
             code = applier.apply_cfg(list(request.args), out, err)
             return code
-        if isinstance(request, ScpSink):
+        if isinstance(request, ScpTarget):
             return self._scp(chan, request)
-        assert isinstance(request, Refused)
+        assert isinstance(request, ExecRefused)
         LOG.warning("refused request from %s: %s", self.peer, request.reason)
         err.write(f"vr-agent: {request.reason}\n")
         return request.code
 
-    def _scp(self, chan: Channel, request: ScpSink) -> int:
+    def _scp(self, chan: Channel, request: ScpTarget) -> int:
         chan.settimeout(self.ctx.limits.idle_timeout)
-        sink = ScpReceiver(
+        sink = ScpSink(
             chan,
             self.ctx.paths.cache,
             request.name,

@@ -25,7 +25,7 @@ from typing import Any
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
 from vr.firewall.model import MatchSpec, Params, RuleSpec
-from vr.firewall.sync import Counters, LiveRule
+from vr.firewall.sync import LiveRule, PacketCounts
 
 LOG = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class IptcTables:
         with self._errors(f"table {table}: cannot flush chain {chain}"):
             self._table(table).flush_entries(chain)
 
-    def append(self, table: str, chain: str, spec: RuleSpec, counters: Counters) -> None:
+    def append(self, table: str, chain: str, spec: RuleSpec, counters: PacketCounts) -> None:
         rule = self._build(spec)
         rule.counters = counters
         with self._errors(f"table {table} chain {chain}"):

@@ -24,13 +24,13 @@ from vr.firewall.model import PREFIX, Chain, RuleSet, RuleSpec
 
 LOG = logging.getLogger(__name__)
 
-Counters = tuple[int, int]
+PacketCounts = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class LiveRule:
     spec: RuleSpec
-    counters: Counters = (0, 0)
+    counters: PacketCounts = (0, 0)
 
 
 class Tables(Protocol):
@@ -58,7 +58,7 @@ class Tables(Protocol):
 
     def flush(self, table: str, chain: str) -> None: ...
 
-    def append(self, table: str, chain: str, spec: RuleSpec, counters: Counters) -> None: ...
+    def append(self, table: str, chain: str, spec: RuleSpec, counters: PacketCounts) -> None: ...
 
     def insert(self, table: str, chain: str, spec: RuleSpec, position: int) -> None: ...
 
@@ -180,7 +180,7 @@ def _stage_rules(tables: Tables, table: str, chain: Chain) -> bool:
     tables.flush(table, chain.name)
     pool = list(have)
     for n, spec in enumerate(want, 1):
-        counters: Counters = (0, 0)
+        counters: PacketCounts = (0, 0)
         for i, old in enumerate(pool):
             if old.spec == spec:
                 counters = pool.pop(i).counters

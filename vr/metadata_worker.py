@@ -4,9 +4,9 @@ Why: a guest's boot is a dozen tiny GETs, and hundreds of guests boot at once. W
 gunicorn's threaded worker most of the time per request goes to handing the socket
 between the poller thread and a pool thread and to its general-purpose HTTP parser,
 not to the application. This worker keeps every connection in one ``selectors``
-loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http1`) and
-calls the WSGI application directly. Everything else stays gunicorn's: the arbiter,
-worker supervision, heartbeat, signals and graceful stop.
+loop, parses requests with llhttp (:mod:`vr.http1`) and calls the WSGI application
+directly. Everything else stays gunicorn's: the arbiter, worker supervision,
+heartbeat, signals and graceful stop.
 
 What a client cannot do to a worker (each a constant or setting below):
 
@@ -56,11 +56,12 @@ from vr.http1 import (
     BadRequest,
     Date,
     Request,
+    RequestParser,
     WSGIApp,
     build_environ,
-    parse_request,
     render_response,
 )
+from vr.logs import GuestErrors
 
 LOG = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class _Conn:
         "lingered",
         "lingering",
         "out",
+        "parser",
         "peer",
         "sent",
         "server",
@@ -174,6 +176,7 @@ class _Conn:
         self.addr = peer[0]
         self.server = server
         self.buf = bytearray()
+        self.parser = RequestParser()
         self.out = b""
         self.sent = 0
         self.deadline = 0.0
@@ -213,6 +216,7 @@ class EventLoop:
         self.refused: dict[str, int] = {}
         self.refused_full = 0  # at the worker's connection limit with nothing idle
         self.date = Date()
+        self.guest_errors = GuestErrors(LOG)
         self.accepting = False
         self.running = True
 
@@ -407,6 +411,15 @@ class EventLoop:
         conn = self.conns.get(sock.fileno())
         if conn is None:
             return
+        try:
+            self._step(conn)
+        except Exception as exc:
+            # The boundary for one connection: whatever its bytes caused, it alone
+            # is closed; the worker and every other connection go on.
+            self.guest_errors.error(conn.addr, "connection", exc)
+            self._close(conn)
+
+    def _step(self, conn: _Conn) -> None:
         if conn.lingering:
             self._drain(conn)
         elif conn.out:
@@ -418,7 +431,7 @@ class EventLoop:
 
     def _read(self, conn: _Conn) -> None:
         # Never more than the largest request: the buffer stays bounded. (A buffer
-        # waiting for more always holds less; parse_request refuses larger.)
+        # waiting for more always holds less; the parser refuses larger.)
         room = BUF_LIMIT - len(conn.buf)
         if room <= 0:  # pragma: no cover - defensive
             self._fail(conn, BadRequest(431, f"{len(conn.buf)} bytes of request"))
@@ -443,7 +456,7 @@ class EventLoop:
         each reply goes out at once; then wait for the socket in the right state."""
         while conn.buf and not conn.out and not conn.closing:
             try:
-                parsed = parse_request(conn.buf)
+                parsed = conn.parser.parse(conn.buf)
             except BadRequest as exc:
                 self._fail(conn, exc)
                 break
@@ -573,8 +586,8 @@ class EventLoop:
                 if close is not None:
                     close()
             status, headers = captured
-        except Exception:
-            LOG.exception("request %s %r from %s failed", req.method, req.target, conn.peer[0])
+        except Exception as exc:
+            self.guest_errors.error(conn.addr, f"request {req.method} {req.target[:80]!r}", exc)
             status, headers, body = (
                 "500 Internal Server Error",
                 [("Content-Type", "text/plain")],
@@ -596,6 +609,7 @@ class EventLoop:
         conn.closing = True
         conn.linger = True
         conn.buf.clear()
+        conn.parser.reset()
         self._send(conn)
 
 

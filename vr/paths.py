@@ -176,6 +176,11 @@ class Paths:
     def log_file(self) -> Path:
         return self._p("var/log/cloud.log")
 
+    @property
+    def audit_log(self) -> Path:
+        """Audit lines only (:data:`vr.logs.AUDIT`): guest traffic never reaches it."""
+        return self._p("var/log/audit.log")
+
     def ensure(self) -> None:
         """Create the directories the appliance writes to (idempotent).
 

@@ -311,3 +311,41 @@ def test_idle_connection_whose_client_half_closed_unread_makes_room() -> None:
             srv.start()
             newcomer.sendall(request("/newcomer"))
             assert Reader(newcomer).response()[2] == body_for("/newcomer", 16)
+
+
+# --- requests the parser refuses: answered, and the worker goes on ------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"\xb2", b"\xb9\xb3", b"9" * 5000, b"1" + b"0" * 5000],
+    ids=["superscript-two", "superscripts", "5000-nines", "5001-digits"],
+)
+def test_content_length_int_cannot_read_gets_400_and_every_other_connection_is_served(
+    value: bytes,
+) -> None:
+    with serving(limits()) as srv, srv.connect() as other, srv.connect() as bad:
+        other.sendall(request("/before?size=5"))
+        assert Reader(other).response()[2] == body_for("/before", 5)
+        bad.sendall(b"POST /a HTTP/1.1\r\nHost: vr\r\nContent-Length: " + value + b"\r\n\r\nab")
+        assert Reader(bad).response()[0] == 400
+        other.sendall(request("/after?size=5"))
+        assert Reader(other).response()[2] == body_for("/after", 5)
+        assert srv.thread.is_alive()
+
+
+def test_differing_content_lengths_are_refused_not_the_last_one_taken() -> None:
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nabcde")
+        assert Reader(c).response()[0] == 400
+
+
+@pytest.mark.parametrize(
+    "raw", [b"GET /a HTTP/1.1\nHost: vr\n\n", b"GET /a HTTP/1.1\r\nHost: vr\n\r\n"]
+)
+def test_request_with_bare_lf_line_ends_gets_400_instead_of_silence(raw: bytes) -> None:
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(raw)
+        reader = Reader(c)
+        assert reader.response()[0] == 400
+        assert reader.closed()

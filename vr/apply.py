@@ -24,6 +24,7 @@ from typing import TextIO
 
 from vr import atomic
 from vr.errors import PayloadError, VRError
+from vr.logs import AUDIT
 from vr.paths import Paths
 from vr.payloads import (
     DEFAULT_LIMITS,
@@ -209,7 +210,7 @@ class Applier:
         ms = (time.monotonic() - start) * 1000
         summary = summarize(result.describe())
         line = f"{name}: applied: {summary} ({ms:.1f} ms)"
-        LOG.info("%s", line)
+        LOG.info("%s", line, extra=AUDIT)
         print(line, file=err)
         self._record(name, True, summary)
         return OK
@@ -217,7 +218,7 @@ class Applier:
     def _missing(self, name: str, out: TextIO, err: TextIO) -> int:
         """A retry of a file already archived is a success (CloudStack's contract)."""
         if (self.paths.processed / f"{name}.gz").exists():
-            LOG.info("%s: already applied", name)
+            LOG.info("%s: already applied", name, extra=AUDIT)
             print(f"{name}: already applied", file=out)
             return OK
         return self._fail(err, f"{name}: no such file in {self.paths.cache}")
@@ -250,7 +251,7 @@ class Applier:
             LOG.warning("%s: could not move to failed/: %s", src.name, exc)
 
     def _fail(self, err: TextIO, message: str, record: str | None = None) -> int:
-        LOG.error("%s", message)
+        LOG.error("%s", message, extra=AUDIT)
         print(message, file=err)
         if record is not None:
             self._record(record, False, message)

@@ -94,7 +94,7 @@ def _audit_to_file_only() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vr import config
+    from vr import config, metadata_counters
     from vr.errors import VRError
     from vr.gunicorn_runner import run
     from vr.passwd_app import ensure_token, make_app
@@ -124,5 +124,6 @@ def _serve(args: argparse.Namespace) -> int:
     options = gunicorn_options(
         binds, workers, args.worker_class, paths, args.connections_per_address
     )
+    metadata_counters.reset(paths, paths.passwd_counters)
     run(lambda: make_app(paths), options)
     return 0

@@ -154,6 +154,11 @@ class Paths:
         """Per-worker counter files of the metadata service (``<pid>.json``)."""
         return self.run / "metadata"
 
+    @property
+    def passwd_counters(self) -> Path:
+        """Per-worker counter files of the password service (``<pid>.json``)."""
+        return self.run / "passwd"
+
     # --- configuration ---------------------------------------------------------------
     @property
     def etc(self) -> Path:

@@ -478,3 +478,36 @@ def test_cache_forgets_everything_when_the_file_goes_away(paths: Paths) -> None:
     assert cache.get(IPv4Address(VM)) is not None
     paths.passwords.unlink()
     assert cache.get(IPv4Address(VM)) is None
+
+
+# --- forwarded requests ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "method"),
+    [
+        ("X-Forwarded-For", "GET"),
+        ("Forwarded", "GET"),
+        ("X_Forwarded_For", "GET"),
+        ("X-Forwarded-For", "POST"),
+    ],
+)
+def test_a_forwarded_request_is_refused_with_403_and_counted(
+    app: PasswordApp, paths: Paths, header: str, method: str
+) -> None:
+    from vr.metadata_counters import totals
+
+    password = new_password()
+    push(paths, VM, password)
+    resp = Client(app).open(
+        "/",
+        method=method,
+        headers={"DomU_Request": "send_my_password", header: "10.9.9.9"},
+        environ_base={"REMOTE_ADDR": VM},
+    )
+    assert resp.status_code == 403
+    assert resp.get_data() == b"forwarded requests are refused"
+    assert read_passwords(paths)[VM]["served"] is False
+    app.counters.flush(force=True)
+    assert totals(paths, paths.passwd_counters)["forwarded_refused"] == 1
+    assert body_fp(get(app, "send_my_password")) == fp(password)  # unforwarded: served

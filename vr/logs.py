@@ -56,8 +56,14 @@ class GuestErrors:
         self.addresses = addresses
         self._seen: dict[str, tuple[float, int]] = {}
 
-    def error(self, addr: str, what: str, exc: BaseException | None = None) -> None:
-        """``what`` failed for the guest at ``addr`` (with ``exc``, if any)."""
+    def error(
+        self,
+        addr: str,
+        what: str,
+        exc: BaseException | None = None,
+        outcome: str = "failed",
+    ) -> None:
+        """``what`` from the guest at ``addr`` ended in ``outcome`` (with ``exc``)."""
         now = self.clock()
         last = self._seen.get(addr)
         if last is not None and now - last[0] < self.interval:
@@ -68,9 +74,10 @@ class GuestErrors:
         self._seen[addr] = (now, 0)
         held = last[1] if last is not None else 0
         self.logger.warning(
-            "%s from %s failed%s%s",
+            "%s from %s %s%s%s",
             what,
             addr,
+            outcome,
             f" ({type(exc).__name__})" if exc is not None else "",
             f"; {held} more from it in the last {self.interval:.0f} s not logged" if held else "",
         )

@@ -164,11 +164,10 @@ def create_app(
         for key in FORWARD_HEADERS:
             if key in request.environ:
                 counts.count_forwarded()
-                LOG.warning(
-                    "refused %s %s from %s: it carries a forwarding header",
-                    request.method,
-                    request.path,
-                    request.remote_addr,
+                errors.error(
+                    request.remote_addr or "",
+                    f"{request.method[:20]} {request.path[:80]!r}",
+                    outcome="refused: it carries a forwarding header",
                 )
                 return _response(FORBIDDEN)
         if request.method not in ALLOWED_METHODS and is_token_path(

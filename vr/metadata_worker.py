@@ -415,11 +415,10 @@ class EventLoop:
 
     def _report_refused(self) -> None:
         for addr, count in self.refused.items():
-            LOG.warning(
-                "refused %s connections from %s: it holds %s, the most one address may",
-                count,
+            self.guest_errors.error(
                 addr,
-                self.limits.per_address,
+                f"{count} connections",
+                outcome=f"refused: it holds {self.limits.per_address}, the most one address may",
             )
         self.refused.clear()
         if self.refused_full:
@@ -611,9 +610,11 @@ class EventLoop:
         self.parked[conn.sock.fileno()] = conn
 
     def _unpark(self) -> None:
-        """Let parked connections send, oldest first, while their address has room."""
+        """Let parked connections send while their address has room: first those
+        whose own queue is emptiest (their client reads), then the oldest."""
         rooms: dict[str, int] = {}
-        for fd, conn in list(self.parked.items()):
+        waiting = sorted(self.parked.items(), key=lambda item: _send_queue(item[1].sock))
+        for fd, conn in waiting:
             if fd not in self.parked:
                 continue
             if conn.addr not in rooms:

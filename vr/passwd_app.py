@@ -343,7 +343,11 @@ class PasswordApp:
         self, start_response: StartResponse, method: str, caller: str
     ) -> list[bytes]:
         self.counters.count_forwarded()
-        self.errors.error(caller, f"{shorten(method, 20)} with a forwarding header (refused)")
+        self.errors.error(
+            caller,
+            f"password {shorten(method, 20)}",
+            outcome="refused: it carries a forwarding header",
+        )
         return _reply(start_response, "403 Forbidden", FORWARDED_REFUSED)
 
     # --- GET -------------------------------------------------------------------
@@ -355,7 +359,11 @@ class PasswordApp:
             return self.fetch(vm, caller)
         if request == SAVED:
             return self.ack(vm, caller)
-        self.errors.error(caller, f"password request DomU_Request={shorten(request, 40)}")
+        self.errors.error(
+            caller,
+            f"password request DomU_Request={shorten(request, 40)}",
+            outcome=f"answered {BAD}",
+        )
         return BAD.encode()
 
     def fetch(self, vm: IPv4Address | None, caller: str) -> bytes:
@@ -394,7 +402,7 @@ class PasswordApp:
             vm = self.save(environ, caller)
         except Refused as exc:
             if exc.guest:
-                self.errors.error(caller, "password save (refused: not from the VR)")
+                self.errors.error(caller, "password save", outcome="refused: not from the VR")
             else:
                 LOG.warning("password save from %s: refused (%s)", caller, exc.reason, extra=AUDIT)
             return _reply(start_response, exc.status, exc.reason.encode())

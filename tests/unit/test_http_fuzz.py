@@ -53,8 +53,10 @@ class Recorder(GuestErrors):
     def __init__(self) -> None:
         self.caught: list[str] = []
 
-    def error(self, addr: str, what: str, exc: BaseException | None = None) -> None:
-        self.caught.append(f"{what}: {exc!r}")
+    def error(
+        self, addr: str, what: str, exc: BaseException | None = None, outcome: str = "failed"
+    ) -> None:
+        self.caught.append(f"{what} {outcome}: {exc!r}")
 
 
 def as_vm(app: Any) -> Any:

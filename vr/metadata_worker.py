@@ -586,9 +586,11 @@ class EventLoop:
     def _room(self, addr: str, want: int) -> int:
         """Bytes ``addr`` may still hand to the kernel. The running count only
         grows; when ``want`` bytes would exceed the budget, the kernel is asked
-        what its queues really hold (an ioctl per connection of the address)."""
+        what its queues really hold (an ioctl per connection of the address).
+        One send takes no more than a socket buffer, so a large reply does not
+        ask each time."""
         queued = self.queued.get(addr, 0)
-        if queued + want > self.limits.unsent:
+        if queued + min(want, 4 * SNDBUF) > self.limits.unsent:
             queued = self._queued(addr)
         return self.limits.unsent - queued
 

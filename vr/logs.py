@@ -36,12 +36,47 @@ def is_audit(record: logging.LogRecord) -> bool:
     return getattr(record, "audit", False) is True
 
 
+class Throttle:
+    """At most one event per key (a source address, a VM) per ``interval`` seconds
+    (in this process). At most ``keys`` keys are remembered; past that, those quiet
+    for ``interval`` are forgotten."""
+
+    def __init__(
+        self,
+        interval: float = GUEST_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        keys: int = GUEST_ADDRESSES,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.keys = keys
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None if ``key`` had its event in this interval (it is counted), else the
+        number of events held back since its last one."""
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._seen) >= self.keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.keys:
+                self._seen.clear()
+        self._seen[key] = (now, 0)
+        return last[1] if last is not None else 0
+
+    def held(self, count: int) -> str:
+        """The tail of a line that follows ``count`` held-back ones."""
+        return f"; {count} more in the last {self.interval:.0f} s not logged" if count else ""
+
+
 class GuestErrors:
     """Logs errors that a guest's request can cause: at most one line per source
-    address per ``interval`` seconds (in this process), counting the lines it held
+    address per ``interval`` seconds (:class:`Throttle`), counting the lines it held
     back in the next one, and never a traceback (only the exception's type), so a
-    guest's flood cannot fill or rotate the log. At most ``addresses`` addresses are
-    remembered; past that, those quiet for ``interval`` are forgotten."""
+    guest's flood cannot fill or rotate the log."""
 
     def __init__(
         self,
@@ -51,10 +86,7 @@ class GuestErrors:
         addresses: int = GUEST_ADDRESSES,
     ) -> None:
         self.logger = logger
-        self.interval = interval
-        self.clock = clock
-        self.addresses = addresses
-        self._seen: dict[str, tuple[float, int]] = {}
+        self.throttle = Throttle(interval, clock, addresses)
 
     def error(
         self,
@@ -64,28 +96,17 @@ class GuestErrors:
         outcome: str = "failed",
     ) -> None:
         """``what`` from the guest at ``addr`` ended in ``outcome`` (with ``exc``)."""
-        now = self.clock()
-        last = self._seen.get(addr)
-        if last is not None and now - last[0] < self.interval:
-            self._seen[addr] = (last[0], last[1] + 1)
+        held = self.throttle.allow(addr)
+        if held is None:
             return
-        if last is None and len(self._seen) >= self.addresses:
-            self._forget(now)
-        self._seen[addr] = (now, 0)
-        held = last[1] if last is not None else 0
         self.logger.warning(
             "%s from %s %s%s%s",
             what,
             addr,
             outcome,
             f" ({type(exc).__name__})" if exc is not None else "",
-            f"; {held} more from it in the last {self.interval:.0f} s not logged" if held else "",
+            self.throttle.held(held),
         )
-
-    def _forget(self, now: float) -> None:
-        self._seen = {a: v for a, v in self._seen.items() if now - v[0] < self.interval}
-        if len(self._seen) >= self.addresses:
-            self._seen.clear()
 
 
 class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):

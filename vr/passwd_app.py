@@ -24,9 +24,13 @@ keeps the parsed file and re-reads it when a ``stat`` shows a new version, so a 
 or an ack in one worker is seen by the next request in every other worker. The hot
 path (a password already served, or none stored) writes nothing and takes no lock.
 
-One audit line per fetch, ack and save names the VM and the outcome (logged with
-:data:`vr.logs.AUDIT`, so it also goes to ``audit.log``); never the password or the
-token. An unexpected error is logged in one line per guest per minute, no traceback.
+Audit lines of fetches, acks and saves name the VM and the outcome (logged with
+:data:`vr.logs.AUDIT`, so they also go to ``audit.log``); never the password or the
+token. Every request that changes something (the first serve of a generation, a
+clearing ack, a save) has its line; those that change nothing (a password served
+again, nothing stored, an ack that keeps it) at most one per VM per minute, with a
+count of those held back, so a guest asking in a loop cannot flood ``audit.log``.
+An unexpected error is logged in one line per guest per minute, no traceback.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from typing import Any
 from vr import atomic
 from vr.errors import PayloadError, StoreError, VRError, shorten
 from vr.identity import Source, vm_of
-from vr.logs import AUDIT, GuestErrors
+from vr.logs import AUDIT, GuestErrors, Throttle
 from vr.metadata_counters import Counters
 from vr.paths import Paths
 from vr.payloads import parse_vm_password
@@ -322,6 +326,7 @@ class PasswordApp:
         self.cache = PasswordCache(paths.passwords)
         self.counters = counters or Counters(paths, folder=paths.passwd_counters)
         self.errors = GuestErrors(LOG)
+        self.repeats = Throttle()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         caller = environ.get("REMOTE_ADDR", "")
@@ -369,28 +374,33 @@ class PasswordApp:
     def fetch(self, vm: IPv4Address | None, caller: str) -> bytes:
         entry = self.cache.get(vm) if vm is not None else None
         if entry is None:
-            LOG.info(
-                "password fetch by VM %s: none stored, answered %s", caller, SAVED, extra=AUDIT
-            )
+            self._repeat(caller, "password fetch by VM %s: none stored, answered %s", SAVED)
             return SAVED.encode()
         assert vm is not None
         body = entry.password.encode()  # first: a reply that cannot be made changes nothing
-        if not entry.served:
-            # recorded before the guest can ack, so its ack can clear this password
-            self.store.mark_password_served(vm, entry.gen)
+        if entry.served:
+            self._repeat(str(vm), "password fetch by VM %s: served generation %d", entry.gen)
+            return body
+        # recorded before the guest can ack, so its ack can clear this password
+        self.store.mark_password_served(vm, entry.gen)
         LOG.info("password fetch by VM %s: served generation %d", vm, entry.gen, extra=AUDIT)
         return body
+
+    def _repeat(self, vm: str, msg: str, *args: object) -> None:
+        """An audit line for a request that changed nothing, which a guest can send
+        in a loop: at most one per VM per minute, so audit.log cannot be flooded."""
+        held = self.repeats.allow(vm)
+        if held is not None:
+            LOG.info(msg + "%s", vm, *args, self.repeats.held(held), extra=AUDIT)
 
     def ack(self, vm: IPv4Address | None, caller: str) -> bytes:
         # no entry now: anything stored later is a newer push the ack must not clear
         if vm is None or self.cache.get(vm) is None:
-            LOG.info("password ack by VM %s: none stored", caller, extra=AUDIT)
+            self._repeat(caller, "password ack by VM %s: none stored")
         elif self.store.ack_password(vm):
             LOG.info("password ack by VM %s: cleared", vm, extra=AUDIT)
         else:
-            LOG.info(
-                "password ack by VM %s: kept (stored password not served yet)", vm, extra=AUDIT
-            )
+            self._repeat(str(vm), "password ack by VM %s: kept (stored password not served yet)")
         return SAVED.encode()
 
     # --- POST ------------------------------------------------------------------

@@ -511,3 +511,21 @@ def test_a_forwarded_request_is_refused_with_403_and_counted(
     app.counters.flush(force=True)
     assert totals(paths, paths.passwd_counters)["forwarded_refused"] == 1
     assert body_fp(get(app, "send_my_password")) == fp(password)  # unforwarded: served
+
+
+def test_a_guest_asking_in_a_loop_writes_one_audit_line_a_minute_for_what_changes_nothing(
+    app: PasswordApp, paths: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vr.passwd_app")
+    push(paths, VM, new_password())
+    for _ in range(300):
+        get(app, "send_my_password")
+        get(app, "send_my_password", caller=OTHER_VM)  # none stored for it
+    audit = [r.getMessage() for r in caplog.records if getattr(r, "audit", False)]
+    assert audit == [
+        f"password fetch by VM {VM}: served generation 1",
+        f"password fetch by VM {OTHER_VM}: none stored, answered saved_password",
+        f"password fetch by VM {VM}: served generation 1",  # again: once a minute
+    ]
+    get(app, "saved_password")  # what changes something always has its line
+    assert caplog.records[-1].getMessage() == f"password ack by VM {VM}: cleared"

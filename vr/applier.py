@@ -27,6 +27,7 @@ from typing import Protocol
 from vr import atomic, cloudstack, config
 from vr.config import Config
 from vr.errors import ConfigError, PayloadError, VRError
+from vr.logs import AUDIT
 from vr.paths import Paths
 from vr.payloads import DEFAULT_LIMITS, Payload, PayloadLimits, parse_payload
 from vr.store import ApplyResult, Store
@@ -210,7 +211,7 @@ class Applier:
         ms = (time.monotonic() - start) * 1000
         summary = summarize(result.describe())
         line = f"{name}: applied: {summary} ({ms:.1f} ms)"
-        LOG.info("%s", line)
+        LOG.info("%s", line, extra=AUDIT)
         print(line, file=err)
         self._record(name, True, summary)
         return OK
@@ -218,7 +219,7 @@ class Applier:
     def _missing(self, name: str, out: TextOut, err: TextOut) -> int:
         """A retry of a file already archived is a success (CloudStack's contract)."""
         if (self.paths.processed / f"{name}.gz").exists():
-            LOG.info("%s: already applied", name)
+            LOG.info("%s: already applied", name, extra=AUDIT)
             print(f"{name}: already applied", file=out)
             return OK
         return self._fail(err, f"{name}: no such file in {self.paths.cache}")
@@ -252,7 +253,7 @@ class Applier:
             LOG.warning("%s: could not move to failed/: %s", src.name, exc)
 
     def _fail(self, err: TextOut, message: str, record: str | None = None) -> int:
-        LOG.error("%s", message)
+        LOG.error("%s", message, extra=AUDIT)
         print(message, file=err)
         if record is not None:
             self._record(record, False, message)

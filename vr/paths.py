@@ -154,6 +154,11 @@ class Paths:
         """Per-worker counter files of the metadata service (``<pid>.json``)."""
         return self.run / "metadata"
 
+    @property
+    def passwd_counters(self) -> Path:
+        """Per-worker counter files of the password service (``<pid>.json``)."""
+        return self.run / "passwd"
+
     # --- configuration ---------------------------------------------------------------
     @property
     def etc(self) -> Path:
@@ -175,6 +180,11 @@ class Paths:
     @property
     def log_file(self) -> Path:
         return self._p("var/log/cloud.log")
+
+    @property
+    def audit_log(self) -> Path:
+        """Audit lines only (:data:`vr.logs.AUDIT`): guest traffic never reaches it."""
+        return self._p("var/log/audit.log")
 
     def ensure(self) -> None:
         """Create the directories the appliance writes to (idempotent).

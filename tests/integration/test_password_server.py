@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -31,6 +32,7 @@ import pytest
 from tests.helpers import netns
 from tests.helpers.fingerprint import fp
 from tests.helpers.service_lab import ServiceLab, guest_link, start_service
+from vr.metadata.counters import totals
 from vr.passwords.app import read_token
 from vr.paths import Paths
 from vr.payloads import VmPassword
@@ -266,6 +268,7 @@ def test_the_sentinel_pushed_for_templates_without_passwords_is_served(setup: Se
 def test_fetch_and_ack_in_different_workers_neither_lose_nor_resurrect(setup: Setup) -> None:
     """Every round: push, fetch, ack, fetch again; at least one pair crosses workers."""
     rounds = 40
+    before = len(audit_lines(setup, VM1))
     for _ in range(rounds):
         password = new_password()
         push(setup.paths, VM1, password)
@@ -273,7 +276,7 @@ def test_fetch_and_ack_in_different_workers_neither_lose_nor_resurrect(setup: Se
         assert fetched == fp(password)
         assert setup.body("saved_password") == SAVED
         assert setup.body("send_my_password") == SAVED
-    lines = audit_lines(setup, VM1)[-3 * rounds :]
+    lines = audit_lines(setup, VM1)[before:]
     fetches = [(pid, msg) for pid, msg in lines if "served generation" in msg]
     acks = [(pid, msg) for pid, msg in lines if msg.endswith(": cleared")]
     assert len(fetches) == len(acks) == rounds
@@ -388,7 +391,11 @@ def test_bad_inputs_are_answered_and_every_worker_keeps_serving(setup: Setup) ->
     nul = setup.raw(get + b"DomU_Request: send_my\x00password\r\n\r\n")
     assert nul["status_line"].startswith("HTTP/1.1 400")
     garbage = bytes.fromhex("160301020001000200030300") + bytes(range(256))
-    assert setup.raw(garbage)["status_line"] == ""  # never a complete head: just closed
+    # not HTTP from its first byte: refused at once (llhttp), not waited on
+    assert setup.raw(garbage)["status_line"].startswith("HTTP/1.1 400")
+    assert setup.raw(b"GET / HTTP/1.1\nDomU_Request: send_my_password\n\n")[
+        "status_line"
+    ].startswith("HTTP/1.1 400")
     assert setup.raw(garbage + b"\r\n\r\n")["status_line"].startswith("HTTP/1.1 400")
     many_headers = setup.raw(get + b"".join(b"X-%d: 1\r\n" % i for i in range(500)) + b"\r\n")
     # within the 8 KiB head limit: a normal answer to a request without DomU_Request
@@ -402,6 +409,37 @@ def test_bad_inputs_are_answered_and_every_worker_keeps_serving(setup: Setup) ->
     log = setup.log.read_text(errors="replace")
     assert "Traceback" not in log
     assert "Booting worker" in log and log.count("Booting worker") == WORKERS
+
+
+def test_forwarded_requests_are_refused_with_403_and_counted_in_status(setup: Setup) -> None:
+    password = new_password()
+    push(setup.paths, VM1, password)
+    before = totals(setup.paths, setup.paths.passwd_counters)["forwarded_refused"]
+    get = b"GET / HTTP/1.1\r\nHost: x\r\nDomU_Request: send_my_password\r\n"
+    for header in (b"X-Forwarded-For: 10.9.9.9", b"Forwarded: for=10.9.9.9"):
+        res = setup.raw(get + header + b"\r\nConnection: close\r\n\r\n")
+        assert res["status_line"] == "HTTP/1.1 403 Forbidden"
+        assert res["fp"] != fp(password)
+    deadline = time.monotonic() + 10  # each worker writes its count within a second
+    while totals(setup.paths, setup.paths.passwd_counters)["forwarded_refused"] < before + 2:
+        assert time.monotonic() < deadline, "the refusals were not counted"
+        time.sleep(0.05)
+    assert setup.body("send_my_password") == fp(password)  # not forwarded: served
+
+
+def test_guest_noise_never_reaches_the_audit_log_and_audit_lines_do(setup: Setup) -> None:
+    password = new_password()
+    push(setup.paths, VM2, password)
+    setup.body("send_my_password", VM2)
+    for _ in range(50):
+        setup.ask("not_a_request", VM1)
+        setup.raw(b"GET / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", VM1)
+    audit = setup.paths.audit_log.read_text()
+    assert f"password fetch by VM {VM2}: served generation" in audit
+    assert "not_a_request" not in audit and "failed" not in audit
+    cloud = setup.paths.log_file.read_text()
+    # one line per worker per minute at most, though 50 were asked
+    assert cloud.count("DomU_Request='not_a_request'") <= WORKERS
 
 
 def test_audit_log_names_each_fetch_and_ack_but_never_the_password(setup: Setup) -> None:

@@ -87,6 +87,7 @@ def test_status_prints_services_vms_networks_and_the_last_push(
         f"  passwords  down  port {closed:<5} pid 4343     restarts 2",
         "VMs: 2  guest networks: 1",
         "metadata requests refused for X-Forwarded-For/Forwarded: 0",
+        "password requests refused for X-Forwarded-For/Forwarded: 0",
         f"last push: {when} vm_metadata.json ok: VM 10.1.1.10: changed instance-id deleted -",
     ]
 
@@ -136,6 +137,7 @@ def test_status_without_any_vr_up_or_push(paths: Paths) -> None:
         "vr up: stopped",
         "VMs: 0  guest networks: 0",
         "metadata requests refused for X-Forwarded-For/Forwarded: 0",
+        "password requests refused for X-Forwarded-For/Forwarded: 0",
         "last push: none",
     ]
 

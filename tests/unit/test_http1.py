@@ -55,6 +55,17 @@ def test_body_is_read_by_content_length_before_the_request_is_complete() -> None
         (b"GET /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
         (b"GET /a HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
         (b"GET /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        # RFC 9112 6.3: differing values are refused, also when the first one is 0
+        (b"GET /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nabcde", 400),
+        # digits str.isdigit() accepts but int() does not, and numbers of any length
+        (b"POST /a HTTP/1.1\r\nContent-Length: \xb2\r\n\r\nab", 400),
+        (b"POST /a HTTP/1.1\r\nContent-Length: \xb9\xb3\r\n\r\nab", 400),
+        (b"POST /a HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 1" + b"0" * 5000 + b"\r\n\r\n", 400),
+        # bare LF line ends: refused at once, not waited on
+        (b"GET /a HTTP/1.1\nHost: x\n\n", 400),
+        (b"GET /a HTTP/1.1\r\nHost: x\n\r\n", 400),
+        (b"GET /a HTTP/1.1\nHost: x\n", 400),
         (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
         (b"POST /a HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1), 413),
         (b"GET /a HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431),
@@ -114,3 +125,39 @@ def test_expectations_other_than_100_continue_are_refused_in_http11_only() -> No
     assert exc.value.status == 417
     http10 = b"POST /a HTTP/1.0\r\nExpect: teapot\r\nContent-Length: 3\r\n\r\n"
     assert parse_request(http10) is None
+
+
+def test_content_length_with_thousands_of_leading_zeros_is_its_value() -> None:
+    head = b"POST /a HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"3\r\n\r\n"
+    req, used = parse_request(head + b"abcGET")  # type: ignore[misc]
+    assert req.body == b"abc" and used == len(head) + 3
+
+
+def test_equal_repeated_content_length_is_refused_too() -> None:
+    """RFC 9110 8.6 lets a recipient refuse it; llhttp does, and so do we."""
+    with pytest.raises(BadRequest) as exc:
+        parse_request(b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx")
+    assert exc.value.status == 400
+
+
+def test_a_parser_fed_in_pieces_gives_each_pipelined_request_once() -> None:
+    from vr.http.parser import RequestParser
+
+    stream = (
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"
+        b"GET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    )
+    parser = RequestParser()
+    buf = bytearray()
+    got = []
+    for byte in stream:
+        buf.append(byte)
+        parsed = parser.parse(buf)
+        if parsed is not None:
+            assert parsed != CONTINUE
+            req, used = parsed  # type: ignore[misc]
+            got.append((req.method, req.target, req.body, req.keep_alive))
+            del buf[:used]
+    assert got == [("GET", "/a", b"", True), ("POST", "/b", b"hi", True), ("GET", "/c", b"", True)]
+    assert not buf

@@ -8,19 +8,27 @@ within a generous bound, and every wait ends.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import select
 import socket
+import struct
+import termios
 import threading
+import time
+from typing import Any
 
 import pytest
 
 from tests.helpers.loop_server import (
+    HOST,
+    WAIT,
     Reader,
     body_for,
     closed_within_wait,
     limits,
     request,
     serving,
+    sized_app,
 )
 from vr.http.parser import MAX_BODY, MAX_HEAD
 from vr.http.worker import BUF_LIMIT
@@ -311,3 +319,101 @@ def test_idle_connection_whose_client_half_closed_unread_makes_room() -> None:
             srv.start()
             newcomer.sendall(request("/newcomer"))
             assert Reader(newcomer).response()[2] == body_for("/newcomer", 16)
+
+
+# --- requests the parser refuses: answered, and the worker goes on ------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"\xb2", b"\xb9\xb3", b"9" * 5000, b"1" + b"0" * 5000],
+    ids=["superscript-two", "superscripts", "5000-nines", "5001-digits"],
+)
+def test_content_length_int_cannot_read_gets_400_and_every_other_connection_is_served(
+    value: bytes,
+) -> None:
+    with serving(limits()) as srv, srv.connect() as other, srv.connect() as bad:
+        other.sendall(request("/before?size=5"))
+        assert Reader(other).response()[2] == body_for("/before", 5)
+        bad.sendall(b"POST /a HTTP/1.1\r\nHost: vr\r\nContent-Length: " + value + b"\r\n\r\nab")
+        assert Reader(bad).response()[0] == 400
+        other.sendall(request("/after?size=5"))
+        assert Reader(other).response()[2] == body_for("/after", 5)
+        assert srv.thread.is_alive()
+
+
+def test_differing_content_lengths_are_refused_not_the_last_one_taken() -> None:
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(b"POST /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nabcde")
+        assert Reader(c).response()[0] == 400
+
+
+@pytest.mark.parametrize(
+    "raw", [b"GET /a HTTP/1.1\nHost: vr\n\n", b"GET /a HTTP/1.1\r\nHost: vr\n\r\n"]
+)
+def test_request_with_bare_lf_line_ends_gets_400_instead_of_silence(raw: bytes) -> None:
+    with serving(limits()) as srv, srv.connect() as c:
+        c.sendall(raw)
+        reader = Reader(c)
+        assert reader.response()[0] == 400
+        assert reader.closed()
+
+
+# --- kernel memory one address can pin ---------------------------------------------------
+
+
+def _send_queue(sock: socket.socket) -> int:
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def test_an_address_reading_none_of_its_answers_pins_at_most_its_send_queue_budget() -> None:
+    """16 connections each ask for 1 MiB and read nothing: on loopback the kernel
+    would take all 16 MiB into the server's send queues. The worker hands it no more
+    than the address's budget (1 MiB, UNSENT_PER_ADDRESS); the rest waits."""
+    size = 1 << 20
+    calls = []
+
+    def counted(environ: dict[str, Any], start_response: Any) -> Any:
+        calls.append(environ["PATH_INFO"])
+        return sized_app(environ, start_response)
+
+    with serving(limits(), app=counted) as srv, contextlib.ExitStack() as stack:
+        hogs = [stack.enter_context(srv.connect(rcvbuf=4096)) for _ in range(16)]
+        for i, c in enumerate(hogs):
+            c.sendall(request(f"/hog{i}?size={size}"))
+        deadline = time.monotonic() + WAIT
+        while len(calls) < len(hogs):  # every request answered (sent or waiting)
+            assert time.monotonic() < deadline, f"{len(calls)} of {len(hogs)} answered"
+            time.sleep(0.01)
+        conns = [c for c in list(srv.loop.conns.values()) if c.addr == HOST]
+        assert sum(_send_queue(c.sock) for c in conns) <= 1 << 20
+        # another guest is served in full meanwhile
+        with srv.connect(source="127.0.0.2") as other:
+            other.sendall(request(f"/other?size={size}"))
+            status, _, body = Reader(other).response()
+            assert (status, body) == (200, body_for("/other", size))
+        assert len([c for c in list(srv.loop.conns.values()) if c.addr == HOST]) == 16
+
+
+def test_connections_waiting_for_their_address_budget_are_served_once_it_reads() -> None:
+    """Four connections of one address, 2.4 MB of answers, a 256 KiB budget: all of
+    it arrives byte-exact once the clients read (each in its own thread)."""
+    size = 600_000
+    got: dict[int, list[tuple[int, bytes]]] = {}
+
+    def read(i: int, c: socket.socket) -> None:
+        reader = Reader(c)
+        got[i] = [reader.response(chunk=4096)[::2] for _ in range(2)]
+
+    with serving(limits(unsent=256 * 1024)) as srv, contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(srv.connect(rcvbuf=4096)) for _ in range(4)]
+        for i, c in enumerate(conns):
+            c.sendall(request(f"/w{i}?size={size}") * 2)
+        readers = [threading.Thread(target=read, args=(i, c)) for i, c in enumerate(conns)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(timeout=4 * WAIT)
+        for i in range(4):
+            assert got.get(i) == [(200, body_for(f"/w{i}", size))] * 2, f"connection {i}"

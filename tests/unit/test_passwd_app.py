@@ -558,3 +558,54 @@ def test_cache_forgets_everything_when_the_file_goes_away(paths: Paths) -> None:
     assert cache.get(IPv4Address(VM)) is not None
     paths.passwords.unlink()
     assert cache.get(IPv4Address(VM)) is None
+
+
+# --- forwarded requests ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "method"),
+    [
+        ("X-Forwarded-For", "GET"),
+        ("Forwarded", "GET"),
+        ("X_Forwarded_For", "GET"),
+        ("X-Forwarded-For", "POST"),
+    ],
+)
+def test_a_forwarded_request_is_refused_with_403_and_counted(
+    app: PasswordApp, paths: Paths, header: str, method: str
+) -> None:
+    from vr.metadata.counters import totals
+
+    password = new_password()
+    push(paths, VM, password)
+    resp = Client(app).open(
+        "/",
+        method=method,
+        headers={"DomU_Request": "send_my_password", header: "10.9.9.9"},
+        environ_base={"REMOTE_ADDR": VM},
+    )
+    assert resp.status_code == 403
+    assert resp.get_data() == b"forwarded requests are refused"
+    assert read_passwords(paths)[VM]["served"] is False
+    app.counters.flush(force=True)
+    assert totals(paths, paths.passwd_counters)["forwarded_refused"] == 1
+    assert body_fp(get(app, "send_my_password")) == fp(password)  # unforwarded: served
+
+
+def test_a_guest_asking_in_a_loop_writes_one_audit_line_a_minute_for_what_changes_nothing(
+    app: PasswordApp, paths: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vr.passwords.app")
+    push(paths, VM, new_password())
+    for _ in range(300):
+        get(app, "send_my_password")
+        get(app, "send_my_password", caller=OTHER_VM)  # none stored for it
+    audit = [r.getMessage() for r in caplog.records if getattr(r, "audit", False)]
+    assert audit == [
+        f"password fetch by VM {VM}: served generation 1",
+        f"password fetch by VM {OTHER_VM}: none stored, answered saved_password",
+        f"password fetch by VM {VM}: served generation 1",  # again: once a minute
+    ]
+    get(app, "saved_password")  # what changes something always has its line
+    assert caplog.records[-1].getMessage() == f"password ack by VM {VM}: cleared"

@@ -76,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vr import config, store
     from vr.errors import VRError
     from vr.http.runner import gunicorn_options, run
+    from vr.metadata import counters as metadata_counters
     from vr.passwords.app import ensure_token, make_app
 
     paths = Paths(root_from_env(args.root))
@@ -104,5 +105,6 @@ def _serve(args: argparse.Namespace) -> int:
     options = gunicorn_options(
         "passwords", binds, workers, args.worker_class, paths.root, args.connections_per_address
     )
+    metadata_counters.reset(paths, paths.passwd_counters)
     run(lambda: make_app(paths), options)
     return 0

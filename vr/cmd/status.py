@@ -60,6 +60,7 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     from vr.metadata.counters import totals
 
     status["metadata_counters"] = totals(paths)
+    status["password_counters"] = totals(paths, paths.passwd_counters)
     try:
         status["last_push"] = json.loads(paths.last_push.read_text())
     except (OSError, ValueError):
@@ -93,6 +94,8 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"VMs: {st['vms']}  guest networks: {st['networks']}")
     refused = st["metadata_counters"].get("forwarded_refused", 0)
     lines.append(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
+    refused = st.get("password_counters", {}).get("forwarded_refused", 0)
+    lines.append(f"password requests refused for X-Forwarded-For/Forwarded: {refused}")
     lp = st["last_push"]
     if lp:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lp["time"]))

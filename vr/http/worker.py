@@ -4,15 +4,22 @@ Why: a guest's boot is a dozen tiny GETs, and hundreds of guests boot at once. W
 gunicorn's threaded worker most of the time per request goes to handing the socket
 between the poller thread and a pool thread and to its general-purpose HTTP parser,
 not to the application. This worker keeps every connection in one ``selectors``
-loop, parses the small subset of HTTP/1.x the services need (:mod:`vr.http.parser`) and
-calls the WSGI application directly. Everything else stays gunicorn's: the arbiter,
-worker supervision, heartbeat, signals and graceful stop.
+loop, parses requests with llhttp (:mod:`vr.http.parser`) and calls the WSGI application
+directly. Everything else stays gunicorn's: the arbiter, worker supervision,
+heartbeat, signals and graceful stop.
 
 What a client cannot do to a worker (each a constant or setting below):
 
 * grow its memory: a connection buffers at most one request (:data:`BUF_LIMIT`) and
   one reply; while a reply is pending nothing is read, so TCP pushes back on a
   client that sends without reading;
+* pin kernel memory: the bytes one source address has in this worker's kernel send
+  queues (sent to the kernel, not yet acknowledged by the client) are at most
+  :data:`UNSENT_PER_ADDRESS`, and one connection's at most about twice
+  :data:`SNDBUF`. A connection whose address is over that budget waits (its reply is
+  not dropped) until the address's clients read; if they never do, the reply is
+  dropped after ``timeout`` as any unread reply, and the connection reset so the
+  kernel frees its queue at once;
 * pin connections: a new or idle connection closes after ``keepalive`` seconds, a
   begun request must be complete within :data:`REQUEST_TIME`, a reply nobody reads
   is dropped after ``timeout``;
@@ -34,11 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import selectors
 import socket
+import struct
 import sys
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,11 +66,12 @@ from vr.http.parser import (
     BadRequest,
     Date,
     Request,
+    RequestParser,
     WSGIApp,
     build_environ,
-    parse_request,
     render_response,
 )
+from vr.logs import GuestErrors
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +91,15 @@ PER_ADDRESS = 64
 # does not send a reset that destroys the reply in flight.
 LINGER_TIME = 2.0
 LINGER_BYTES = 1 << 20
+# The kernel send buffer of one connection (the kernel doubles it for its own
+# bookkeeping): a client that does not read holds no more than that of it.
+SNDBUF = 64 * 1024
+# The bytes one source address (one VM) may have in this worker's kernel send queues
+# across its connections: a guest opening many connections and reading none of its
+# answers pins no more kernel memory than this (per worker).
+UNSENT_PER_ADDRESS = 1 << 20
+# While connections wait for their address's budget, it is checked this often.
+PARKED_POLL = 0.05
 
 
 class ConnectionsPerAddress(Setting):  # type: ignore[misc]
@@ -109,6 +129,7 @@ class Limits:
     per_address: int  # open connections from one source address (one VM) at most
     graceful: float  # on stop, pending responses get this long to finish
     linger: float = LINGER_TIME  # after an error reply, extra client bytes are drained this long
+    unsent: int = UNSENT_PER_ADDRESS  # kernel send-queue bytes of one address at most
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> Limits:
@@ -144,7 +165,9 @@ class _Conn:
     * writing: a reply (``out`` from offset ``sent``) pending; registered for writing
       only, nothing is read, so a client that does not read is pushed back by TCP;
     * lingering: the last reply went out, our side is shut down; the client's
-      remaining bytes are read and dropped until it closes or ``deadline``.
+      remaining bytes are read and dropped until it closes or ``deadline``;
+    * parked: writing, but its address is over its send-queue budget; not
+      registered at all until the budget has room (``parked`` is true).
     ``closing`` means no further request is served; ``eof`` that the client
     half-closed: buffered requests are still answered, then the connection closes.
     """
@@ -161,6 +184,8 @@ class _Conn:
         "lingered",
         "lingering",
         "out",
+        "parked",
+        "parser",
         "peer",
         "sent",
         "server",
@@ -174,6 +199,7 @@ class _Conn:
         self.addr = peer[0]
         self.server = server
         self.buf = bytearray()
+        self.parser = RequestParser()
         self.out = b""
         self.sent = 0
         self.deadline = 0.0
@@ -185,6 +211,7 @@ class _Conn:
         self.linger = False
         self.lingering = False
         self.lingered = 0
+        self.parked = False
 
 
 class EventLoop:
@@ -212,7 +239,13 @@ class EventLoop:
         self.per_address: dict[str, int] = {}
         self.refused: dict[str, int] = {}
         self.refused_full = 0  # at the worker's connection limit with nothing idle
+        # Bytes each address has handed to the kernel: never less than what its send
+        # queues hold (acknowledged bytes are subtracted only by _queued's ioctls).
+        self.queued: dict[str, int] = {}
+        # Connections waiting for their address's budget, by fd, in the order they came.
+        self.parked: dict[int, _Conn] = {}
         self.date = Date()
+        self.guest_errors = GuestErrors(LOG)
         self.accepting = False
         self.running = True
 
@@ -223,16 +256,19 @@ class EventLoop:
             s.setblocking(False)
         if self.wake_fd is not None:
             self.selector.register(self.wake_fd, _READ, self._wakeup)
-        last_sweep = last_tick = time.monotonic()
+        last_sweep = last_tick = last_unpark = time.monotonic()
         while True:
             self.running = alive()
             if not self.running:
                 break
             # At the limit, accept only while an idle connection can make room.
             self._set_accepting(len(self.conns) < self.limits.connections or bool(self.idle))
-            for key, mask in self.selector.select(1.0):
+            for key, mask in self.selector.select(PARKED_POLL if self.parked else 1.0):
                 key.data(key.fileobj, mask)
             now = time.monotonic()
+            if self.parked and now - last_unpark >= PARKED_POLL:
+                last_unpark = now
+                self._unpark()
             if now - last_tick >= 0.5:
                 # The heartbeat costs a syscall: not once per loop turn under load.
                 last_tick = now
@@ -255,8 +291,9 @@ class EventLoop:
                 self._close(conn)
         while self.conns and time.monotonic() < deadline:
             tick()
-            for key, mask in self.selector.select(0.2):
+            for key, mask in self.selector.select(PARKED_POLL if self.parked else 0.2):
                 key.data(key.fileobj, mask)
+            self._unpark()
         for conn in list(self.conns.values()):
             self._close(conn)
         self._report_refused()
@@ -310,6 +347,7 @@ class EventLoop:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         conn = _Conn(sock, peer, sock.getsockname()[:2])
         # The first request gets the keep-alive time to begin, not the long timeout.
         conn.deadline = time.monotonic() + self.limits.keepalive
@@ -365,16 +403,22 @@ class EventLoop:
     def _sweep(self, now: float) -> None:
         for conn in list(self.conns.values()):
             if conn.deadline < now:
+                if conn.out:
+                    # A reply nobody reads: reset, so the kernel drops its queue now
+                    # instead of keeping it for a client that never opens its window.
+                    with contextlib.suppress(OSError):
+                        conn.sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
                 self._close(conn)
         self._report_refused()
 
     def _report_refused(self) -> None:
         for addr, count in self.refused.items():
-            LOG.warning(
-                "refused %s connections from %s: it holds %s, the most one address may",
-                count,
+            self.guest_errors.error(
                 addr,
-                self.limits.per_address,
+                f"{count} connections",
+                outcome=f"refused: it holds {self.limits.per_address}, the most one address may",
             )
         self.refused.clear()
         if self.refused_full:
@@ -393,11 +437,13 @@ class EventLoop:
         if fd < 0 or self.conns.pop(fd, None) is None:
             return
         self.idle.pop(fd, None)
+        self.parked.pop(fd, None)
         left = self.per_address[conn.addr] - 1
         if left:
             self.per_address[conn.addr] = left
         else:
             del self.per_address[conn.addr]
+            self.queued.pop(conn.addr, None)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn.sock)
         with contextlib.suppress(OSError):
@@ -407,6 +453,15 @@ class EventLoop:
         conn = self.conns.get(sock.fileno())
         if conn is None:
             return
+        try:
+            self._step(conn)
+        except Exception as exc:
+            # The boundary for one connection: whatever its bytes caused, it alone
+            # is closed; the worker and every other connection go on.
+            self.guest_errors.error(conn.addr, "connection", exc)
+            self._close(conn)
+
+    def _step(self, conn: _Conn) -> None:
         if conn.lingering:
             self._drain(conn)
         elif conn.out:
@@ -418,7 +473,7 @@ class EventLoop:
 
     def _read(self, conn: _Conn) -> None:
         # Never more than the largest request: the buffer stays bounded. (A buffer
-        # waiting for more always holds less; parse_request refuses larger.)
+        # waiting for more always holds less; the parser refuses larger.)
         room = BUF_LIMIT - len(conn.buf)
         if room <= 0:  # pragma: no cover - defensive
             self._fail(conn, BadRequest(431, f"{len(conn.buf)} bytes of request"))
@@ -443,7 +498,7 @@ class EventLoop:
         each reply goes out at once; then wait for the socket in the right state."""
         while conn.buf and not conn.out and not conn.closing:
             try:
-                parsed = parse_request(conn.buf)
+                parsed = conn.parser.parse(conn.buf)
             except BadRequest as exc:
                 self._fail(conn, exc)
                 break
@@ -495,14 +550,21 @@ class EventLoop:
             self.idle[fd] = conn
 
     def _want(self, conn: _Conn, events: int) -> None:
+        if conn.parked:  # registered again when its address has room
+            return
         if conn.events != events:
             conn.events = events
             self.selector.modify(conn.sock, events, self._ready)
 
     def _send(self, conn: _Conn) -> None:
+        left = len(conn.out) - conn.sent
+        room = self._room(conn.addr, left)
+        if room <= 0:
+            self._park(conn)
+            return
         try:
-            if conn.sent:
-                sent = conn.sock.send(memoryview(conn.out)[conn.sent :])
+            if conn.sent or room < left:
+                sent = conn.sock.send(memoryview(conn.out)[conn.sent : conn.sent + room])
             else:
                 sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):
@@ -510,6 +572,7 @@ class EventLoop:
         except OSError:
             self._close(conn)
             return
+        self.queued[conn.addr] = self.queued.get(conn.addr, 0) + sent
         conn.sent += sent
         if conn.sent >= len(conn.out):
             conn.out = b""
@@ -517,6 +580,55 @@ class EventLoop:
         elif sent and conn.events == _WRITE:
             # The client reads, slowly: it keeps its connection.
             conn.deadline = time.monotonic() + self.limits.timeout
+
+    # --- the send-queue budget of each address ---------------------------------------
+
+    def _room(self, addr: str, want: int) -> int:
+        """Bytes ``addr`` may still hand to the kernel. The running count only
+        grows; when ``want`` bytes would exceed the budget, the kernel is asked
+        what its queues really hold (an ioctl per connection of the address).
+        One send takes no more than a socket buffer, so a large reply does not
+        ask each time."""
+        queued = self.queued.get(addr, 0)
+        if queued + min(want, 4 * SNDBUF) > self.limits.unsent:
+            queued = self._queued(addr)
+        return self.limits.unsent - queued
+
+    def _queued(self, addr: str) -> int:
+        total = 0
+        for conn in self.conns.values():
+            if conn.addr == addr:
+                total += _send_queue(conn.sock)
+        self.queued[addr] = total
+        return total
+
+    def _park(self, conn: _Conn) -> None:
+        if conn.parked:
+            return
+        conn.parked = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        self.parked[conn.sock.fileno()] = conn
+
+    def _unpark(self) -> None:
+        """Let parked connections send while their address has room: first those
+        whose own queue is emptiest (their client reads), then the oldest."""
+        rooms: dict[str, int] = {}
+        waiting = sorted(self.parked.items(), key=lambda item: _send_queue(item[1].sock))
+        for fd, conn in waiting:
+            if fd not in self.parked:
+                continue
+            if conn.addr not in rooms:
+                rooms[conn.addr] = self.limits.unsent - self._queued(conn.addr)
+            if rooms[conn.addr] <= 0:
+                continue
+            del self.parked[fd]
+            conn.parked = False
+            conn.events = _WRITE
+            self.selector.register(conn.sock, _WRITE, self._ready)
+            self._ready(conn.sock, _WRITE)
+            rooms[conn.addr] = self.limits.unsent - self.queued.get(conn.addr, 0)
 
     def _finish(self, conn: _Conn) -> None:
         """The last reply is out: close, or linger if the client may still be sending
@@ -573,8 +685,8 @@ class EventLoop:
                 if close is not None:
                     close()
             status, headers = captured
-        except Exception:
-            LOG.exception("request %s %r from %s failed", req.method, req.target, conn.peer[0])
+        except Exception as exc:
+            self.guest_errors.error(conn.addr, f"request {req.method} {req.target[:80]!r}", exc)
             status, headers, body = (
                 "500 Internal Server Error",
                 [("Content-Type", "text/plain")],
@@ -596,7 +708,17 @@ class EventLoop:
         conn.closing = True
         conn.linger = True
         conn.buf.clear()
+        conn.parser.reset()
         self._send(conn)
+
+
+def _send_queue(sock: socket.socket) -> int:
+    """Bytes in the kernel's send queue of ``sock`` (sent or not, not yet acknowledged)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 def _input_waiting(sock: socket.socket) -> bool:

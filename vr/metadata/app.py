@@ -29,6 +29,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vr.logs import GuestErrors
 from vr.metadata.counters import Counters
 from vr.metadata.tokens import (
     TOKEN_ENVIRON,
@@ -82,12 +83,18 @@ class FastPath:
     """WSGI middleware answering plain GET/HEAD directly, the rest through Flask."""
 
     def __init__(
-        self, cache: VmCache, counters: Counters, tokens: Tokens, fallback: WSGIApp
+        self,
+        cache: VmCache,
+        counters: Counters,
+        tokens: Tokens,
+        fallback: WSGIApp,
+        errors: GuestErrors,
     ) -> None:
         self.cache = cache
         self.counters = counters
         self.tokens = tokens
         self.fallback = fallback
+        self.errors = errors
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -101,15 +108,17 @@ class FastPath:
             self.counters.flush()
         try:
             reply = _answer(self.tokens, self.cache, environ)
-        except Exception:
-            LOG.exception(
-                "metadata request from %s for %r failed",
-                environ.get("REMOTE_ADDR"),
-                environ.get("PATH_INFO"),
+        except Exception as exc:
+            self.errors.error(
+                environ.get("REMOTE_ADDR", ""), _what(environ.get("PATH_INFO", "")), exc
             )
             reply = INTERNAL
         start_response(_STATUS[reply.status], _headers(reply))
         return [] if method == "HEAD" else [reply.body]
+
+
+def _what(path: str) -> str:
+    return f"metadata request for {path[:80]!r}"
 
 
 def _response(reply: Reply) -> Response:
@@ -143,6 +152,8 @@ def create_app(
     vms = cache if cache is not None else VmCache(paths)
     counts = counters if counters is not None else Counters(paths)
     tokens = Tokens(token_key if token_key is not None else new_key())
+    # a guest's error is logged in one line per minute, never with a traceback
+    errors = GuestErrors(LOG)
     if warm:
         LOG.info("metadata worker loaded %s VMs from %s", vms.warm(), paths.latest)
     app.extensions["vr.metadata.vmcache"] = vms
@@ -153,11 +164,10 @@ def create_app(
         for key in FORWARD_HEADERS:
             if key in request.environ:
                 counts.count_forwarded()
-                LOG.warning(
-                    "refused %s %s from %s: it carries a forwarding header",
-                    request.method,
-                    request.path,
-                    request.remote_addr,
+                errors.error(
+                    request.remote_addr or "",
+                    f"{request.method[:20]} {request.path[:80]!r}",
+                    outcome="refused: it carries a forwarding header",
                 )
                 return _response(FORBIDDEN)
         if request.method not in ALLOWED_METHODS and is_token_path(
@@ -195,10 +205,10 @@ def create_app(
 
     @app.errorhandler(Exception)
     def failed(exc: Exception) -> Response:
-        LOG.exception("metadata request from %s for %r failed", request.remote_addr, request.path)
+        errors.error(request.remote_addr or "", _what(request.path), exc)
         return _response(INTERNAL)
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi)  # type: ignore[method-assign]
+        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors)  # type: ignore[method-assign]
     return app

@@ -1,4 +1,5 @@
-"""Counters of the metadata service, one small JSON file per gunicorn worker.
+"""Counters of the metadata service (and of the password service, in its own
+folder), one small JSON file per gunicorn worker.
 
 Where: ``Paths.metadata_counters / <pid>.json`` (``<root>/run/vr/metadata/``), e.g.
 ``{"pid": 123, "forwarded_refused": 4, "updated": 1700000000.0}``. A worker
@@ -21,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from vr import atomic
@@ -54,7 +56,8 @@ class Counters:
     """This worker's counts; :meth:`flush` writes them when due.
 
     Create after fork (one per worker). ``start_timer`` arms the delayed write
-    (tests pass a fake); ``clock`` is :func:`time.monotonic` unless given.
+    (tests pass a fake); ``clock`` is :func:`time.monotonic` unless given;
+    ``folder`` is :attr:`Paths.metadata_counters` unless given.
     """
 
     def __init__(
@@ -63,8 +66,9 @@ class Counters:
         pid: int | None = None,
         start_timer: TimerFactory = thread_timer,
         clock: Callable[[], float] = time.monotonic,
+        folder: Path | None = None,
     ) -> None:
-        self._dir = paths.metadata_counters
+        self._dir = paths.metadata_counters if folder is None else folder
         self.pid = os.getpid() if pid is None else pid
         self.forwarded_refused = 0
         self.dirty = False
@@ -124,14 +128,12 @@ class Counters:
             self._dir.mkdir(parents=True, exist_ok=True)
             atomic.atomic_write(self._dir / f"{self.pid}.json", json.dumps(doc).encode())
         except (OSError, StoreError) as exc:
-            LOG.warning(
-                "metadata counters of worker %s not written to %s: %s", self.pid, self._dir, exc
-            )
+            LOG.warning("counters of worker %s not written to %s: %s", self.pid, self._dir, exc)
 
 
-def reset(paths: Paths) -> None:
+def reset(paths: Paths, folder: Path | None = None) -> None:
     """Forget the counts of an earlier run (called once before workers start)."""
-    d = paths.metadata_counters
+    d = paths.metadata_counters if folder is None else folder
     try:
         names = os.listdir(d)
     except FileNotFoundError:
@@ -142,22 +144,21 @@ def reset(paths: Paths) -> None:
                 os.unlink(d / n)
 
 
-def totals(paths: Paths) -> dict[str, int]:
+def totals(paths: Paths, folder: Path | None = None) -> dict[str, int]:
     """Sum of every worker's counters since the service started."""
+    d = paths.metadata_counters if folder is None else folder
     out = dict.fromkeys(FIELDS, 0)
     try:
-        names = sorted(os.listdir(paths.metadata_counters))
+        names = sorted(os.listdir(d))
     except FileNotFoundError:
         return out
     for n in names:
         if not n.endswith(".json"):
             continue
         try:
-            doc = json.loads((paths.metadata_counters / n).read_bytes())
+            doc = json.loads((d / n).read_bytes())
         except (OSError, ValueError) as exc:
-            LOG.warning(
-                "skipping unreadable counters file %s: %s", paths.metadata_counters / n, exc
-            )
+            LOG.warning("skipping unreadable counters file %s: %s", d / n, exc)
             continue
         for f in FIELDS:
             value = doc.get(f) if isinstance(doc, dict) else None

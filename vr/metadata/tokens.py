@@ -75,9 +75,11 @@ class Tokens:
 
     def mint(self, caller: str, ttl: str | None) -> Reply:
         """The reply to a token PUT from ``caller`` (REMOTE_ADDR) with TTL header ``ttl``."""
-        if ttl is None or not ttl.strip().isdigit():
+        text = ttl.strip() if ttl is not None else ""
+        # ASCII digits only (isdigit also takes "²"), and few: int() refuses thousands
+        if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_TTL)):
             return BAD_TTL
-        seconds = int(ttl)
+        seconds = int(text)
         if not MIN_TTL <= seconds <= MAX_TTL:
             return BAD_TTL
         expiry = _EXPIRY.pack(int(self._clock()) + seconds)

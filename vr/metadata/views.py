@@ -288,9 +288,10 @@ def _ec2_meta(view: VmView, sub: list[str], slash: bool) -> Reply:
             return NOT_FOUND
         if len(sub) == 1:
             return _listing([f"{i}={k.name}" for i, k in enumerate(keys)])
-        if not sub[1].isdigit() or int(sub[1]) >= len(keys) or len(sub) > 3:
+        index = _index(sub[1])
+        if index is None or index >= len(keys) or len(sub) > 3:
             return NOT_FOUND
-        key = keys[int(sub[1])]
+        key = keys[index]
         if len(sub) == 2:
             return _listing(["openssh-key"])
         if sub[2].lower() == "openssh-key" and not slash:
@@ -436,3 +437,11 @@ def resolve(view: VmView | None, path: str) -> Reply:
     if path == "/":
         return _listing([*list(EC2_VERSIONS), CLOUDSTACK_VERSION])
     return NOT_FOUND
+
+
+def _index(text: str) -> int | None:
+    """A key index: ASCII digits only (``str.isdigit`` also takes "²", which
+    ``int`` refuses), and short (``int`` refuses thousands of digits)."""
+    if not text.isascii() or not text.isdigit() or len(text) > 6:
+        return None
+    return int(text)

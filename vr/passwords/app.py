@@ -8,6 +8,10 @@
   stored is the one it was served, answers ``saved_password``;
 - anything else -> ``bad_request``.
 
+A request of any method that carries ``X-Forwarded-For`` or ``Forwarded`` is refused
+with 403 and counted (``vr status``), as the metadata server does: a guest's proxy
+or an SSRF must not fetch a password for whoever it forwards.
+
 Every GET answer is status 200, ``Content-Type: text/plain`` and the exact body with no
 newline, as CloudStack's clients (cloud-init, ``cloud-set-guest-password``,
 cloudbase-init) expect. ``POST`` with ``DomU_Request: save_password`` and form fields
@@ -20,8 +24,13 @@ keeps the parsed file and re-reads it when a ``stat`` shows a new version, so a 
 or an ack in one worker is seen by the next request in every other worker. The hot
 path (a password already served, or none stored) writes nothing and takes no lock.
 
-One audit line per fetch, ack and save names the VM and the outcome; never the
-password or the token.
+Audit lines of fetches, acks and saves name the VM and the outcome (logged with
+:data:`vr.logs.AUDIT`, so they also go to ``audit.log``); never the password or the
+token. Every request that changes something (the first serve of a generation, a
+clearing ack, a save) has its line; those that change nothing (a password served
+again, nothing stored, an ack that keeps it) at most one per VM per minute, with a
+count of those held back, so a guest asking in a loop cannot flood ``audit.log``.
+An unexpected error is logged in one line per guest per minute, no traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from typing import Any
 from vr import atomic
 from vr.errors import PayloadError, StoreError, VRError, shorten
 from vr.http.identity import Source, vm_of
+from vr.logs import AUDIT, GuestErrors, Throttle
+from vr.metadata.counters import Counters
 from vr.paths import Paths
 from vr.payloads import parse_vm_password
 from vr.store import Store
@@ -58,6 +69,8 @@ SAVED = "saved_password"
 SAVE = "save_password"
 BAD = "bad_request"
 
+FORWARD_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")
+FORWARDED_REFUSED = b"forwarded requests are refused"
 MAX_BODY = 16 * 1024
 """A save carries three short fields; anything bigger is refused unread."""
 MAX_FIELDS = 16
@@ -290,10 +303,11 @@ def _multipart(content_type: str, body: bytes) -> list[tuple[str, str]]:
 class Refused(Exception):
     """Ends a save with ``status``; ``reason`` is safe to send and to log."""
 
-    def __init__(self, status: str, reason: str) -> None:
+    def __init__(self, status: str, reason: str, guest: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.guest = guest  # asked by a guest, not the VR: not an audit line
 
 
 class PasswordApp:
@@ -304,25 +318,42 @@ class PasswordApp:
         paths: Paths,
         store: Store | None = None,
         is_own: IsOwnAddress = is_own_address,
+        counters: Counters | None = None,
     ) -> None:
         self.paths = paths
         self.store = store or Store(paths)
         self.is_own = is_own
         self.cache = PasswordCache(paths.passwords)
+        self.counters = counters or Counters(paths, folder=paths.passwd_counters)
+        self.errors = GuestErrors(LOG)
+        self.repeats = Throttle()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         caller = environ.get("REMOTE_ADDR", "")
         try:
             method = environ.get("REQUEST_METHOD", "")
+            if any(key in environ for key in FORWARD_HEADERS):
+                return self.refuse_forwarded(start_response, method, caller)
             if method == "GET":
                 return _reply(start_response, "200 OK", self.get(environ, caller))
             if method == "POST":
                 return self.post(environ, start_response, caller)
             return _reply(start_response, "405 Method Not Allowed", b"", [("Allow", "GET, POST")])
-        except Exception:
-            # the boundary: log the traceback, answer a generic error
-            LOG.exception("password request from %s failed", caller)
+        except Exception as exc:
+            # the boundary: one line per guest per minute (no traceback), a generic answer
+            self.errors.error(caller, "password request", exc)
             return _reply(start_response, "503 Service Unavailable", b"internal_error")
+
+    def refuse_forwarded(
+        self, start_response: StartResponse, method: str, caller: str
+    ) -> list[bytes]:
+        self.counters.count_forwarded()
+        self.errors.error(
+            caller,
+            f"password {shorten(method, 20)}",
+            outcome="refused: it carries a forwarding header",
+        )
+        return _reply(start_response, "403 Forbidden", FORWARDED_REFUSED)
 
     # --- GET -------------------------------------------------------------------
 
@@ -333,35 +364,43 @@ class PasswordApp:
             return self.fetch(vm, caller)
         if request == SAVED:
             return self.ack(vm, caller)
-        LOG.info(
-            "password request from %s: DomU_Request=%s unknown, answered %s",
+        self.errors.error(
             caller,
-            shorten(request, 40),
-            BAD,
+            f"password request DomU_Request={shorten(request, 40)}",
+            outcome=f"answered {BAD}",
         )
         return BAD.encode()
 
     def fetch(self, vm: IPv4Address | None, caller: str) -> bytes:
         entry = self.cache.get(vm) if vm is not None else None
         if entry is None:
-            LOG.info("password fetch by VM %s: none stored, answered %s", caller, SAVED)
+            self._repeat(caller, "password fetch by VM %s: none stored, answered %s", SAVED)
             return SAVED.encode()
         assert vm is not None
         body = entry.password.encode()  # first: a reply that cannot be made changes nothing
-        if not entry.served:
-            # recorded before the guest can ack, so its ack can clear this password
-            self.store.mark_password_served(vm, entry.gen)
-        LOG.info("password fetch by VM %s: served generation %d", vm, entry.gen)
+        if entry.served:
+            self._repeat(str(vm), "password fetch by VM %s: served generation %d", entry.gen)
+            return body
+        # recorded before the guest can ack, so its ack can clear this password
+        self.store.mark_password_served(vm, entry.gen)
+        LOG.info("password fetch by VM %s: served generation %d", vm, entry.gen, extra=AUDIT)
         return body
+
+    def _repeat(self, vm: str, msg: str, *args: object) -> None:
+        """An audit line for a request that changed nothing, which a guest can send
+        in a loop: at most one per VM per minute, so audit.log cannot be flooded."""
+        held = self.repeats.allow(vm)
+        if held is not None:
+            LOG.info(msg + "%s", vm, *args, self.repeats.held(held), extra=AUDIT)
 
     def ack(self, vm: IPv4Address | None, caller: str) -> bytes:
         # no entry now: anything stored later is a newer push the ack must not clear
         if vm is None or self.cache.get(vm) is None:
-            LOG.info("password ack by VM %s: none stored", caller)
+            self._repeat(caller, "password ack by VM %s: none stored")
         elif self.store.ack_password(vm):
-            LOG.info("password ack by VM %s: cleared", vm)
+            LOG.info("password ack by VM %s: cleared", vm, extra=AUDIT)
         else:
-            LOG.info("password ack by VM %s: kept (stored password not served yet)", vm)
+            self._repeat(str(vm), "password ack by VM %s: kept (stored password not served yet)")
         return SAVED.encode()
 
     # --- POST ------------------------------------------------------------------
@@ -372,15 +411,20 @@ class PasswordApp:
         try:
             vm = self.save(environ, caller)
         except Refused as exc:
-            LOG.warning("password save from %s: refused (%s)", caller, exc.reason)
+            if exc.guest:
+                self.errors.error(caller, "password save", outcome="refused: not from the VR")
+            else:
+                LOG.warning("password save from %s: refused (%s)", caller, exc.reason, extra=AUDIT)
             return _reply(start_response, exc.status, exc.reason.encode())
-        LOG.info("password save from %s for VM %s: stored", caller, vm)
+        LOG.info("password save from %s for VM %s: stored", caller, vm, extra=AUDIT)
         return _reply(start_response, "200 OK", b"")
 
     def save(self, environ: dict[str, Any], caller: str) -> IPv4Address:
         source = vm_of(Source(caller))
         if source is None or not self.is_own(source):
-            raise Refused("403 Forbidden", "forbidden: saves are accepted from the VR only")
+            raise Refused(
+                "403 Forbidden", "forbidden: saves are accepted from the VR only", guest=True
+            )
         if environ.get("HTTP_DOMU_REQUEST") != SAVE:
             raise Refused("400 Bad Request", f"bad_request: expected DomU_Request: {SAVE}")
         fields = self._form(environ)

@@ -8,7 +8,9 @@ port ``m`` (an internal port holding 169.254.169.254 on the hypervisor):
   came from, so no ARP of the metadata path ever floods the bridge.
 * TCP from ``p`` to 169.254.169.254 on the metadata and password ports: conntrack
   commits it in zone ``p``, NATs the source to ``100.127.<p >> 8>.<p & 255>`` and
-  stores the VM's Ethernet source in the connection's label; then out to ``m``. Other
+  stores the VM's Ethernet source in the connection's label; then out to ``m``
+  addressed to its MAC (a guest routing 169.254.169.254 via its gateway sent it to
+  the gateway's). Other
   IPv4 from ``p`` to 169.254.169.254 is dropped.
 * The way back (one pair of flows for every port): TCP from 169.254.169.254 to
   100.127.0.0/16 takes the low 16 bits of its destination as the port and the zone,
@@ -156,7 +158,7 @@ def port_flows(port: VmPort, meta: MetaPort, service_ports: Sequence[int]) -> li
                 f"in_port={p},tcp,nw_dst={METADATA_IP},tp_dst={tp}",
                 f"ct(commit,zone={p},nat(src={nat}),"
                 "exec(move:NXM_OF_ETH_SRC[]->NXM_NX_CT_LABEL[0..47])),"
-                f"output:{meta.ofport}",
+                f"mod_dl_dst:{meta.mac},output:{meta.ofport}",
             )
         )
     return flows

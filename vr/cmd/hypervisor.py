@@ -121,18 +121,20 @@ def _hypervisor(args: argparse.Namespace) -> int:
     from vr.hypervisor.services import networks_from
 
     paths = Paths(root_from_env(args.root))
-    paths.ensure()
-    logs.setup(paths, args.verbose)
-    try:
+    try:  # bad input changes nothing: checked before the root is touched
         specs = parse_networks(args.network)
         if not 1 <= args.return_table <= 254:
             raise ValueError(f"--return-table {args.return_table!r}: expected 1 to 254")
         if not 0.05 <= args.resync <= 3600:
             raise ValueError(f"--resync {args.resync!r}: expected 0.05 to 3600 seconds")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", args.meta_port):
+            raise ValueError(f"--meta-port {args.meta_port!r}: expected an interface name")
         cfg = config.load(paths)
     except (ValueError, VRError) as exc:
-        LOG.error("vr hypervisor: %s", exc)
+        print(f"vr hypervisor: {exc}", file=sys.stderr)
         return 2
+    paths.ensure()
+    logs.setup(paths, args.verbose)
     networks = networks_from(specs, paths)
     ovs = Ovs(args.bridge, Path(args.ovs_rundir))
     controller = Controller(

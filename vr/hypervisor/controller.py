@@ -35,6 +35,7 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_META_PORT = "vr-meta"
 DEFAULT_RESYNC = 1.0
+DEFAULT_FULL_PASS = 30.0
 MONITOR_RETRY = 1.0
 
 
@@ -72,17 +73,22 @@ class Controller:
     _failing: bool = False
     _monitor: subprocess.Popen[bytes] | None = None
     _monitor_next: float = 0.0
+    _expected: int | None = None
+    """Our flow count after the last full pass (None: none done yet)."""
+    full_every: float = DEFAULT_FULL_PASS
     applied: int = field(default=0)
 
     # --- one reconciliation ------------------------------------------------------
 
-    def setup_meta(self) -> flows.MetaPort | None:
+    def setup_meta(self, interfaces: list[ports.Interface] | None = None) -> flows.MetaPort | None:
         """Make sure the metadata port exists and holds its address; None until
-        ovs-vswitchd gave it a number and a MAC."""
-        self.ovs.ensure_meta_port(self.meta_name)
-        meta = self.ovs.meta_port(self.meta_name)
-        if meta is None:
+        ovs-vswitchd gave it a number and a MAC. ``interfaces``: the bridge's rows
+        when the caller has read them already."""
+        rows = interfaces if interfaces is not None else self._interfaces()
+        row = next((i for i in rows if i.name == self.meta_name), None)
+        if row is None or row.ofport is None or row.ofport < 1 or not row.mac_in_use:
             return None
+        meta = flows.MetaPort(row.ofport, row.mac_in_use)
         index = _ifindex(self.meta_name)
         if index is not None and index != self._meta_ifindex:
             configure_meta_address(self.meta_name)
@@ -96,12 +102,21 @@ class Controller:
             )
         return meta
 
+    def _interfaces(self) -> list[ports.Interface]:
+        """The bridge's Interface rows, the metadata port added first if missing."""
+        rows = self.ovs.interfaces()
+        if not any(i.name == self.meta_name for i in rows):
+            self.ovs.ensure_meta_port(self.meta_name)
+            rows = self.ovs.interfaces()
+        return rows
+
     def sync(self) -> bool:
         """Reconcile once; whether the switch needed a change. Raises VRError."""
-        meta = self.setup_meta()
+        interfaces = self._interfaces()
+        meta = self.setup_meta(interfaces)
         if meta is None:
+            self._expected = None
             return False
-        interfaces = self.ovs.interfaces()
         vms = ports.vm_ports(interfaces, skip=self.meta_name)
         want = flows.desired(
             (p.vm_port for p in vms), meta, self.service_ports, self.return_table
@@ -120,11 +135,21 @@ class Controller:
             )
         elif table_changed:
             LOG.info("bridge %s: %d VM ports", self.ovs.bridge, len(vms))
+        self._expected = len(want)
         return bool(change)
 
-    def _sync_logged(self) -> None:
+    def in_step(self) -> bool:
+        """The cheap check between full passes: our flow count on the bridge (a
+        restarted ovs-vswitchd has none) and the metadata port's interface (it
+        recreates it). Raises VRError."""
+        if self._expected is None or _ifindex(self.meta_name) != self._meta_ifindex:
+            return False
+        return self.ovs.flow_count() == self._expected
+
+    def _sync_logged(self, full: bool = True) -> None:
         try:
-            self.sync()
+            if full or not self.in_step():
+                self.sync()
         except VRError as exc:
             if not self._failing:
                 LOG.warning("bridge %s: cannot reconcile (retrying): %s", self.ovs.bridge, exc)
@@ -145,16 +170,20 @@ class Controller:
         sel = selectors.DefaultSelector()
         try:
             self._sync_logged()
-            next_sync = time.monotonic() + self.resync
+            next_check = time.monotonic() + self.resync
+            next_full = time.monotonic() + self.full_every
             while self._signal is None:
                 self._keep_monitor(sel)
                 woke = False
                 for key, _ in sel.select(timeout=min(0.2, self.resync)):
                     woke |= self._drain(sel, key.fileobj)
                 now = time.monotonic()
-                if woke or now >= next_sync:
-                    self._sync_logged()
-                    next_sync = time.monotonic() + self.resync
+                if woke or now >= next_check:
+                    full = woke or now >= next_full or self._failing
+                    self._sync_logged(full)
+                    next_check = time.monotonic() + self.resync
+                    if full:
+                        next_full = time.monotonic() + self.full_every
             LOG.info(
                 "received signal %d, removing the flows of bridge %s", self._signal, self.ovs.bridge
             )

@@ -9,6 +9,7 @@ are never confused, and with a timeout, so a stopped ovs-vswitchd makes a call f
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,15 @@ class Ovs:
         """Cookies of our flows on the bridge (those with :data:`flows.COOKIE_TAG`)."""
         mask = f"cookie={flows.COOKIE_TAG << flows.COOKIE_SHIFT:#x}/{flows.COOKIE_MASK:#x}"
         return flows.parse_cookies(self.ofctl("dump-flows", "--no-stats", self.bridge, mask))
+
+    def flow_count(self) -> int:
+        """How many of our flows the bridge holds (cheap: one aggregate reply)."""
+        mask = f"cookie={flows.COOKIE_TAG << flows.COOKIE_SHIFT:#x}/{flows.COOKIE_MASK:#x}"
+        out = self.ofctl("dump-aggregate", self.bridge, mask)
+        m = re.search(r"\bflow_count=(\d+)", out)
+        if m is None:
+            raise ports.OvsdbError(f"dump-aggregate {out.strip()!r}: expected flow_count=N")
+        return int(m.group(1))
 
     def apply(self, change: flows.Diff) -> None:
         """Apply ``change`` in one OpenFlow bundle: all of it or, on error, none."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,9 +163,12 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench/ovs.py needs root (network namespaces, Open vSwitch)")
     work = Path(tempfile.mkdtemp(prefix="vrbench-ovs"))
-    with ovs_lab() as lab:
-        rows = bench_flows(lab, args.ports)
-        ovs_rps, router_rps = bench_rps(lab, work, args)
+    try:
+        with ovs_lab() as lab:
+            rows = bench_flows(lab, args.ports)
+            ovs_rps, router_rps = bench_rps(lab, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"\nflow programming, {args.ports} ports (vr: dump cookies, diff, one bundle)")
     print(f"{'step':<28}{'vr':>10}{'reference':>12}  reference is")
     for name, ours, ref, what in rows:

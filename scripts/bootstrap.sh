@@ -6,9 +6,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 # libtrilead-ssh2-java and a JDK: the tests push with CloudStack's own Java SSH library
+# openvswitch-switch and ethtool: the hypervisor mode (vr hypervisor) and its tests, which
+# run their own ovsdb-server/ovs-vswitchd (userspace datapath), never the system service
 packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           openssh-client openssh-server curl wget cloud-init debootstrap
-          libtrilead-ssh2-java openjdk-17-jdk-headless)
+          libtrilead-ssh2-java openjdk-17-jdk-headless
+          openvswitch-switch ethtool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

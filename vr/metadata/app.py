@@ -40,7 +40,7 @@ from vr.metadata.tokens import (
     new_key,
 )
 from vr.metadata.views import NOT_FOUND, Reply, resolve
-from vr.metadata.vmcache import VmCache
+from vr.metadata.vmcache import VmCache, VmLookup
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _headers(reply: Reply) -> list[tuple[str, str]]:
     return h
 
 
-def _answer(tokens: Tokens, cache: VmCache, environ: dict[str, Any]) -> Reply:
+def _answer(tokens: Tokens, cache: VmLookup, environ: dict[str, Any]) -> Reply:
     """A GET or HEAD: a token it carries must be valid; then the URL decides."""
     caller = environ.get("REMOTE_ADDR", "")
     token = environ.get(TOKEN_ENVIRON)
@@ -84,7 +84,7 @@ class FastPath:
 
     def __init__(
         self,
-        cache: VmCache,
+        cache: VmLookup,
         counters: Counters,
         tokens: Tokens,
         fallback: WSGIApp,
@@ -132,7 +132,7 @@ def _response(reply: Reply) -> Response:
 def create_app(
     paths: Paths,
     *,
-    cache: VmCache | None = None,
+    cache: VmLookup | None = None,
     counters: Counters | None = None,
     fast_path: bool = True,
     warm: bool = False,
@@ -149,7 +149,7 @@ def create_app(
     app = Flask(__name__)
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    vms = cache if cache is not None else VmCache(paths)
+    vms: VmLookup = cache if cache is not None else VmCache(paths)
     counts = counters if counters is not None else Counters(paths)
     tokens = Tokens(token_key if token_key is not None else new_key())
     # a guest's error is logged in one line per minute, never with a traceback

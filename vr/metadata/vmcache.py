@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import Protocol
 
 from vr import store
 from vr.http.identity import Source, vm_of
@@ -41,6 +42,15 @@ class _Entry:
 
 
 Loader = Callable[[Paths, IPv4Address], "store.VmRecord | None"]
+
+
+class VmLookup(Protocol):
+    """What the metadata application asks: :class:`VmCache` on a router, the port-based
+    lookup of ``vr hypervisor`` (vr.hypervisor.services) on a hypervisor."""
+
+    def view_for_address(self, remote_addr: str) -> VmView | None: ...
+
+    def warm(self) -> int: ...
 
 
 class VmCache:

@@ -80,6 +80,13 @@ RACY_NS = 2_000_000_000
 
 StartResponse = Callable[..., Any]
 IsOwnAddress = Callable[[IPv4Address], bool]
+Identify = Callable[[str], IPv4Address | None]
+"""A request's source address -> the VM it comes from (None: not a guest)."""
+
+
+def identify_by_address(caller: str) -> IPv4Address | None:
+    """The router's identity: the VM is the TCP source address (vr.http.identity)."""
+    return vm_of(Source(caller))
 
 
 # --- the token ---------------------------------------------------------------------
@@ -319,10 +326,12 @@ class PasswordApp:
         store: Store | None = None,
         is_own: IsOwnAddress = is_own_address,
         counters: Counters | None = None,
+        identify: Identify = identify_by_address,
     ) -> None:
         self.paths = paths
         self.store = store or Store(paths)
         self.is_own = is_own
+        self.identify = identify
         self.cache = PasswordCache(paths.passwords)
         self.counters = counters or Counters(paths, folder=paths.passwd_counters)
         self.errors = GuestErrors(LOG)
@@ -359,7 +368,7 @@ class PasswordApp:
 
     def get(self, environ: dict[str, Any], caller: str) -> bytes:
         request = environ.get("HTTP_DOMU_REQUEST")
-        vm = vm_of(Source(caller))
+        vm = self.identify(caller)
         if request == SEND:
             return self.fetch(vm, caller)
         if request == SAVED:

@@ -46,7 +46,7 @@ from typing import Any
 
 from vr import atomic
 from vr.errors import PayloadError, StoreError, VRError, shorten
-from vr.http.identity import Source, vm_of
+from vr.http.identity import Ipv6Map, Source, vm_of
 from vr.paths import Paths
 from vr.payloads import parse_vm_password
 from vr.store import Store
@@ -306,6 +306,7 @@ class PasswordApp:
         is_own: IsOwnAddress = is_own_address,
     ) -> None:
         self.paths = paths
+        self._lookup6 = Ipv6Map(paths)
         self.store = store or Store(paths)
         self.is_own = is_own
         self.cache = PasswordCache(paths.passwords)
@@ -328,7 +329,7 @@ class PasswordApp:
 
     def get(self, environ: dict[str, Any], caller: str) -> bytes:
         request = environ.get("HTTP_DOMU_REQUEST")
-        vm = vm_of(Source(caller))
+        vm = vm_of(Source(caller), self._lookup6)
         if request == SEND:
             return self.fetch(vm, caller)
         if request == SAVED:

@@ -14,7 +14,6 @@ from vr.firewall.model import (
     FILTER6,
     INPUT_CHAIN,
     NAT,
-    NAT6,
     NAT_CHAIN,
     PREFIX,
     Rule,
@@ -168,7 +167,6 @@ def test_all_chains_carry_the_prefix_and_hook_into_builtin_chains() -> None:
     assert [(c.table, c.name, c.hooks) for c in rs.chains] == [
         (NAT, NAT_CHAIN, ("PREROUTING",)),
         (FILTER, INPUT_CHAIN, ("INPUT",)),
-        (NAT6, NAT_CHAIN, ("PREROUTING",)),
         (FILTER6, INPUT_CHAIN, ("INPUT",)),
     ]
     assert all(c.name.startswith(PREFIX) for c in rs.chains)

@@ -141,8 +141,7 @@ def _conf(cfg: Config, nets: Sequence[GuestNetwork], where: Locations) -> Iterab
     for n in nets:
         # static: addresses come only from dhcp-host lines; the lease is the host's
         yield (
-            f"dhcp-range=set:{n.device},{n.cidr.network_address},static,"
-            f"{n.cidr.netmask},infinite"
+            f"dhcp-range=set:{n.device},{n.cidr.network_address},static,{n.cidr.netmask},infinite"
         )
         if n.cidr6 is not None:
             yield (

@@ -64,6 +64,7 @@ class DhcpService:
             signal.signal(s, self._on_signal)
         dp = state.DhcpPaths(self.paths)
         self._render()
+        self._metadata_addresses()
         atomic.atomic_write(dp.service_pid, f"{os.getpid()}\n".encode())
         conf = dp.conf.read_bytes()
         proc = self._start()
@@ -77,6 +78,7 @@ class DhcpService:
                     now = dp.conf.read_bytes()
                     if now != conf:
                         LOG.info("dnsmasq: guest networks changed, restarting it")
+                        self._metadata_addresses()
                         self._stop(proc)
                         conf = now
                         proc = self._start()
@@ -92,6 +94,38 @@ class DhcpService:
             self._stop(proc)
             with contextlib.suppress(OSError):
                 dp.service_pid.unlink()
+
+    def _metadata_addresses(self) -> None:
+        """Give every IPv6 guest device the metadata addresses fd00:ec2::254 and
+        fe80::a9fe:a9fe (as OpenStack's metadata namespace does): guests reach
+        them on-link, the services answer on ``[::]``."""
+        from vr import config, store
+        from vr.dhcp import model
+        from vr.errors import CommandError
+        from vr.payloads import IPV6_METADATA_ADDRESSES
+
+        cfg = config.load(self.paths)
+        for n in model.served_networks(cfg, store.read_networks(self.paths, removals=True)):
+            if n.cidr6 is None:
+                continue
+            for addr in IPV6_METADATA_ADDRESSES:
+                prefix = 64 if addr.is_link_local else 128
+                try:
+                    subp.run(
+                        [
+                            "ip",
+                            "-6",
+                            "addr",
+                            "replace",
+                            f"{addr}/{prefix}",
+                            "dev",
+                            n.device,
+                            "nodad",
+                        ],
+                        timeout=10,
+                    )
+                except CommandError as exc:
+                    LOG.warning("dhcp: cannot add %s to %s: %s", addr, n.device, exc)
 
     def _render(self) -> None:
         # the directory appears with the first write: from then on pushes maintain it

@@ -97,9 +97,7 @@ def write(paths: Paths, files: model.DnsmasqFiles) -> Written:
     dp = DhcpPaths(paths)
     dp.dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     dp.leases.parent.mkdir(parents=True, exist_ok=True)
-    changed = {
-        name: _replace(dp.file(name), data) for name, data in files.reloadable().items()
-    }
+    changed = {name: _replace(dp.file(name), data) for name, data in files.reloadable().items()}
     return Written(conf=_replace(dp.conf, files.conf), reloadable=any(changed.values()))
 
 

@@ -11,7 +11,8 @@ cd "$here"
 packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           openssh-client openssh-server curl wget cloud-init debootstrap
           libtrilead-ssh2-java openjdk-17-jdk-headless
-          openvswitch-switch ethtool)
+          openvswitch-switch ethtool
+          dnsmasq-base dnsmasq-utils isc-dhcp-client dnsutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -273,9 +273,34 @@ def make_applier(paths: Paths) -> Applier:
     networks before the store commits (unknown or control/public device -> rejected,
     nothing stored) and re-applies the rules after a commit that changed guest
     networks or DHCP entries (python-iptables is imported only then)."""
+    from vr.dhcp.state import DhcpHooks
     from vr.firewall.state import FirewallHooks
 
-    return Applier(paths, hooks=FirewallHooks(paths))
+    return Applier(paths, hooks=ComposedHooks((FirewallHooks(paths), DhcpHooks(paths))))
+
+
+@dataclass(frozen=True)
+class ComposedHooks:
+    """Several :class:`PushHooks` in order: every ``before_commit`` may reject the
+    push; every ``after_commit`` runs even when an earlier one failed (the first
+    error then fails the push)."""
+
+    hooks: tuple[PushHooks, ...]
+
+    def before_commit(self, cfg: Config, payloads: Sequence[Payload]) -> None:
+        for h in self.hooks:
+            h.before_commit(cfg, payloads)
+
+    def after_commit(self, cfg: Config, result: ApplyResult) -> None:
+        first: Exception | None = None
+        for h in self.hooks:
+            try:
+                h.after_commit(cfg, result)
+            except Exception as exc:
+                LOG.error("push follow-up %s failed: %s", type(h).__name__, exc)
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 def _parse_batch(

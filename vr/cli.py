@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "vr.cmd.push",
     "vr.cmd.serve_passwords",
     "vr.cmd.hypervisor",
+    "vr.cmd.serve_dhcp",
 ]
 
 

@@ -34,6 +34,8 @@ class Config:
     require_mac_binding: bool = False
     """Refuse 80/8080 from addresses that have no DHCP entry (MAC binding)."""
     guest_networks: tuple[GuestNetwork, ...] = field(default_factory=tuple)
+    dnsmasq: bool = True
+    """Run dnsmasq on the guest networks (DHCP, DNS, router advertisements)."""
     userdata_max_bytes: int = 1024 * 1024
     """Decoded user-data bound per VM (CloudStack's ``vm.userdata.max.length`` allows
     1 MiB of base64); raise it here when the management server allows more."""

@@ -15,7 +15,15 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any
 
 from vr.cloudstack import FILE_TYPES, check_name, file_stem
@@ -50,6 +58,29 @@ RESERVED_NETWORKS = tuple(
 control network and 169.254.169.254), multicast and reserved addresses."""
 
 RESERVED_DEVICES = ("lo",)
+
+IPV6_METADATA_ADDRESSES = (IPv6Address("fd00:ec2::254"), IPv6Address("fe80::a9fe:a9fe"))
+"""Where IPv6 guests ask for metadata and passwords: AWS's and OpenStack's addresses."""
+
+WIDEST_GUEST_PREFIX6 = 48
+"""An IPv6 guest network is at most a /48 (CloudStack hands out /64s)."""
+
+RESERVED_NETWORKS6 = tuple(
+    ip_network(n) for n in ("::/8", "fe80::/10", "ff00::/8", "fd00:ec2::/64", "64:ff9b::/96")
+)
+"""No IPv6 guest network overlaps these: unspecified/loopback/mapped, link-local,
+multicast, the metadata prefix fd00:ec2::/64 and NAT64."""
+
+DUID_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){3,129}")
+"""A DHCPv6 DUID as colon-separated hex bytes (RFC 8415: 4 to 130 bytes with the type)."""
+
+DOMAIN_PATTERN = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+MIN_LEASE_SECONDS = 120
+"""dnsmasq's shortest lease; CloudStack's ``dhcp.lease.timeout`` 0 means infinite."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,13 @@ class GuestNetwork:
     add: bool
     mac_address: str | None = None
     router_guest_gateway: IPv4Address | None = None
+    router_guest_ip6: IPv6Address | None = None
+    cidr6: IPv6Network | None = None
+    """``router_guest_ip6_cidr``: the guest network's IPv6 prefix, with the router's
+    address ``router_guest_ip6`` in it (both or neither)."""
+    router_guest_ip6_gateway: IPv6Address | None = None
+    dns: tuple[IPv4Address, ...] = ()
+    domain_name: str | None = None
     type: str = field(default="guestnetwork", init=False)
 
     @property
@@ -140,6 +178,10 @@ class DhcpEntry:
     host_name: str
     remove: bool = False
     default_entry: bool = True
+    ipv6_address: IPv6Address | None = None
+    ipv6_duid: str | None = None
+    lease_time: int | None = None
+    """Seconds; None or 0: infinite (CloudStack's default)."""
     type: str = field(default="dhcpentry", init=False)
 
 
@@ -359,11 +401,101 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
         gateway = parse_ipv4(gw_text, "router_guest_gateway", router=True) if gw_text else None
         if gateway is not None and gateway not in cidr:
             raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
+        ip6, cidr6, gateway6 = _parse_guest_ipv6(obj)
+        dns = _parse_dns(obj.get("dns"))
+        domain = obj.get("domain_name")
+        if domain in (None, ""):
+            domain = None
+        elif not isinstance(domain, str) or not DOMAIN_PATTERN.fullmatch(domain):
+            raise PayloadError("domain_name", domain, "a DNS domain like cs1cloud.internal")
     except PayloadError as exc:
         if exc.subject is not None:
             raise
         raise PayloadError(exc.field, exc.value, exc.expected, subject=net) from None
-    return GuestNetwork(device, ip, cidr, add, mac, gateway)
+    return GuestNetwork(device, ip, cidr, add, mac, gateway, ip6, cidr6, gateway6, dns, domain)
+
+
+def parse_ipv6(value: object, field_name: str, vm: str | None = None) -> IPv6Address:
+    """A global or unique-local unicast IPv6 address (never link-local, multicast,
+    loopback, unspecified, IPv4-mapped or a metadata address)."""
+    if not isinstance(value, str):
+        raise PayloadError(field_name, value, "an IPv6 address as a string", vm)
+    try:
+        addr = ip_address(value)
+    except ValueError:
+        raise PayloadError(field_name, value, "an IPv6 address like fd00:1::17", vm) from None
+    if not isinstance(addr, IPv6Address):
+        raise PayloadError(field_name, value, "an IPv6 address, not IPv4", vm)
+    if any(addr in n for n in RESERVED_NETWORKS6) or addr.ipv4_mapped is not None:
+        raise PayloadError(
+            field_name,
+            value,
+            "a unicast IPv6 guest address (not link-local, multicast, loopback, "
+            "IPv4-mapped or in fd00:ec2::/64)",
+            vm,
+        )
+    return addr
+
+
+def _parse_guest_ipv6(
+    obj: dict[str, Any],
+) -> tuple[IPv6Address | None, IPv6Network | None, IPv6Address | None]:
+    """``router_guest_ip6`` and ``router_guest_ip6_cidr`` (both or neither) and the
+    optional ``router_guest_ip6_gateway``; absent or empty: an IPv4-only network."""
+    ip_text = obj.get("router_guest_ip6") or None
+    cidr_text = obj.get("router_guest_ip6_cidr") or None
+    gw_text = obj.get("router_guest_ip6_gateway") or None
+    if ip_text is None and cidr_text is None:
+        if gw_text is not None:
+            raise PayloadError(
+                "router_guest_ip6_gateway", gw_text, "no gateway without router_guest_ip6_cidr"
+            )
+        return None, None, None
+    if ip_text is None or cidr_text is None:
+        missing = "router_guest_ip6" if ip_text is None else "router_guest_ip6_cidr"
+        raise PayloadError(missing, None, "router_guest_ip6 and router_guest_ip6_cidr together")
+    ip6 = parse_ipv6(ip_text, "router_guest_ip6")
+    if not isinstance(cidr_text, str):
+        raise PayloadError("router_guest_ip6_cidr", cidr_text, "an IPv6 network as a string")
+    try:
+        cidr6 = IPv6Network(cidr_text, strict=True)
+    except ValueError:
+        raise PayloadError(
+            "router_guest_ip6_cidr", cidr_text, "an IPv6 network like fd00:1::/64 (host bits zero)"
+        ) from None
+    if cidr6.prefixlen < WIDEST_GUEST_PREFIX6 or cidr6.prefixlen > 126:
+        raise PayloadError(
+            "router_guest_ip6_cidr",
+            cidr_text,
+            f"an IPv6 guest network of prefix length {WIDEST_GUEST_PREFIX6}-126",
+        )
+    for reserved in RESERVED_NETWORKS6:
+        if cidr6.overlaps(reserved):
+            raise PayloadError(
+                "router_guest_ip6_cidr", cidr_text, f"a guest network not overlapping {reserved}"
+            )
+    if ip6 not in cidr6 or ip6 == cidr6.network_address:
+        raise PayloadError("router_guest_ip6", str(ip6), f"a host address inside {cidr6}")
+    gateway6 = parse_ipv6(gw_text, "router_guest_ip6_gateway") if gw_text is not None else None
+    if gateway6 is not None and gateway6 not in cidr6:
+        raise PayloadError("router_guest_ip6_gateway", str(gateway6), f"an address inside {cidr6}")
+    return ip6, cidr6, gateway6
+
+
+def _parse_dns(value: object, vm: str | None = None) -> tuple[IPv4Address, ...]:
+    """CloudStack's ``dns``: resolvers as one comma-separated string (or a list)."""
+    if value in (None, ""):
+        return ()
+    items: list[object]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise PayloadError("dns", value, "IPv4 resolvers as a comma-separated string", vm)
+    if len(items) > 8:
+        raise PayloadError("dns", value, "at most 8 resolvers", vm)
+    return tuple(parse_ipv4(v, "dns", vm) for v in items)
 
 
 MAC_EXPECTED = "a unicast MAC address like 02:00:4c:5a:00:01"
@@ -394,7 +526,41 @@ def parse_dhcp_entry(obj: dict[str, Any]) -> DhcpEntry:
         raise PayloadError("host_name", host, "a host name label (letters, digits, '-')", vm)
     remove = _parse_bool(obj.get("remove", False), "remove", vm)
     default = _parse_bool(obj.get("default_entry", True), "default_entry", vm)
-    return DhcpEntry(mac, ip, host, remove, default)
+    v6_text = obj.get("ipv6_address")
+    ipv6 = parse_ipv6(v6_text, "ipv6_address", vm) if v6_text not in (None, "") else None
+    duid = obj.get("ipv6_duid")
+    if duid in (None, ""):
+        duid = None
+    elif not isinstance(duid, str) or not DUID_PATTERN.fullmatch(duid.lower()):
+        raise PayloadError(
+            "ipv6_duid", duid, "a DHCPv6 DUID as colon-separated hex bytes (4-130 bytes)", vm
+        )
+    else:
+        duid = duid.lower()
+    if duid is not None and ipv6 is None:
+        raise PayloadError("ipv6_duid", duid, "a DUID only together with ipv6_address", vm)
+    return DhcpEntry(mac, ip, host, remove, default, ipv6, duid, _parse_lease(obj, vm))
+
+
+def _parse_lease(obj: dict[str, Any], vm: str) -> int | None:
+    """``lease_time`` in seconds: 0 (or absent) infinite, else at least 120."""
+    value = obj.get("lease_time")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not (value == 0 or MIN_LEASE_SECONDS <= value <= 2**31 - 1)
+    ):
+        raise PayloadError(
+            "lease_time",
+            value,
+            f"seconds: 0 for infinite, or {MIN_LEASE_SECONDS} to {2**31 - 1}",
+            vm,
+        )
+    return value or None
 
 
 def _parse_guest_network(obj: dict[str, Any], limits: PayloadLimits) -> Payload:

@@ -36,11 +36,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vr import atomic, locking
 from vr.errors import LockTimeout, StoreError
@@ -56,6 +56,7 @@ from vr.payloads import (
 )
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 # --- pure model ----------------------------------------------------------------------
@@ -240,14 +241,58 @@ def read_networks(paths: Paths, *, removals: bool = False) -> list[GuestNetwork]
                 IPv4Address(rec["router_guest_gateway"])
                 if rec.get("router_guest_gateway")
                 else None,
+                _opt(IPv6Address, rec.get("router_guest_ip6")),
+                _opt(IPv6Network, rec.get("cidr6")),
+                _opt(IPv6Address, rec.get("router_guest_ip6_gateway")),
+                tuple(IPv4Address(d) for d in rec.get("dns", ())),
+                rec.get("domain_name"),
             )
         )
     return out
 
 
+def _opt(kind: Callable[[str], _T], text: str | None) -> _T | None:
+    return kind(text) if text else None
+
+
+def _ipv6_fields(n: GuestNetwork) -> dict[str, object]:
+    """A network's optional fields, stored only when set (older records stay equal)."""
+    out: dict[str, object] = {}
+    if n.router_guest_ip6 is not None and n.cidr6 is not None:
+        out["router_guest_ip6"] = str(n.router_guest_ip6)
+        out["cidr6"] = str(n.cidr6)
+        if n.router_guest_ip6_gateway is not None:
+            out["router_guest_ip6_gateway"] = str(n.router_guest_ip6_gateway)
+    if n.dns:
+        out["dns"] = [str(d) for d in n.dns]
+    if n.domain_name:
+        out["domain_name"] = n.domain_name
+    return out
+
+
+def _dhcp_ipv6_fields(e: DhcpEntry) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if e.ipv6_address is not None:
+        out["ipv6_address"] = str(e.ipv6_address)
+    if e.ipv6_duid is not None:
+        out["ipv6_duid"] = e.ipv6_duid
+    if e.lease_time is not None:
+        out["lease_time"] = e.lease_time
+    return out
+
+
 def read_dhcp(paths: Paths) -> list[DhcpEntry]:
     return [
-        DhcpEntry(rec["mac_address"], IPv4Address(ip), rec["host_name"], False, rec["default"])
+        DhcpEntry(
+            rec["mac_address"],
+            IPv4Address(ip),
+            rec["host_name"],
+            False,
+            rec["default"],
+            _opt(IPv6Address, rec.get("ipv6_address")),
+            rec.get("ipv6_duid"),
+            rec.get("lease_time"),
+        )
         for ip, rec in sorted(_read_json(paths.dhcp).items(), key=lambda kv: IPv4Address(kv[0]))
     ]
 
@@ -439,6 +484,7 @@ class Store:
                         "router_guest_gateway": str(p.router_guest_gateway)
                         if p.router_guest_gateway
                         else None,
+                        **_ipv6_fields(p),
                     }
                 else:
                     # Kept as a removal, not forgotten: a network from the config
@@ -454,10 +500,15 @@ class Store:
                 if p.remove:
                     dhcp.pop(str(p.ipv4_address), None)
                 else:
+                    # One entry per NIC: a MAC that moved to another address leaves
+                    # no stale host behind (dnsmasq would see the MAC twice).
+                    for other in [k for k, r in dhcp.items() if r["mac_address"] == p.mac_address]:
+                        del dhcp[other]
                     dhcp[str(p.ipv4_address)] = {
                         "mac_address": p.mac_address,
                         "host_name": p.host_name,
                         "default": p.default_entry,
+                        **_dhcp_ipv6_fields(p),
                     }
                 result.dhcp_changed |= before != dhcp
         with atomic.Transaction(self.paths.journal) as tx:

@@ -82,9 +82,28 @@ class Service:
         return delay
 
 
+def any_address() -> str:
+    """Where the HTTP services listen: ``[::]`` (IPv4 and IPv6, IPv4 callers seen as
+    mapped addresses) when this kernel has dual-stack IPv6, else ``0.0.0.0``."""
+    try:
+        dual = Path("/proc/sys/net/ipv6/bindv6only").read_text().strip() == "0"
+    except OSError:
+        dual = False
+    return "[::]" if dual and socket.has_ipv6 else "0.0.0.0"
+
+
+DNS_PORT = 53
+
+
 def services_for(paths: Paths, cfg: Config) -> list[Service]:
     vr = [sys.executable, "-m", "vr"]
     root = ["--root", str(paths.root)]
+    listen = any_address()
+    dhcp = [Service("dhcp", [*vr, "serve-dhcp", *root], DNS_PORT)] if cfg.dnsmasq else []
+    return [*_http_services(vr, root, cfg, listen), *dhcp]
+
+
+def _http_services(vr: list[str], root: list[str], cfg: Config, listen: str) -> list[Service]:
     return [
         Service(
             "agent",
@@ -99,7 +118,7 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
                 "serve-metadata",
                 *root,
                 "--bind",
-                f"0.0.0.0:{cfg.metadata_port}",
+                f"{listen}:{cfg.metadata_port}",
                 "--workers",
                 str(cfg.metadata_workers),
             ],
@@ -112,7 +131,7 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
                 "serve-passwords",
                 *root,
                 "--bind",
-                f"0.0.0.0:{cfg.password_port}",
+                f"{listen}:{cfg.password_port}",
                 "--workers",
                 str(cfg.password_workers),
             ],

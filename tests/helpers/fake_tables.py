@@ -18,6 +18,8 @@ from vr.firewall.sync import LiveRule, PacketCounts
 BUILTINS = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
     "nat": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+    "filter6": ["INPUT", "FORWARD", "OUTPUT"],
+    "nat6": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
 }
 
 Tables = dict[str, dict[str, list[LiveRule]]]

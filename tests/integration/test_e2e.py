@@ -27,6 +27,7 @@ from vr.demo.sandbox import (
     VR_GUEST_IP,
     Guest,
     Sandbox,
+    dhcp_payload,
     metadata_payload,
     password_payload,
     sandbox,
@@ -62,10 +63,14 @@ def box() -> Iterator[Sandbox]:
     """One sandbox for the module (namespaces, keys, two guests, their pushes)."""
     with sandbox() as box:
         box.start_vr()
-        # The guest network arrives by push after start; then, before any VM is pushed,
-        # a guest asks (answers recorded for the test below).
+        # The guest network and DHCP entries arrive by push after start; the guests
+        # take their leases, then, before any VM data is pushed, a guest asks (answers
+        # recorded for the test below).
         network, *vms = box.initial_payloads()
-        assert box.push(box.write_payloads([network])).code == 0
+        entries = [item for item in vms if item[0].startswith("vm_dhcp_entry")]
+        assert box.push(box.write_payloads([network, *entries])).code == 0
+        for g in box.guests:  # the guests boot: addresses from the VR's dnsmasq
+            assert box.dhcp(g.role).code == 0
         for path in ("latest/instance-id", "latest/meta-data/"):
             res = box.run(
                 "ga",
@@ -192,8 +197,13 @@ def test_new_vm_pushed_while_guests_fetch_is_served_at_once(sb: Sandbox) -> None
             "gc", "10.1.1.50", "02:00:0a:01:01:32", "new-1", "c0ffee00-new-vm", new_password()
         )
         sb.add_guest(c)
-        res = sb.push(sb.write_payloads([("vm_metadata.json", metadata_payload(c))]))
+        res = sb.push(
+            sb.write_payloads(
+                [("vm_dhcp_entry.json", dhcp_payload(c)), ("vm_metadata.json", metadata_payload(c))]
+            )
+        )
         assert res.code == 0, res.stderr
+        assert sb.dhcp(c.role).code == 0
         assert sb.curl(c.role, f"http://{METADATA_IP}/latest/instance-id").stdout == c.instance_id
     finally:
         stop.set()

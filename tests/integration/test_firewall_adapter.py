@@ -85,5 +85,5 @@ def test_applying_the_same_rules_again_changes_nothing(ns: Namespace) -> None:
     before = save(ns)
     res = run(ns, "good")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "{'nat': [], 'filter': []}"
+    assert res.stdout.strip() == "{'nat': [], 'filter': [], 'filter6': []}"
     assert save(ns) == before

@@ -11,6 +11,7 @@ from vr.config import Config
 from vr.errors import FirewallError
 from vr.firewall.model import (
     FILTER,
+    FILTER6,
     INPUT_CHAIN,
     NAT,
     NAT_CHAIN,
@@ -166,6 +167,7 @@ def test_all_chains_carry_the_prefix_and_hook_into_builtin_chains() -> None:
     assert [(c.table, c.name, c.hooks) for c in rs.chains] == [
         (NAT, NAT_CHAIN, ("PREROUTING",)),
         (FILTER, INPUT_CHAIN, ("INPUT",)),
+        (FILTER6, INPUT_CHAIN, ("INPUT",)),
     ]
     assert all(c.name.startswith(PREFIX) for c in rs.chains)
 

@@ -66,6 +66,11 @@ def _demo(args: argparse.Namespace) -> int:
             print(res.stdout, end="")
             for g in sb.guests:
                 _say(f"guest {g.name} ({g.ip}) in namespace {sb.ns(g.role)}")
+                got = sb.dhcp(g.role)
+                bound = [line for line in got.stderr.splitlines() if "bound to" in line]
+                _show("dhclient eth0 (lease from the VR's dnsmasq)", "\n".join(bound) or got.stderr)
+                answer = sb.run(g.role, ["getent", "ahostsv4", "data-server"], ok_codes=range(256))
+                _show("getent ahostsv4 data-server (the VR's DNS)", answer.stdout.split("\n")[0])
                 base = f"http://{METADATA_IP}/latest"
                 for url in (f"{base}/instance-id", f"{base}/meta-data/", f"{base}/user-data"):
                     _show(f"curl {url}", sb.curl(g.role, url).stdout)

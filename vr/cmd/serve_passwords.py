@@ -52,14 +52,18 @@ def register(sub: Any) -> None:
 
 
 def parse_bind(value: str) -> str:
-    """Check ``HOST:PORT`` (IPv4 literal) and return it unchanged."""
+    """Check ``HOST:PORT`` (IPv4 literal or bracketed IPv6) and return it unchanged."""
     host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
     try:
-        ok = bool(sep) and ip_address(host).version == 4 and 0 < int(port) < 65536
+        version = ip_address(host[1:-1] if bracketed else host).version
+        ok = bool(sep) and version == (6 if bracketed else 4) and 0 < int(port) < 65536
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"--bind {value!r}: expected IPV4:PORT such as 0.0.0.0:8080")
+        raise ValueError(
+            f"--bind {value!r}: expected IPV4:PORT or [IPV6]:PORT such as 0.0.0.0:8080 or [::]:8080"
+        )
     return value
 
 

@@ -193,8 +193,52 @@ class Sandbox:
         self, role: str, argv: Sequence[str], timeout: float = 60, ok_codes: Sequence[int] = (0,)
     ) -> subp.Result:
         return subp.run(
-            ["ip", "netns", "exec", self.ns(role), *argv], timeout=timeout, ok_codes=ok_codes
+            ["ip", "netns", "exec", self.ns(role), *self._guest_view(role, argv)],
+            timeout=timeout,
+            ok_codes=ok_codes,
         )
+
+    def guest_dir(self, role: str) -> Path:
+        return self.workdir / "guests" / role
+
+    def _guest_view(self, role: str, argv: Sequence[str]) -> list[str]:
+        """A guest's command sees its own DHCP lease directory (``/var/lib/dhcp``,
+        where dhclient writes and cloud-init reads) and no systemd-networkd leases of
+        the host, in a mount and UTS namespace of its own (dhclient may set a name)."""
+        if role not in {g.role for g in self.guests}:
+            return list(argv)
+        d = self.guest_dir(role)
+        return [
+            "unshare", "-m", "-u", "sh", "-c",
+            'mount --bind "$1/dhcp" /var/lib/dhcp || exit 97; '
+            'if [ -d /run/systemd/netif/leases ]; then '
+            'mount --bind "$1/netif" /run/systemd/netif/leases || exit 97; fi; '
+            'shift; exec "$@"',
+            "sh", str(d), *argv,
+        ]  # fmt: skip
+
+    def dhcp(self, role: str, timeout: int = 30) -> subp.Result:
+        """Run ``dhclient`` on the guest's eth0 once, as a booting Debian guest does;
+        it stays to renew. Exit 0 with a lease, non-zero when none came in ``timeout``."""
+        conf = self.guest_dir(role) / "dhclient.conf"
+        conf.write_text(
+            f"timeout {timeout};\nretry 1;\n"
+            "request subnet-mask, broadcast-address, routers, domain-name, "
+            "domain-name-servers, domain-search, host-name;\n"
+        )
+        return self.run(
+            role,
+            ["dhclient", "-4", "-1", "-v", "-cf", str(conf),
+             "-lf", "/var/lib/dhcp/dhclient.eth0.leases",
+             "-pf", "/var/lib/dhcp/dhclient.eth0.pid", "eth0"],
+            timeout=timeout + 30,
+            ok_codes=range(256),
+        )  # fmt: skip
+
+    def lease(self, role: str) -> str:
+        """The guest's dhclient lease file, as cloud-init reads it."""
+        f = self.guest_dir(role) / "dhcp" / "dhclient.eth0.leases"
+        return f.read_text() if f.exists() else ""
 
     def vr_cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "vr", *args]
@@ -245,25 +289,28 @@ class Sandbox:
 
     def _attach(self, g: Guest) -> None:
         """Create guest ``g``'s namespace and plug it into the guest network bridge."""
+        for sub in ("dhcp", "netif"):
+            (self.guest_dir(g.role) / sub).mkdir(parents=True, exist_ok=True)
         self._add_ns(g.role)
         port = f"p{len(self.namespaces)}"
         self._veth(g.role, "eth0", "sw", port)
-        self._addr(g.role, "eth0", f"{g.ip}/24", g.mac)
-        self.run(g.role, ["ip", "route", "add", "default", "via", VR_GUEST_IP])
+        # no address: the guest gets it from the VR's dnsmasq (see :meth:`dhcp`)
+        self._addr(g.role, "eth0", "", g.mac)
         self.run("sw", ["ip", "link", "set", port, "master", "br0", "up"])
         self._guest_etc(g.role)
 
     def add_guest(self, g: Guest) -> None:
         """Boot one more guest on the guest network (while everything runs)."""
-        self._attach(g)
         self.guests.append(g)
+        self._attach(g)
 
     def _guest_etc(self, role: str) -> None:
-        """Guests resolve ``data-server`` to the VR, as CloudStack's dnsmasq answers."""
+        """A guest's own ``/etc/hosts`` (localhost only: ``data-server`` comes from the
+        VR's DNS) and ``/etc/resolv.conf``, which dhclient fills from its lease."""
         etc = Path("/etc/netns") / self.ns(role)
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{VR_GUEST_IP} data-server\n")
-        (etc / "resolv.conf").write_text(f"nameserver {VR_GUEST_IP}\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        (etc / "resolv.conf").write_text("")
 
     def _prepare_vr_root(self) -> None:
         paths = self.paths
@@ -408,6 +455,8 @@ class Sandbox:
 def sandbox(keep_dir: Path | None = None) -> Iterator[Sandbox]:
     """Create a sandbox and always tear it down."""
     workdir = keep_dir or Path(tempfile.mkdtemp(prefix="vr-sandbox-"))
+    # dnsmasq drops root (to nobody) and re-reads its hosts files under the VR root
+    workdir.chmod(0o711)
     sb = Sandbox(workdir, f"vr{secrets.token_hex(2)}")
     try:
         sb.create()

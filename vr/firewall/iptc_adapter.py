@@ -18,13 +18,13 @@ import importlib
 import logging
 import os
 from collections.abc import Iterator
-from ipaddress import IPv4Network
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
-from vr.firewall.model import MatchSpec, Params, RuleSpec
+from vr.firewall.model import IPV6_TABLES, MatchSpec, Params, RuleSpec
 from vr.firewall.sync import LiveRule, PacketCounts
 
 LOG = logging.getLogger(__name__)
@@ -35,10 +35,10 @@ PLAIN_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE", ""})
 
 
 def _net(text: str | None) -> str | None:
-    if not text or text.startswith("0.0.0.0/0"):
+    if not text or text.startswith("0.0.0.0/0") or text.startswith("::/0"):
         return None
     try:
-        return IPv4Network(text).with_prefixlen
+        return ip_network(text).with_prefixlen
     except ValueError:
         return text  # e.g. an inverted address of someone else's rule: keep as read
 
@@ -66,7 +66,11 @@ class IptcTables:
         return self._lib
 
     def _table(self, name: str) -> Any:
-        table = self.iptc.Table(name, autocommit=False)
+        if name in IPV6_TABLES:
+            # "nat6" -> ip6tables' nat (python-iptables Table6)
+            table = self.iptc.Table6(name[:-1], autocommit=False)
+        else:
+            table = self.iptc.Table(name, autocommit=False)
         table.autocommit = False
         return table
 
@@ -137,13 +141,13 @@ class IptcTables:
             self._table(table).flush_entries(chain)
 
     def append(self, table: str, chain: str, spec: RuleSpec, counters: PacketCounts) -> None:
-        rule = self._build(spec)
+        rule = self._build(spec, table)
         rule.counters = counters
         with self._errors(f"table {table} chain {chain}"):
             self._chain(table, chain).append_rule(rule)
 
     def insert(self, table: str, chain: str, spec: RuleSpec, position: int) -> None:
-        rule = self._build(spec)
+        rule = self._build(spec, table)
         with self._errors(f"table {table} chain {chain}"):
             self._chain(table, chain).insert_rule(rule, position)
 
@@ -155,13 +159,13 @@ class IptcTables:
             c.delete_rule(c.rules[index])
 
     def canonical(self, table: str, spec: RuleSpec) -> RuleSpec:
-        return self._read(self._build(spec))
+        return self._read(self._build(spec, table))
 
     # --- translation ----------------------------------------------------------------
 
-    def _build(self, spec: RuleSpec) -> Any:
+    def _build(self, spec: RuleSpec, table: str = "filter") -> Any:
         with self._errors("cannot build rule"):
-            rule = self.iptc.Rule()
+            rule = self.iptc.Rule6() if table in IPV6_TABLES else self.iptc.Rule()
             if spec.protocol:
                 rule.protocol = spec.protocol
             if spec.src:

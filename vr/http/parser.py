@@ -252,7 +252,7 @@ def build_environ(
         "SERVER_PROTOCOL": req.version,
         "SERVER_NAME": server[0],
         "SERVER_PORT": str(server[1]),
-        "REMOTE_ADDR": peer[0],
+        "REMOTE_ADDR": plain_address(peer[0]),
         "REMOTE_PORT": str(peer[1]),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
@@ -313,3 +313,11 @@ def render_response(
 
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def plain_address(host: str) -> str:
+    """An IPv4 caller on a dual-stack socket (``::ffff:10.1.1.23``) as plain IPv4, so
+    logs and limits name it as it is; IPv6 scope ids (``fe80::1%eth0``) are dropped."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host.split("%", 1)[0]

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from vr import store
-from vr.http.identity import Source, vm_of
+from vr.http.identity import by_address
 from vr.metadata.views import VmView, build_view
 from vr.paths import Paths
 
@@ -64,6 +64,7 @@ class VmCache:
         self._entries: dict[IPv4Address, _Entry] = {}
         self._unknown = 0
         self._addresses: dict[str, IPv4Address | None] = {}
+        self._identify = by_address(paths)
         self.loads = 0
         """VM reads from disk so far (tests and benchmarks look at it)."""
 
@@ -74,10 +75,12 @@ class VmCache:
         """The VM calling from ``remote_addr`` (the TCP peer), or None if unknown."""
         ip = self._addresses.get(remote_addr, False)
         if ip is False:
-            ip = vm_of(Source(remote_addr))
-            if len(self._addresses) >= MAX_ADDRESSES:
-                self._addresses = {}
-            self._addresses[remote_addr] = ip
+            ip = self._identify(remote_addr)
+            if ":" not in remote_addr:
+                # an IPv4 caller is always its own VM; an IPv6 one follows the entries
+                if len(self._addresses) >= MAX_ADDRESSES:
+                    self._addresses = {}
+                self._addresses[remote_addr] = ip
         if ip is None:
             return None
         assert isinstance(ip, IPv4Address)

@@ -55,7 +55,7 @@ from typing import Any
 
 from vr import atomic
 from vr.errors import PayloadError, StoreError, VRError, shorten
-from vr.http.identity import Source, vm_of
+from vr.http.identity import Identify, Source, by_address, vm_of
 from vr.logs import AUDIT, GuestErrors, Throttle
 from vr.metadata.counters import Counters
 from vr.paths import Paths
@@ -80,15 +80,6 @@ RACY_NS = 2_000_000_000
 
 StartResponse = Callable[..., Any]
 IsOwnAddress = Callable[[IPv4Address], bool]
-Identify = Callable[[str], IPv4Address | None]
-"""A request's source address -> the VM it comes from (None: not a guest)."""
-
-
-def identify_by_address(caller: str) -> IPv4Address | None:
-    """The router's identity: the VM is the TCP source address (vr.http.identity)."""
-    return vm_of(Source(caller))
-
-
 # --- the token ---------------------------------------------------------------------
 
 
@@ -326,12 +317,12 @@ class PasswordApp:
         store: Store | None = None,
         is_own: IsOwnAddress = is_own_address,
         counters: Counters | None = None,
-        identify: Identify = identify_by_address,
+        identify: Identify | None = None,
     ) -> None:
         self.paths = paths
         self.store = store or Store(paths)
         self.is_own = is_own
-        self.identify = identify
+        self.identify = identify or by_address(paths)
         self.cache = PasswordCache(paths.passwords)
         self.counters = counters or Counters(paths, folder=paths.passwd_counters)
         self.errors = GuestErrors(LOG)

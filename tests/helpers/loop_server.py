@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from vr.http.worker import EventLoop, Limits
+from vr.http.worker import EventLoop, WorkerLimits
 
 HOST = "127.0.0.1"
 WAIT = 10.0  # generous bound for anything the server should do "soon"
 
 
-def limits(**kw: Any) -> Limits:
+def limits(**kw: Any) -> WorkerLimits:
     """Roomy defaults; a test names the limit it is about."""
     base: dict[str, Any] = {
         "keepalive": 60.0,
@@ -37,7 +37,7 @@ def limits(**kw: Any) -> Limits:
         "linger": 2.0,
     }
     base.update(kw)
-    return Limits(**base)
+    return WorkerLimits(**base)
 
 
 def body_for(path: str, size: int) -> bytes:
@@ -101,7 +101,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(lim: Limits, app: Any = sized_app, start: bool = True) -> Iterator[Served]:
+def serving(lim: WorkerLimits, app: Any = sized_app, start: bool = True) -> Iterator[Served]:
     """Serve on a loopback port; with ``start=False`` the loop waits for
     :meth:`Served.start` and the test may :meth:`Served.accept` by hand first."""
     listener = socket.socket()

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from vr.metadata import counters as metadata_counters
-from vr.metadata.counters import FLUSH_INTERVAL, Counters
+from vr.metadata.counters import FLUSH_INTERVAL, RefusalCounters
 from vr.paths import Paths
 
 
@@ -46,7 +46,7 @@ class FakeTimers:
 
 
 def test_first_count_is_written_at_once_and_later_ones_batched(paths: Paths) -> None:
-    c = Counters(paths, pid=11, start_timer=FakeTimers())
+    c = RefusalCounters(paths, pid=11, start_timer=FakeTimers())
     c.count_forwarded()
     assert metadata_counters.totals(paths) == {"forwarded_refused": 1}
     c.count_forwarded()
@@ -59,8 +59,8 @@ def test_first_count_is_written_at_once_and_later_ones_batched(paths: Paths) -> 
 
 
 def test_totals_sum_workers_and_skip_broken_files(paths: Paths) -> None:
-    Counters(paths, pid=1).count_forwarded()
-    c2 = Counters(paths, pid=2)
+    RefusalCounters(paths, pid=1).count_forwarded()
+    c2 = RefusalCounters(paths, pid=2)
     c2.count_forwarded()
     (paths.metadata_counters / "3.json").write_text("{not json")
     (paths.metadata_counters / "4.json").write_text(json.dumps({"forwarded_refused": "x"}))
@@ -68,7 +68,7 @@ def test_totals_sum_workers_and_skip_broken_files(paths: Paths) -> None:
 
 
 def test_reset_forgets_an_earlier_run(paths: Paths) -> None:
-    Counters(paths, pid=1).count_forwarded()
+    RefusalCounters(paths, pid=1).count_forwarded()
     metadata_counters.reset(paths)
     assert metadata_counters.totals(paths) == {"forwarded_refused": 0}
 
@@ -81,7 +81,7 @@ def test_a_refusal_within_the_interval_is_written_when_it_ends_without_another_r
     paths: Paths,
 ) -> None:
     clock, timers = FakeClock(), FakeTimers()
-    c = Counters(paths, pid=12, start_timer=timers, clock=clock)
+    c = RefusalCounters(paths, pid=12, start_timer=timers, clock=clock)
     c.count_forwarded()  # the first: written at once, no timer
     assert timers.armed == []
     clock.now += 0.25
@@ -97,7 +97,7 @@ def test_a_refusal_within_the_interval_is_written_when_it_ends_without_another_r
 
 def test_a_refusal_after_the_interval_is_written_at_once(paths: Paths) -> None:
     clock, timers = FakeClock(), FakeTimers()
-    c = Counters(paths, pid=13, start_timer=timers, clock=clock)
+    c = RefusalCounters(paths, pid=13, start_timer=timers, clock=clock)
     c.count_forwarded()
     clock.now += FLUSH_INTERVAL
     c.count_forwarded()
@@ -107,7 +107,7 @@ def test_a_refusal_after_the_interval_is_written_at_once(paths: Paths) -> None:
 
 def test_a_flush_by_a_later_request_cancels_the_pending_timer(paths: Paths) -> None:
     clock, timers = FakeClock(), FakeTimers()
-    c = Counters(paths, pid=14, start_timer=timers, clock=clock)
+    c = RefusalCounters(paths, pid=14, start_timer=timers, clock=clock)
     c.count_forwarded()
     clock.now += 0.5
     c.count_forwarded()
@@ -118,7 +118,7 @@ def test_a_flush_by_a_later_request_cancels_the_pending_timer(paths: Paths) -> N
 
 
 def test_the_real_timer_writes_a_pending_count(paths: Paths) -> None:
-    c = Counters(paths, pid=15)
+    c = RefusalCounters(paths, pid=15)
     c.count_forwarded()
     c.count_forwarded()
     assert metadata_counters.totals(paths) == {"forwarded_refused": 1}

@@ -17,18 +17,10 @@ import pytest
 from werkzeug.test import Client, TestResponse
 
 from tests.helpers.fingerprint import fp
-from vr.passwords import app as passwd_app
-from vr.passwords.app import (
-    MAX_BODY,
-    Entry,
-    FormError,
-    PasswordApp,
-    PasswordCache,
-    ensure_token,
-    is_own_address,
-    parse_form,
-    read_token,
-)
+from vr.passwords import cache as passwd_cache
+from vr.passwords.app import MAX_BODY, PasswordApp, ensure_token, is_own_address, read_token
+from vr.passwords.cache import PasswordCache, PasswordEntry
+from vr.passwords.forms import FormError, parse_form
 from vr.paths import Paths
 from vr.payloads import VmPassword
 from vr.store import Store, read_passwords
@@ -539,13 +531,13 @@ def test_cache_reads_an_unchanged_old_file_once(
     push(paths, VM, "aaaaaaaa")
     age(paths.passwords)
     parsed: list[Path] = []
-    real = passwd_app._parse_passwords
+    real = passwd_cache._parse_passwords
 
-    def counting(data: bytes, path: Path) -> dict[str, Entry]:
+    def counting(data: bytes, path: Path) -> dict[str, PasswordEntry]:
         parsed.append(path)
         return real(data, path)
 
-    monkeypatch.setattr(passwd_app, "_parse_passwords", counting)
+    monkeypatch.setattr(passwd_cache, "_parse_passwords", counting)
     cache = PasswordCache(paths.passwords)
     for _ in range(3):
         assert cached_password(cache) == fp("aaaaaaaa")

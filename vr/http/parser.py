@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from typing import Any, Final, Literal
 from urllib.parse import unquote_to_bytes
@@ -27,10 +26,10 @@ MAX_BODY = 65536
 SERVER = "vr-metadata"
 
 REASONS = {
-    400: "Bad Request",
+    400: "Bad HttpRequest",
     413: "Content Too Large",
     417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
+    431: "HttpRequest Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     505: "HTTP Version Not Supported",
@@ -45,7 +44,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-class Request:
+class HttpRequest:
     __slots__ = ("body", "headers", "keep_alive", "method", "target", "version")
 
     def __init__(
@@ -68,7 +67,7 @@ class Request:
 CONTINUE: Final = "100-continue"
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-Parsed = tuple[Request, int] | Literal["100-continue"] | None
+Parsed = tuple[HttpRequest, int] | Literal["100-continue"] | None
 
 
 class RequestParser:
@@ -201,7 +200,7 @@ class RequestParser:
             self._feed(buf, total)
         if not (self._complete or self._upgraded):  # pragma: no cover - llhttp agrees
             raise BadRequest(400, "request body not understood")
-        req = Request(
+        req = HttpRequest(
             self._llhttp.get_method().decode("ascii"),
             self._url.decode("latin-1"),
             "HTTP/" + self._llhttp.get_http_version(),
@@ -229,7 +228,7 @@ def parse_request(buf: bytes | bytearray) -> Parsed:
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """Request target -> (PATH_INFO, QUERY_STRING) as WSGI wants them (latin-1 str)."""
+    """HttpRequest target -> (PATH_INFO, QUERY_STRING) as WSGI wants them (latin-1 str)."""
     if target.startswith(("http://", "https://")):
         rest = target.split("://", 1)[1]
         slash = rest.find("/")
@@ -240,7 +239,7 @@ def split_target(target: str) -> tuple[str, str]:
 
 
 def build_environ(
-    req: Request, peer: tuple[str, int], server: tuple[str, int], errors: Any
+    req: HttpRequest, peer: tuple[str, int], server: tuple[str, int], errors: Any
 ) -> dict[str, Any]:
     path, query = split_target(req.target)
     environ: dict[str, Any] = {
@@ -310,9 +309,6 @@ def render_response(
     elif version == "HTTP/1.0":
         lines.append("Connection: keep-alive")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def plain_address(host: str) -> str:

@@ -15,8 +15,7 @@ from gunicorn.app.base import BaseApplication
 
 # Registers the worker's own gunicorn setting before any config is built.
 from vr.http.worker import ConnectionsPerAddress
-
-WSGIApp = Callable[..., Any]
+from vr.http.wsgi import WSGIApp
 
 WORKER_CLASSES = {
     # vr's single-threaded keep-alive worker (vr/http/worker.py): one selectors

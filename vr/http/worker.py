@@ -65,12 +65,12 @@ from vr.http.parser import (
     REASONS,
     BadRequest,
     Date,
-    Request,
+    HttpRequest,
     RequestParser,
-    WSGIApp,
     build_environ,
     render_response,
 )
+from vr.http.wsgi import WSGIApp
 from vr.logs import GuestErrors
 
 LOG = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class ConnectionsPerAddress(Setting):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
-class Limits:
+class WorkerLimits:
     """How long and how many, per worker."""
 
     keepalive: float  # an idle connection (also a new one before its first byte) closes then
@@ -132,7 +132,7 @@ class Limits:
     unsent: int = UNSENT_PER_ADDRESS  # kernel send-queue bytes of one address at most
 
     @classmethod
-    def from_cfg(cls, cfg: Any) -> Limits:
+    def from_cfg(cls, cfg: Any) -> WorkerLimits:
         """From gunicorn's settings: ``keepalive``, ``timeout``, ``worker_connections``,
         ``graceful_timeout`` and ``vr_connections_per_address``."""
         return cls(
@@ -225,7 +225,7 @@ class EventLoop:
         self,
         listeners: list[Any],
         app: WSGIApp,
-        limits: Limits,
+        limits: WorkerLimits,
         wake_fd: int | None = None,
     ) -> None:
         self.listeners = listeners
@@ -666,7 +666,7 @@ class EventLoop:
         if not data or conn.lingered > LINGER_BYTES:
             self._close(conn)
 
-    def _respond(self, conn: _Conn, req: Request, keep_alive: bool) -> bytes:
+    def _respond(self, conn: _Conn, req: HttpRequest, keep_alive: bool) -> bytes:
         environ = build_environ(req, conn.peer, conn.server, sys.stderr)
         captured: list[Any] = []
 
@@ -736,7 +736,7 @@ class EventWorker(Worker):  # type: ignore[misc]
     """gunicorn worker: one thread, one :class:`EventLoop`, keep-alive HTTP/1.x."""
 
     def run(self) -> None:
-        loop = EventLoop(self.sockets, self.wsgi, Limits.from_cfg(self.cfg), self.PIPE[0])
+        loop = EventLoop(self.sockets, self.wsgi, WorkerLimits.from_cfg(self.cfg), self.PIPE[0])
         self.notify()
         loop.run(lambda: bool(self.alive), self._tick)
 

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from vr.http.port_identity import Network, PortResolver
+from vr.http.wsgi import StartResponse
 from vr.hypervisor.ports import PortTable
 from vr.metadata.views import VmView
 from vr.metadata.vmcache import VmCache
@@ -23,8 +24,6 @@ from vr.paths import Paths
 from vr.store import Store
 
 LOG = logging.getLogger(__name__)
-
-StartResponse = Callable[..., Any]
 
 
 def resolver_for(hv: Paths, networks: Sequence[Network]) -> PortResolver:

@@ -22,15 +22,16 @@ everything, which the tests use to prove both doors answer byte for byte the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vr.http.wsgi import StartResponse, WSGIApp
 from vr.logs import GuestErrors
-from vr.metadata.counters import Counters
+from vr.metadata.counters import RefusalCounters
 from vr.metadata.tokens import (
     TOKEN_ENVIRON,
     TTL_ENVIRON,
@@ -53,8 +54,6 @@ NOT_ALLOWED = Reply(405, b"method not allowed\n")
 NOT_ALLOWED_TOKEN = Reply(405, b"method not allowed\n", headers=(("Allow", "PUT"),))
 INTERNAL = Reply(500, b"internal error\n")
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _STATUS = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 
@@ -85,7 +84,7 @@ class FastPath:
     def __init__(
         self,
         cache: VmLookup,
-        counters: Counters,
+        counters: RefusalCounters,
         tokens: Tokens,
         fallback: WSGIApp,
         errors: GuestErrors,
@@ -133,7 +132,7 @@ def create_app(
     paths: Paths,
     *,
     cache: VmLookup | None = None,
-    counters: Counters | None = None,
+    counters: RefusalCounters | None = None,
     fast_path: bool = True,
     warm: bool = False,
     token_key: bytes | None = None,
@@ -150,7 +149,7 @@ def create_app(
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     vms: VmLookup = cache if cache is not None else VmCache(paths)
-    counts = counters if counters is not None else Counters(paths)
+    counts = counters if counters is not None else RefusalCounters(paths)
     tokens = Tokens(token_key if token_key is not None else new_key())
     # a guest's error is logged in one line per minute, never with a traceback
     errors = GuestErrors(LOG)

@@ -1,4 +1,4 @@
-"""Counters of the metadata service (and of the password service, in its own
+"""RefusalCounters of the metadata service (and of the password service, in its own
 folder), one small JSON file per gunicorn worker.
 
 Where: ``Paths.metadata_counters / <pid>.json`` (``<root>/run/vr/metadata/``), e.g.
@@ -52,7 +52,7 @@ def thread_timer(delay: float, fn: Callable[[], None]) -> Timer:
     return t
 
 
-class Counters:
+class RefusalCounters:
     """This worker's counts; :meth:`flush` writes them when due.
 
     Create after fork (one per worker). ``start_timer`` arms the delayed write

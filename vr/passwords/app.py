@@ -36,28 +36,24 @@ An unexpected error is logged in one line per guest per minute, no traceback.
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import errno
 import hmac
-import json
 import logging
 import os
 import secrets
 import socket
-import time
-import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any
 
 from vr import atomic
-from vr.errors import PayloadError, StoreError, VRError, shorten
+from vr.errors import PayloadError, StoreError, shorten
 from vr.http.identity import Identify, Source, by_address, vm_of
+from vr.http.wsgi import StartResponse
 from vr.logs import AUDIT, GuestErrors, Throttle
-from vr.metadata.counters import Counters
+from vr.metadata.counters import RefusalCounters
+from vr.passwords.cache import PasswordCache
+from vr.passwords.forms import FormError, parse_form
 from vr.paths import Paths
 from vr.payloads import parse_vm_password
 from vr.store import Store
@@ -73,12 +69,9 @@ FORWARD_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED")
 FORWARDED_REFUSED = b"forwarded requests are refused"
 MAX_BODY = 16 * 1024
 """A save carries three short fields; anything bigger is refused unread."""
-MAX_FIELDS = 16
 TOKEN_BYTES = 16
-RACY_NS = 2_000_000_000
 """A file younger than this when read may be replaced within the same mtime tick."""
 
-StartResponse = Callable[..., Any]
 IsOwnAddress = Callable[[IPv4Address], bool]
 # --- the token ---------------------------------------------------------------------
 
@@ -163,142 +156,10 @@ def is_own_address(addr: IPv4Address) -> bool:
     return True
 
 
-# --- the password file, cached per worker ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    password: str = field(repr=False)
-    gen: int
-    served: bool
-
-
-class PasswordCache:
-    """The parsed password file, re-read whenever ``stat`` shows another version.
-
-    The version is (inode, size, mtime, ctime) of the file read. Every store write
-    renames a new file into place, so the inode changes; an inode can be reused only
-    after its file is gone, and a file read while still "racy" (younger than
-    :data:`RACY_NS`) is read again on the next lookup, so two versions written in
-    the same timestamp tick are never confused.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._version: tuple[int, int, int, int] | None = None
-        self._racy = True
-        self._entries: dict[str, Entry] = {}
-
-    def get(self, ip: IPv4Address) -> Entry | None:
-        self._refresh()
-        return self._entries.get(str(ip))
-
-    def _refresh(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._version, self._entries, self._racy = None, {}, True
-            return
-        if not self._racy and self._version == _version(st):
-            return
-        self._load()
-
-    def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-        except FileNotFoundError:
-            self._version, self._entries, self._racy = None, {}, True
-            return
-        self._entries = _parse_passwords(data, self.path)
-        self._version = _version(st)
-        self._racy = time.time_ns() - st.st_mtime_ns < RACY_NS
-
-
-def _version(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _parse_passwords(data: bytes, path: Path) -> dict[str, Entry]:
-    try:
-        raw = json.loads(data)
-        return {
-            ip: Entry(str(rec["password"]), int(rec["gen"]), bool(rec["served"]))
-            for ip, rec in raw.items()
-        }
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        # the message names the file and the problem, never a value from it
-        raise StoreError(f"{path}: not a password store ({type(exc).__name__})") from None
-
-
-# --- form bodies -------------------------------------------------------------------
-
-
-class FormError(VRError):
-    """A save request's body is not a form we accept."""
-
-
-def parse_form(content_type: str, body: bytes) -> dict[str, str]:
-    """Fields of an urlencoded or multipart/form-data body; duplicates are refused."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if kind == "application/x-www-form-urlencoded":
-        pairs = _urlencoded(body)
-    elif kind == "multipart/form-data":
-        pairs = _multipart(content_type, body)
-    else:
-        raise FormError(
-            f"Content-Type={shorten(content_type)}: expected "
-            "application/x-www-form-urlencoded or multipart/form-data"
-        )
-    fields: dict[str, str] = {}
-    for name, value in pairs:
-        if name in fields:
-            raise FormError(f"field {shorten(name)} given twice: expected each field once")
-        fields[name] = value
-    return fields
-
-
-def _urlencoded(body: bytes) -> list[tuple[str, str]]:
-    try:
-        text = body.decode("ascii")
-        return urllib.parse.parse_qsl(
-            text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS
-        )
-    except UnicodeDecodeError:
-        raise FormError("urlencoded body: expected ASCII with UTF-8 %-escapes") from None
-    except ValueError:
-        raise FormError(f"urlencoded body: expected at most {MAX_FIELDS} fields") from None
-
-
-def _multipart(content_type: str, body: bytes) -> list[tuple[str, str]]:
-    if "\r" in content_type or "\n" in content_type:
-        raise FormError("Content-Type: expected a single header line")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not msg.is_multipart() or msg.get_boundary() is None:
-        raise FormError("multipart body: expected a boundary and form-data parts")
-    pairs = []
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or part.get_content_disposition() != "form-data":
-            raise FormError("multipart part: expected Content-Disposition: form-data; name=...")
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            raise FormError(f"multipart field {shorten(name)}: expected a plain value")
-        try:
-            pairs.append((name, payload.decode("utf-8")))
-        except UnicodeDecodeError:
-            raise FormError(f"multipart field {shorten(name)}: expected UTF-8") from None
-        if len(pairs) > MAX_FIELDS:
-            raise FormError(f"multipart body: expected at most {MAX_FIELDS} fields")
-    return pairs
-
-
 # --- the application ---------------------------------------------------------------
 
 
-class Refused(Exception):
+class SaveRefused(Exception):
     """Ends a save with ``status``; ``reason`` is safe to send and to log."""
 
     def __init__(self, status: str, reason: str, guest: bool = False) -> None:
@@ -316,7 +177,7 @@ class PasswordApp:
         paths: Paths,
         store: Store | None = None,
         is_own: IsOwnAddress = is_own_address,
-        counters: Counters | None = None,
+        counters: RefusalCounters | None = None,
         identify: Identify | None = None,
     ) -> None:
         self.paths = paths
@@ -324,7 +185,7 @@ class PasswordApp:
         self.is_own = is_own
         self.identify = identify or by_address(paths)
         self.cache = PasswordCache(paths.passwords)
-        self.counters = counters or Counters(paths, folder=paths.passwd_counters)
+        self.counters = counters or RefusalCounters(paths, folder=paths.passwd_counters)
         self.errors = GuestErrors(LOG)
         self.repeats = Throttle()
 
@@ -410,7 +271,7 @@ class PasswordApp:
     ) -> list[bytes]:
         try:
             vm = self.save(environ, caller)
-        except Refused as exc:
+        except SaveRefused as exc:
             if exc.guest:
                 self.errors.error(caller, "password save", outcome="refused: not from the VR")
             else:
@@ -422,24 +283,24 @@ class PasswordApp:
     def save(self, environ: dict[str, Any], caller: str) -> IPv4Address:
         source = vm_of(Source(caller))
         if source is None or not self.is_own(source):
-            raise Refused(
+            raise SaveRefused(
                 "403 Forbidden", "forbidden: saves are accepted from the VR only", guest=True
             )
         if environ.get("HTTP_DOMU_REQUEST") != SAVE:
-            raise Refused("400 Bad Request", f"bad_request: expected DomU_Request: {SAVE}")
+            raise SaveRefused("400 Bad Request", f"bad_request: expected DomU_Request: {SAVE}")
         fields = self._form(environ)
         missing = [k for k in ("ip", "password", "token") if k not in fields]
         if missing:
-            raise Refused("400 Bad Request", f"bad_request: missing form fields {missing}")
+            raise SaveRefused("400 Bad Request", f"bad_request: missing form fields {missing}")
         token = read_token(self.paths)
         if token is None or not hmac.compare_digest(
             fields["token"].encode("utf-8", "replace"), token.encode()
         ):
-            raise Refused("403 Forbidden", "forbidden: wrong token")
+            raise SaveRefused("403 Forbidden", "forbidden: wrong token")
         try:
             push = parse_vm_password({"ip_address": fields["ip"], "password": fields["password"]})
         except PayloadError as exc:  # the message never carries the password
-            raise Refused("400 Bad Request", f"bad_request: {exc}") from None
+            raise SaveRefused("400 Bad Request", f"bad_request: {exc}") from None
         # the passwords lock alone: a batch holding the store lock must not stall the worker
         self.store.save_password(push.ip, push.password)
         return push.ip
@@ -448,16 +309,18 @@ class PasswordApp:
         try:
             length = int(environ.get("CONTENT_LENGTH") or -1)
         except ValueError:
-            raise Refused("400 Bad Request", "bad_request: Content-Length not a number") from None
+            raise SaveRefused(
+                "400 Bad Request", "bad_request: Content-Length not a number"
+            ) from None
         if length > MAX_BODY:
-            raise Refused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
+            raise SaveRefused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
         body = environ["wsgi.input"].read(length if length >= 0 else MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            raise Refused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
+            raise SaveRefused("400 Bad Request", f"bad_request: body over {MAX_BODY} bytes")
         try:
             return parse_form(environ.get("CONTENT_TYPE", ""), body)
         except FormError as exc:
-            raise Refused("400 Bad Request", f"bad_request: {exc}") from None
+            raise SaveRefused("400 Bad Request", f"bad_request: {exc}") from None
 
 
 def _reply(

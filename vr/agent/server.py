@@ -49,6 +49,7 @@ from vr.agent.scp import ProtocolBroken, ScpSink
 from vr.agent.sftp import CacheSFTP, CacheSFTPServer, SftpContext
 from vr.applier import Pusher
 from vr.errors import shorten
+from vr.ops.metrics import Metrics
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class AgentContext:
     legacy_algorithms: bool = True
     """Offer the SHA-1 algorithms CloudStack's management server needs (last)."""
     stopping: threading.Event = field(default_factory=threading.Event)
+    metrics: Metrics | None = None
+    """Counts diagnostics (pushes are counted by a metered ``make_applier``)."""
 
 
 class Activity:

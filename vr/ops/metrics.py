@@ -49,7 +49,7 @@ def init(paths: Paths) -> None:
     os.makedirs(folder, exist_ok=True)
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def multiprocess() -> bool:
@@ -148,7 +148,7 @@ class Instrumented:
         metrics: Metrics,
         service: str,
         view: Callable[[dict[str, Any]], str],
-        after: Callable[[dict[str, Any], str, list[bytes]], None] | None = None,
+        after: Callable[[dict[str, Any], str, Iterable[bytes]], None] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -166,7 +166,7 @@ class Instrumented:
             )  # fmt: skip
 
         body = self.app(environ, recording)
-        if self.after is not None and isinstance(body, list):
+        if self.after is not None:
             self.after(environ, status[0], body)
         self.metrics.requests.labels(self.service, self.view(environ), status[0]).inc()
         return body
@@ -195,15 +195,17 @@ def password_view(environ: dict[str, Any]) -> str:
     return PASSWORD_VIEWS.get(environ.get("HTTP_DOMU_REQUEST", ""), "other")
 
 
-def password_events(metrics: Metrics) -> Callable[[dict[str, Any], str, list[bytes]], None]:
+def password_events(
+    metrics: Metrics,
+) -> Callable[[dict[str, Any], str, Iterable[bytes]], None]:
     """Counts fetches (served or none stored) and acknowledgements from the answers."""
     from vr.passwords.app import SAVED
 
     none = SAVED.encode()
 
-    def after(environ: dict[str, Any], status: str, body: list[bytes]) -> None:
+    def after(environ: dict[str, Any], status: str, body: Iterable[bytes]) -> None:
         view = password_view(environ)
-        if status != "200":
+        if status != "200" or not isinstance(body, list):
             return
         if view == "fetch":
             served = body != [none]
@@ -258,7 +260,13 @@ def read_samples(folder: Any) -> Samples:
     if not os.path.isdir(folder):
         return {}
     out: Samples = {}
-    for family in MultiProcessCollector(None, path=str(folder)).collect():
+    collector = MultiProcessCollector(None, path=str(folder))  # type: ignore[no-untyped-call]
+    for family in collector.collect():  # type: ignore[no-untyped-call]
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def metered(make: Callable[[Paths], Any], metrics: Metrics) -> Callable[[Paths], Any]:
+    """The agent's applier factory, each applier counted by :class:`MeteredPusher`."""
+    return lambda paths: MeteredPusher(make(paths), metrics)

@@ -326,14 +326,14 @@ class Supervisor:
         try:
             new = config.load(self.paths)
         except VRError as exc:
-            LOG.error("%s edit refused, the running configuration stays: %s", self.paths.config, exc)
+            LOG.error(
+                "%s edit refused, the running configuration stays: %s", self.paths.config, exc
+            )
             return False
         todo = plan(self.cfg, new, [s.name for s in self.services])
         if not todo.changed:
             return False
-        LOG.info(
-            "%s changed (%s): %s", self.paths.config, ", ".join(todo.changed), todo.describe()
-        )
+        LOG.info("%s changed (%s): %s", self.paths.config, ", ".join(todo.changed), todo.describe())
         if todo.firewall and self.firewall is not None:
             try:
                 res = subp.run_stoppable(
@@ -373,8 +373,10 @@ class Supervisor:
         changed = False
         for svc in self.services:
             changed |= self._check(svc, now)
-            if svc.down_since is not None and svc.pid is not None and port_answers(
-                svc.port, svc.host
+            if (
+                svc.down_since is not None
+                and svc.pid is not None
+                and port_answers(svc.port, svc.host)
             ):
                 svc.down_since = None
                 changed = True

@@ -38,6 +38,7 @@ from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
 from vr.agent.requests import (
     SHELL,
+    Diagnostic,
     ApplyCfg,
     ExecRefused,
     ExecRequest,
@@ -420,10 +421,28 @@ class AgentServer(paramiko.ServerInterface):
             return code
         if isinstance(request, ScpTarget):
             return self._scp(chan, request)
+        if isinstance(request, Diagnostic):
+            return self._diagnose(chan, request, out, err)
         assert isinstance(request, ExecRefused)
         LOG.warning("refused request from %s: %s", self.peer, request.reason)
         err.write(f"vr-agent: {request.reason}\n")
         return request.code
+
+    def _diagnose(
+        self, chan: Channel, request: Diagnostic, out: ChannelText, err: ChannelText
+    ) -> int:
+        from vr.ops import diagrun
+
+        LOG.info("%s: diagnostic %s", self.peer, request.kind)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.diagnostics.labels(request.kind).inc()
+        transport = self.transport
+
+        def stopped() -> bool:
+            gone = chan.closed or (transport is not None and not transport.is_active())
+            return gone or self.ctx.stopping.is_set()
+
+        return diagrun.run(request, self.ctx.paths, out, err, stopped)
 
     def _scp(self, chan: Channel, request: ScpTarget) -> int:
         chan.settimeout(self.ctx.limits.idle_timeout)

@@ -125,8 +125,8 @@ class Metrics:
         )
         self.diagnostics = Counter(
             "vr_diagnostics",
-            "Read-only diagnostic commands over SSH, by result",
-            ["result"],
+            "Read-only diagnostic commands run over SSH, by command",
+            ["command"],
             registry=r,
         )
 

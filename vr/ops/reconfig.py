@@ -83,9 +83,7 @@ class Watcher:
     quiet for :data:`SETTLE` seconds, each once per burst of events.
     """
 
-    def __init__(
-        self, files: Iterable[Path], clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, files: Iterable[Path], clock: Callable[[], float] = time.monotonic) -> None:
         self.files = {Path(f) for f in files}
         self._clock = clock
         self._lock = threading.Lock()

@@ -137,9 +137,7 @@ class ApplianceCollector:
             restarts.add_metric([name, "reconfigure"], float(svc.get("reconfigured", 0)))
         yield up
         yield restarts
-        health = GaugeMetricFamily(
-            "vr_health", "1 for the current health state", labels=["state"]
-        )
+        health = GaugeMetricFamily("vr_health", "1 for the current health state", labels=["state"])
         for state in ("ready", "degraded", "down"):
             health.add_metric([state], 1.0 if st["health"]["state"] == state else 0.0)
         yield health
@@ -166,7 +164,8 @@ def health_body(paths: Paths) -> tuple[int, bytes]:
         **st["health"],
         "services": {
             name: {
-                k: svc.get(k) for k in ("up", "pid", "port", "restarts", "reconfigured", "down_since")
+                k: svc.get(k)
+                for k in ("up", "pid", "port", "restarts", "reconfigured", "down_since")
             }
             for name, svc in sorted(st["supervisor"].get("services", {}).items())
         },

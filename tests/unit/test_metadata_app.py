@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +19,6 @@ from werkzeug.test import TestResponse
 
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
-from vr.metadata import counters as metadata_counters
 from vr.metadata.app import create_app
 from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER
 from vr.paths import Paths

@@ -38,8 +38,8 @@ from vr.agent.keys import AuthorizedKeys, LegacyRSAKey
 from vr.agent.limits import AgentLimits, AuthThrottle
 from vr.agent.requests import (
     SHELL,
-    Diagnostic,
     ApplyCfg,
+    Diagnostic,
     ExecRefused,
     ExecRequest,
     ScpTarget,

@@ -19,6 +19,7 @@ address, a file name or anything a guest chooses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -66,10 +67,8 @@ def clean(folder: Any) -> None:
         return
     for n in names:
         if n.endswith(".db"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, n))
-            except FileNotFoundError:
-                pass
 
 
 def push_type(name: str) -> str:

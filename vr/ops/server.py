@@ -180,7 +180,7 @@ class OpsHandler(BaseHTTPRequestHandler):
     server_version = "vr-ops"
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":

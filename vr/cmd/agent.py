@@ -118,7 +118,7 @@ def _agent(args: argparse.Namespace) -> int:
     if not cfg.ssh_legacy_algorithms:
         LOG.info("ssh_legacy_algorithms is off: SHA-1 clients (CloudStack's Trilead) are refused")
     ctx = build_context(paths, limits, cfg.ssh_legacy_algorithms)
-    ctx.metrics = metrics.Metrics()
+    ctx.metrics = metrics.process_metrics()
     ctx.make_applier = metrics.metered(ctx.make_applier, ctx.metrics)
     agent = Agent(ctx, listen)
     agent.install_signals()

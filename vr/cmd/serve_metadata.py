@@ -91,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def worker_app() -> Any:
         """Per worker (after fork): the application, counted by view and status."""
-        m = metrics.Metrics()
+        m = metrics.process_metrics()
         app = create_app(
             paths, counters=metadata_counters.Counters(paths, m), warm=warm, token_key=token_key
         )

@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def worker_app() -> Any:
         """Per worker (after fork): the application, counted by view and status."""
-        m = metrics.Metrics()
+        m = metrics.process_metrics()
         return metrics.Instrumented(
             make_app(paths), m, "passwords", metrics.password_view, metrics.password_events(m)
         )

@@ -15,7 +15,7 @@ import shutil
 
 from prometheus_client import CollectorRegistry
 
-from vr.ops.metrics import Metrics, multiprocess, read_samples
+from vr.ops.metrics import Metrics, multiprocess, process_metrics, read_samples
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Counters:
 
     def __init__(self, paths: Paths, metrics: Metrics | None = None) -> None:
         if metrics is None:
-            metrics = Metrics(None if multiprocess() else CollectorRegistry())
+            metrics = process_metrics() if multiprocess() else Metrics(CollectorRegistry())
         self.metrics = metrics
 
     def count_forwarded(self) -> None:

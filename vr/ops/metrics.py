@@ -240,12 +240,28 @@ class MeteredPusher:
         return self._timed("cfg", lambda: int(self.inner.apply_cfg(args, out, err)))
 
 
+_PROCESS: dict[int, Metrics] = {}
+
+
+def process_metrics() -> Metrics:
+    """This process's one :class:`Metrics` in multiprocess mode (made on first use,
+    again after a fork). One per process, not one per caller: each metric object
+    keeps its own running value of a file entry and writes it back whole, so two
+    objects counting the same labels in one process would overwrite each other."""
+    pid = os.getpid()
+    m = _PROCESS.get(pid)
+    if m is None:
+        _PROCESS.clear()  # a parent's, inherited through fork
+        m = _PROCESS[pid] = Metrics()
+    return m
+
+
 def refusal_counter() -> Callable[[str], None]:
     """``count(reason)`` for a gunicorn worker: into the shared files when
     :func:`init` ran before the fork, else nothing (unit tests of the worker)."""
     if not multiprocess():
         return lambda reason: None
-    return Metrics().count_refused
+    return process_metrics().count_refused
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -97,8 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         cache = app.extensions["vr.metadata.vmcache"]
 
+        held = [-1]
+
         def after(environ: Any, status: str, body: Any) -> None:
-            m.metadata_cache_vms.set(len(cache))
+            if len(cache) != held[0]:  # a write only when the cache grew or shrank
+                held[0] = len(cache)
+                m.metadata_cache_vms.set(held[0])
 
         return metrics.Instrumented(app, m, "metadata", metrics.metadata_view, after)
 

@@ -154,6 +154,7 @@ class Instrumented:
         self.service = service
         self.view = view
         self.after = after
+        self._children: dict[tuple[str, str], Any] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         status = ["000"]
@@ -167,7 +168,11 @@ class Instrumented:
         body = self.app(environ, recording)
         if self.after is not None:
             self.after(environ, status[0], body)
-        self.metrics.requests.labels(self.service, self.view(environ), status[0]).inc()
+        key = (self.view(environ), status[0])
+        child = self._children.get(key)
+        if child is None:  # labels() costs a lock and a dict build: once per series
+            child = self._children[key] = self.metrics.requests.labels(self.service, *key)
+        child.inc()
         return body
 
 

@@ -10,7 +10,9 @@ in output".
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -247,25 +249,33 @@ def test_tail_follows_the_log_until_the_client_leaves(sb: Sandbox) -> None:
         f"root@{VR_CONTROL_IP}", "tail -f /var/log/cloud.log",
     ]  # fmt: skip
     follower = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
+    seen: list[str] = []
+
+    def read() -> None:
         assert follower.stdout is not None
-        marker = "X-Forwarded-For: 10.9.8.7"
-        seen: list[str] = []
-        g = sb.guests[1]
-        # a line written after the follower started: the refusal of a forwarded request
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("forwarding header" in s for s in seen):
-            curl_code(sb, g.role, f"http://{METADATA_IP}/latest/instance-id", "-H", marker)
-            line = follower.stdout.readline()
+        for line in follower.stdout:
             seen.append(line)
-        assert any("forwarding header" in s for s in seen)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        g = sb.guests[1]
+        path = f"/latest/follow-{secrets.token_hex(4)}"  # in no line before this test
+
+        def refusal_followed() -> bool:
+            # a line written after the follower started: the refusal of a forwarded request
+            curl_code(sb, g.role, f"http://{METADATA_IP}{path}", "-H", "Forwarded: for=x")
+            return any(path in line for line in list(seen))
+
+        _wait(refusal_followed, "the follower printed a line logged after it started")
     finally:
         follower.terminate()
         follower.wait(10)
-    # the agent's follower ended with the client: no diagnostic is left running
+        reader.join(10)
+    # the agent's follower ends with the client, it is not left running
     _wait(
-        lambda: "diagnostic tail_follow" in sb.paths.log_file.read_text(),
-        "the follower was logged",
+        lambda: "diagnostic tail_follow ended with 0" in sb.paths.log_file.read_text(),
+        "the follower ended",
     )
 
 

@@ -442,7 +442,9 @@ class AgentServer(paramiko.ServerInterface):
             gone = chan.closed or (transport is not None and not transport.is_active())
             return gone or self.ctx.stopping.is_set()
 
-        return diagrun.run(request, self.ctx.paths, out, err, stopped)
+        code = diagrun.run(request, self.ctx.paths, out, err, stopped)
+        LOG.info("%s: diagnostic %s ended with %d", self.peer, request.kind, code)
+        return code
 
     def _scp(self, chan: Channel, request: ScpTarget) -> int:
         chan.settimeout(self.ctx.limits.idle_timeout)

@@ -74,10 +74,6 @@ class Diagnostic:
     ips: tuple[IPv4Address, ...] = ()
     lines: int = DEFAULT_LINES
 
-    @property
-    def label(self) -> str:
-        return self.kind
-
 
 @dataclass(frozen=True)
 class NotAllowed:

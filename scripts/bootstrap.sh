@@ -6,13 +6,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 # libtrilead-ssh2-java and a JDK: the tests push with CloudStack's own Java SSH library
+# net-tools: `netstat -tulpn` is one of the diagnostics an operator types over SSH
 # openvswitch-switch and ethtool: the hypervisor mode (vr hypervisor) and its tests, which
 # run their own ovsdb-server/ovs-vswitchd (userspace datapath), never the system service
 packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           openssh-client openssh-server curl wget cloud-init debootstrap
           libtrilead-ssh2-java openjdk-17-jdk-headless
           openvswitch-switch ethtool
-          dnsmasq-base dnsmasq-utils isc-dhcp-client dnsutils)
+          dnsmasq-base dnsmasq-utils isc-dhcp-client dnsutils
+          net-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

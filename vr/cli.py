@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "vr.cmd.serve_passwords",
     "vr.cmd.hypervisor",
     "vr.cmd.serve_dhcp",
+    "vr.cmd.serve_ops",
 ]
 
 

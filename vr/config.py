@@ -39,6 +39,9 @@ class Config:
     userdata_max_bytes: int = 1024 * 1024
     """Decoded user-data bound per VM (CloudStack's ``vm.userdata.max.length`` allows
     1 MiB of base64); raise it here when the management server allows more."""
+    metrics_port: int = 9180
+    """Prometheus metrics and health (``vr serve-ops``): reachable only on the control
+    device and ``lo`` (the firewall drops it everywhere else)."""
 
 
 USERDATA_MAX_RANGE = (1024, 32 * 1024 * 1024)
@@ -55,6 +58,7 @@ RANGES: dict[str, tuple[tuple[int, int], str]] = {
     "metadata_workers": (WORKERS_RANGE, "a number of worker processes"),
     "password_workers": (WORKERS_RANGE, "a number of worker processes"),
     "userdata_max_bytes": (USERDATA_MAX_RANGE, "a number of bytes"),
+    "metrics_port": (PORT_RANGE, "a TCP port"),
 }
 """Integer settings and the values they may take (inclusive)."""
 
@@ -112,11 +116,10 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             raise ConfigError(f"{where}: {key}={value!r}: expected {what} from {low} to {high}")
     ports = {"ssh_port": cfg.ssh_port, "metadata_port": cfg.metadata_port}
     ports["password_port"] = cfg.password_port
+    ports["metrics_port"] = cfg.metrics_port
     if len(set(ports.values())) < len(ports):
-        raise ConfigError(
-            f"{where}: ssh_port={cfg.ssh_port}, metadata_port={cfg.metadata_port}, "
-            f"password_port={cfg.password_port}: expected three different ports"
-        )
+        shown = ", ".join(f"{k}={v}" for k, v in ports.items())
+        raise ConfigError(f"{where}: {shown}: expected {len(ports)} different ports")
     try:
         IPv4Address(cfg.ssh_listen)
     except ValueError:

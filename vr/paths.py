@@ -150,14 +150,10 @@ class Paths:
         return self.run / "up.lock"
 
     @property
-    def metadata_counters(self) -> Path:
-        """Per-worker counter files of the metadata service (``<pid>.json``)."""
-        return self.run / "metadata"
-
-    @property
-    def passwd_counters(self) -> Path:
-        """Per-worker counter files of the password service (``<pid>.json``)."""
-        return self.run / "passwd"
+    def metrics(self) -> Path:
+        """prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``) of
+        every service of this root; ``vr up`` empties it when it starts."""
+        return self.run / "metrics"
 
     # --- configuration ---------------------------------------------------------------
     @property

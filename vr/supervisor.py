@@ -6,6 +6,12 @@ so a signal during start-up is acted on at once too. Each service is a child pro
 (``python -m vr <service>``) in its own process group, started with a parent-death
 signal so that even a SIGKILLed supervisor leaves no orphans. A crashed child is
 restarted with exponential backoff.
+
+Edits of ``vr.json`` and ``authorized_keys`` are noticed by a watchdog thread that
+only records them (:class:`vr.ops.reconfig.Watcher`); the loop validates the new
+configuration, keeps the running one if it is invalid, and otherwise restarts only
+the services whose own settings changed and re-applies the firewall when its rules
+do (:func:`vr.ops.reconfig.plan`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from vr import atomic, subp
 from vr.config import Config
@@ -62,6 +69,10 @@ class Service:
     """Where readiness is probed: the address the service binds (any -> loopback)."""
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    reconfigured: int = 0
+    """Restarts because its settings in ``vr.json`` changed (not counted in ``restarts``)."""
+    down_since: float | None = None
+    """Wall-clock time it stopped answering; None while it answers."""
     started: float = 0.0
     next_start: float = 0.0
     backoff: float = BACKOFF_START
@@ -137,6 +148,11 @@ def _http_services(vr: list[str], root: list[str], cfg: Config, listen: str) -> 
             ],
             cfg.password_port,
         ),
+        Service(
+            "ops",
+            [*vr, "serve-ops", *root, "--bind", f"0.0.0.0:{cfg.metrics_port}"],
+            cfg.metrics_port,
+        ),
     ]
 
 
@@ -210,6 +226,8 @@ class Supervisor:
     kill_group: KillGroup = _kill_group
     _signal: int | None = None
     _ready: bool = False
+    _watcher: Any = None
+    _started: float = 0.0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
@@ -225,13 +243,20 @@ class Supervisor:
         with single_instance(self.paths):
             if not self.services:
                 self.services = services_for(self.paths, self.cfg)
+            self._started = time.time()
+            for svc in self.services:
+                svc.down_since = self._started
+            self._metrics_folder()
             try:
                 self._write_status()  # starting: every service down
                 if self._firewall_step():
+                    self._watch()
                     self._loop()
                 else:
                     LOG.info("received signal %d during the firewall step, stopping", self._signal)
             finally:
+                if self._watcher is not None:
+                    self._watcher.stop()
                 self._stop_all()
                 self._write_status(stopped=True)
         LOG.info("vr up stopped")
@@ -254,13 +279,112 @@ class Supervisor:
         LOG.info("firewall applied from the config and the saved pushes")
         return self._signal is None
 
+    def _metrics_folder(self) -> None:
+        """Every service counts into this root's metrics folder, emptied now: the
+        figures are "since this vr up started" (see :mod:`vr.ops.metrics`)."""
+        from vr.ops import metrics
+
+        self.paths.metrics.mkdir(parents=True, exist_ok=True)
+        metrics.clean(self.paths.metrics)
+        os.environ[metrics.ENV] = str(self.paths.metrics)
+
+    def _watch(self) -> None:
+        from vr.ops.reconfig import Watcher
+
+        watcher = Watcher([self.paths.config, self.paths.authorized_keys])
+        try:
+            watcher.start()
+        except OSError as exc:
+            LOG.error("cannot watch %s: %s; edits need a restart", self.paths.etc, exc)
+            return
+        self._watcher = watcher
+
     def _loop(self) -> None:
         while self._signal is None:
             changed = self.step(time.monotonic())
+            if self._watcher is not None:
+                for path in self._watcher.due():
+                    changed |= self._edited(path)
             if changed:
                 self._write_status()
             time.sleep(0.1)
         LOG.info("received signal %d, stopping", self._signal)
+
+    def _edited(self, path: Path) -> bool:
+        """A watched file changed (and settled): act on it; whether services changed."""
+        if path == self.paths.authorized_keys:
+            self._keys_edited()
+            return False
+        return self.reconfigure()
+
+    def _keys_edited(self) -> None:
+        # The agent checks the file at every login; this line is the operator's record.
+        from vr.agent.keys import parse_authorized_keys
+
+        try:
+            parsed = parse_authorized_keys(self.paths.authorized_keys.read_text("utf-8", "replace"))
+        except FileNotFoundError:
+            LOG.warning("%s removed: no key can log in", self.paths.authorized_keys)
+            return
+        except OSError as exc:
+            LOG.error("cannot read %s: %s", self.paths.authorized_keys, exc.strerror)
+            return
+        LOG.info(
+            "%s changed: %d keys may log in from the next login on%s",
+            self.paths.authorized_keys,
+            len(parsed.blobs),
+            f" ({len(parsed.problems)} lines ignored)" if parsed.problems else "",
+        )
+
+    def reconfigure(self) -> bool:
+        """Follow an edited ``vr.json``; an invalid one changes nothing. Whether any
+        service was restarted."""
+        from vr import config
+        from vr.ops.reconfig import plan
+
+        try:
+            new = config.load(self.paths)
+        except VRError as exc:
+            LOG.error(
+                "%s edit refused, the running configuration stays: %s", self.paths.config, exc
+            )
+            return False
+        todo = plan(self.cfg, new, [s.name for s in self.services])
+        if not todo.changed:
+            return False
+        LOG.info("%s changed (%s): %s", self.paths.config, ", ".join(todo.changed), todo.describe())
+        if todo.firewall and self.firewall is not None:
+            try:
+                res = subp.run_stoppable(
+                    self.firewall,
+                    stop=lambda: self._signal is not None,
+                    timeout=FIREWALL_TIMEOUT,
+                    ok_codes=range(256),
+                )
+            except VRError as exc:
+                LOG.error("firewall not re-applied: %s", exc)
+                res = None
+            if res is not None and res.code != 0:
+                LOG.error("firewall not re-applied: %s", (res.stderr or res.stdout).strip())
+            elif res is not None:
+                LOG.info("firewall re-applied for the edited configuration")
+        self.cfg = new
+        fresh = {s.name: s for s in services_for(self.paths, new)}
+        for svc in self.services:
+            if svc.name in todo.restart and svc.name in fresh:
+                self._stop(svc)
+                svc.argv, svc.port, svc.host = (
+                    fresh[svc.name].argv,
+                    fresh[svc.name].port,
+                    fresh[svc.name].host,
+                )
+                svc.reconfigured += 1
+                svc.next_start = 0.0
+                svc.down_since = time.time()
+                LOG.info("restarting service %s for its new settings", svc.name)
+        if todo.restart:
+            self._ready = False
+        return bool(todo.restart)
 
     def step(self, now: float) -> bool:
         """Check every service once at time ``now``: restart what is due; whether
@@ -268,6 +392,13 @@ class Supervisor:
         changed = False
         for svc in self.services:
             changed |= self._check(svc, now)
+            if (
+                svc.down_since is not None
+                and svc.pid is not None
+                and port_answers(svc.port, svc.host)
+            ):
+                svc.down_since = None
+                changed = True
         if not self._ready and all(
             s.pid is not None and port_answers(s.port, s.host) for s in self.services
         ):
@@ -298,6 +429,7 @@ class Supervisor:
             svc.proc = None
             svc.next_start = now + delay
             svc.restarts += 1
+            svc.down_since = time.time()
             self._ready = False
             return True
         if now < svc.next_start:
@@ -306,6 +438,22 @@ class Supervisor:
         svc.started = now
         LOG.info("started service %s (pid %d)", svc.name, svc.proc.pid)
         return True
+
+    def _stop(self, svc: Service) -> None:
+        """Stop one service (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`)."""
+        if svc.proc is None:
+            return
+        if svc.proc.poll() is None:
+            self.kill_group(svc.proc.pid, signal.SIGTERM)
+            try:
+                svc.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                LOG.warning("service %s (pid %d) ignored SIGTERM; killing", svc.name, svc.proc.pid)
+                self.kill_group(svc.proc.pid, signal.SIGKILL)
+                svc.proc.wait()
+        self.kill_group(svc.proc.pid, signal.SIGKILL)
+        LOG.info("stopped service %s", svc.name)
+        svc.proc = None
 
     def _stop_all(self) -> None:
         running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
@@ -331,6 +479,7 @@ class Supervisor:
             "ready": self._ready and not stopped,
             "stopped": stopped,
             "time": time.time(),
+            "started": self._started,
             "services": {
                 s.name: {
                     "pid": None if stopped else s.pid,
@@ -338,6 +487,8 @@ class Supervisor:
                     "host": s.host,
                     "port": s.port,
                     "restarts": s.restarts,
+                    "reconfigured": s.reconfigured,
+                    "down_since": s.down_since,
                 }
                 for s in self.services
             },

@@ -414,14 +414,14 @@ def test_bad_inputs_are_answered_and_every_worker_keeps_serving(setup: Setup) ->
 def test_forwarded_requests_are_refused_with_403_and_counted_in_status(setup: Setup) -> None:
     password = new_password()
     push(setup.paths, VM1, password)
-    before = totals(setup.paths, setup.paths.passwd_counters)["forwarded_refused"]
+    before = totals(setup.paths, "passwords")["forwarded_refused"]
     get = b"GET / HTTP/1.1\r\nHost: x\r\nDomU_Request: send_my_password\r\n"
     for header in (b"X-Forwarded-For: 10.9.9.9", b"Forwarded: for=10.9.9.9"):
         res = setup.raw(get + header + b"\r\nConnection: close\r\n\r\n")
         assert res["status_line"] == "HTTP/1.1 403 Forbidden"
         assert res["fp"] != fp(password)
     deadline = time.monotonic() + 10  # each worker writes its count within a second
-    while totals(setup.paths, setup.paths.passwd_counters)["forwarded_refused"] < before + 2:
+    while totals(setup.paths, "passwords")["forwarded_refused"] < before + 2:
         assert time.monotonic() < deadline, "the refusals were not counted"
         time.sleep(0.05)
     assert setup.body("send_my_password") == fp(password)  # not forwarded: served

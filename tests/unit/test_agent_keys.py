@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from vr.agent.keys import AuthorizedKeys, load_host_keys, parse_authorized_keys
+from vr.agent.keys import RACY_NS, AuthorizedKeys, load_host_keys, parse_authorized_keys
 from vr.paths import Paths
 
 
@@ -60,6 +60,37 @@ def test_authorized_keys_are_reread_when_the_file_changes(tmp_path: Path) -> Non
     assert keys.allows(second) and not keys.allows(first)
     path.unlink()
     assert not keys.allows(second)
+
+
+def test_a_key_swapped_within_one_file_time_tick_is_still_noticed(tmp_path: Path) -> None:
+    """Same size, same inode, same mtime (restored): only the racy re-read sees it."""
+    first = paramiko.RSAKey.generate(1024)
+    second = paramiko.RSAKey.generate(1024)
+    path = tmp_path / "authorized_keys"
+    path.write_text(f"ssh-rsa {first.get_base64()} k\n")
+    st = os.stat(path)
+    keys = AuthorizedKeys(path, clock_ns=lambda: st.st_mtime_ns + 1000)
+    assert keys.allows(first)
+    with open(path, "r+") as f:  # in place, same length
+        f.write(f"ssh-rsa {second.get_base64()} k\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    assert keys.allows(second) and not keys.allows(first)
+
+
+def test_a_file_older_than_the_racy_window_is_not_read_at_every_login(tmp_path: Path) -> None:
+    """The counterpart: past the window the stat signature alone decides (one stat
+    per login), so the same in-place swap with the mtime restored goes unseen."""
+    first, second = paramiko.RSAKey.generate(1024), paramiko.RSAKey.generate(1024)
+    path = tmp_path / "authorized_keys"
+    path.write_text(f"ssh-rsa {first.get_base64()} k\n")
+    st = os.stat(path)
+    keys = AuthorizedKeys(path, clock_ns=lambda: st.st_mtime_ns + 10 * RACY_NS)
+    assert keys.allows(first)
+    with open(path, "r+") as f:
+        f.write(f"ssh-rsa {second.get_base64()} k\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert keys.allows(first)
 
 
 def test_host_keys_are_created_private_and_reused(paths: Paths) -> None:

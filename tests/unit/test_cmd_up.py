@@ -79,7 +79,8 @@ def test_status_prints_services_vms_networks_and_the_last_push(
     push_networks(paths, ("eth0", "10.1.1.1", "10.1.1.0/24"))
     record_push(paths, True, "VM 10.1.1.10: changed instance-id deleted -")
     with single_instance(paths):  # as the running vr up holds it
-        assert main(["status", "--root", str(paths.root)]) == 0
+        # degraded: one service does not answer
+        assert main(["status", "--root", str(paths.root)]) == 1
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(PUSH_TIME))
     assert capsys.readouterr().out.splitlines() == [
         f"vr up: ready (pid {os.getpid()})",
@@ -89,6 +90,7 @@ def test_status_prints_services_vms_networks_and_the_last_push(
         "metadata requests refused for X-Forwarded-For/Forwarded: 0",
         "password requests refused for X-Forwarded-For/Forwarded: 0",
         f"last push: {when} vm_metadata.json ok: VM 10.1.1.10: changed instance-id deleted -",
+        "health: degraded: passwords down since ?",
     ]
 
 
@@ -104,16 +106,17 @@ def test_status_of_a_stopped_vr_up_with_a_failed_push(
     }
     (paths.run / "status.json").write_text(json.dumps(stopped))
     record_push(paths, False, "vm_metadata.json: vm_ip_address='x': expected an IPv4 address")
-    assert main(["status", "--root", str(paths.root)]) == 0
+    assert main(["status", "--root", str(paths.root)]) == 2  # down
     out = capsys.readouterr().out.splitlines()
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(PUSH_TIME))
     assert out[0] == "vr up: stopped"
     assert out[1] == "  agent      down  port 3922  pid -        restarts 1"
     assert out[2] == "VMs: 0  guest networks: 0"
-    assert out[-1] == (
+    assert out[-2] == (
         f"last push: {when} vm_metadata.json FAILED: "
         "vm_metadata.json: vm_ip_address='x': expected an IPv4 address"
     )
+    assert out[-1] == "health: down: vr up is not running"
 
 
 def test_status_left_by_a_killed_vr_up_is_reported_stopped_not_ready(
@@ -139,6 +142,7 @@ def test_status_without_any_vr_up_or_push(paths: Paths) -> None:
         "metadata requests refused for X-Forwarded-For/Forwarded: 0",
         "password requests refused for X-Forwarded-For/Forwarded: 0",
         "last push: none",
+        "health: down: vr up is not running",
     ]
 
 

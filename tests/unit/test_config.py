@@ -118,7 +118,19 @@ def test_a_boolean_is_not_taken_for_a_number(paths: Paths) -> None:
 
 def test_two_services_on_one_port_are_refused(paths: Paths) -> None:
     paths.config.write_text(json.dumps({"metadata_port": 8080}))
-    with pytest.raises(ConfigError, match="expected three different ports"):
+    with pytest.raises(ConfigError, match="expected 4 different ports"):
+        config.load(paths)
+
+
+def test_the_metrics_port_must_differ_from_the_service_ports(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metrics_port": 3922}))
+    with pytest.raises(ConfigError, match="metrics_port=3922: expected 4 different ports"):
+        config.load(paths)
+
+
+def test_the_metrics_port_is_range_checked(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"metrics_port": 70000}))
+    with pytest.raises(ConfigError, match="metrics_port=70000: expected a TCP port"):
         config.load(paths)
 
 

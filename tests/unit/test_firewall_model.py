@@ -57,7 +57,7 @@ def test_nothing_is_redirected_or_accepted_on_control_or_public_interfaces() -> 
     assert all(r.in_interface == "eth0" for r in rules(rs, NAT_CHAIN))
     accepts = [r for r in rules(rs, INPUT_CHAIN) if r.target == "ACCEPT"]
     eth1 = [r for r in accepts if r.in_interface == "eth1"]
-    assert [r.dports for r in eth1] == [(3922,)]
+    assert [r.dports for r in eth1] == [(3922,), (9180,)]
     assert not [r for r in accepts if r.in_interface == "eth2"]
 
 
@@ -75,14 +75,14 @@ def test_guarded_ports_are_dropped_last_and_other_ports_fall_through() -> None:
     last = rules(rs, INPUT_CHAIN)[-1]
     assert last.target == "DROP"
     assert last.in_interface is None and last.source is None
-    assert last.dports == (80, 3922, 8080)
+    assert last.dports == (80, 3922, 8080, 9180)
 
 
 def test_cloudstack_ports_stay_guarded_when_the_services_use_other_ports() -> None:
     rs = desired(Config(metadata_port=8000, password_port=8001, ssh_port=2222), [GUEST], [])
     last = rules(rs, INPUT_CHAIN)[-1]
     assert last.target == "DROP"
-    assert last.dports == (80, 2222, 3922, 8000, 8001, 8080)
+    assert last.dports == (80, 2222, 3922, 8000, 8001, 8080, 9180)
 
 
 def test_a_pushed_removal_takes_away_the_configured_network_on_that_device() -> None:
@@ -93,7 +93,11 @@ def test_a_pushed_removal_takes_away_the_configured_network_on_that_device() -> 
 
 def test_ssh_and_services_are_accepted_on_loopback_first() -> None:
     first = rules(desired(Config(), [], []), INPUT_CHAIN)[0]
-    assert (first.target, first.in_interface, first.dports) == ("ACCEPT", "lo", (80, 3922, 8080))
+    assert (first.target, first.in_interface, first.dports) == (
+        "ACCEPT",
+        "lo",
+        (80, 3922, 8080, 9180),
+    )
 
 
 def test_a_dhcp_entry_drops_its_address_from_other_macs_before_any_accept() -> None:
@@ -200,3 +204,13 @@ def test_render_shows_hooks_and_rules_like_iptables_save() -> None:
         '--comment "vr: eth0 metadata 169.254.169.254:80" -j DNAT --to-destination 10.1.1.1:80'
     ) in text
     assert "-m mac ! --mac-source 02:00:00:00:00:0a" in text
+
+
+def test_metrics_are_accepted_on_the_control_device_only_and_dropped_elsewhere() -> None:
+    cfg = Config(control_device="eth1", public_devices=("eth2",), metrics_port=9300)
+    chain = rules(desired(cfg, [GUEST], []), INPUT_CHAIN)
+    offered = [r for r in chain if r.target == "ACCEPT" and 9300 in r.dports]
+    assert [r.in_interface for r in offered] == ["lo", "eth1"]
+    assert chain[-1].target == "DROP" and 9300 in chain[-1].dports
+    guest = [r for r in chain if r.in_interface == "eth0"]
+    assert all(9300 not in r.dports for r in guest)

@@ -1,128 +1,76 @@
-"""Counter files: written rarely, summed across workers, reset per service run."""
+"""Refusal counts live in prometheus-client's multiprocess files, shared by every
+worker, and ``totals`` (read by ``vr status``) sums them."""
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable
+import multiprocessing
+import os
+from pathlib import Path
 
-from vr.metadata import counters as metadata_counters
-from vr.metadata.counters import FLUSH_INTERVAL, RefusalCounters
+from vr.metadata import counters
+from vr.ops import metrics
 from vr.paths import Paths
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeTimer:
-    def __init__(self, delay: float, fn: Callable[[], None]) -> None:
-        self.delay = delay
-        self.fn = fn
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
+def _refuse_in_a_worker(root: str, n: int) -> None:
+    """A forked process counting as a gunicorn worker does (after init)."""
+    paths = Paths(Path(root))
+    metrics.init(paths)
+    c = counters.RefusalCounters(paths)
+    for _ in range(n):
+        c.count_forwarded()
 
 
-class FakeTimers:
-    """Records armed timers; the test fires them."""
-
-    def __init__(self) -> None:
-        self.armed: list[FakeTimer] = []
-
-    def __call__(self, delay: float, fn: Callable[[], None]) -> FakeTimer:
-        self.armed.append(FakeTimer(delay, fn))
-        return self.armed[-1]
-
-    def fire(self) -> None:
-        timer = self.armed.pop(0)
-        assert not timer.cancelled, "fired a cancelled timer"
-        timer.fn()
+def _run_worker(root: Path, n: int) -> int:
+    # spawn: a fresh interpreter, as unrelated to the test process as a worker is
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_refuse_in_a_worker, args=(str(root), n))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert p.pid is not None
+    return p.pid
 
 
-def test_first_count_is_written_at_once_and_later_ones_batched(paths: Paths) -> None:
-    c = RefusalCounters(paths, pid=11, start_timer=FakeTimers())
-    c.count_forwarded()
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 1}
-    c.count_forwarded()
-    c.count_forwarded()
-    assert c.dirty
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 1}
-    c.flush(force=True)
-    assert not c.dirty
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 3}
-
-
-def test_totals_sum_workers_and_skip_broken_files(paths: Paths) -> None:
-    RefusalCounters(paths, pid=1).count_forwarded()
-    c2 = RefusalCounters(paths, pid=2)
-    c2.count_forwarded()
-    (paths.metadata_counters / "3.json").write_text("{not json")
-    (paths.metadata_counters / "4.json").write_text(json.dumps({"forwarded_refused": "x"}))
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 2}
-
-
-def test_reset_forgets_an_earlier_run(paths: Paths) -> None:
-    RefusalCounters(paths, pid=1).count_forwarded()
-    metadata_counters.reset(paths)
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 0}
+def test_totals_sum_the_refusals_of_every_worker_including_exited_ones(paths: Paths) -> None:
+    pids = {_run_worker(paths.root, 2), _run_worker(paths.root, 3)}
+    assert counters.totals(paths) == {"forwarded_refused": 5}
+    files = {f for f in os.listdir(paths.metrics) if f.endswith(".db")}
+    assert {f"counter_{pid}.db" for pid in pids} <= files
 
 
 def test_totals_without_any_file_are_zero(paths: Paths) -> None:
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 0}
+    assert counters.totals(paths) == {"forwarded_refused": 0}
 
 
-def test_a_refusal_within_the_interval_is_written_when_it_ends_without_another_request(
-    paths: Paths,
-) -> None:
-    clock, timers = FakeClock(), FakeTimers()
-    c = RefusalCounters(paths, pid=12, start_timer=timers, clock=clock)
-    c.count_forwarded()  # the first: written at once, no timer
-    assert timers.armed == []
-    clock.now += 0.25
-    c.count_forwarded()
-    c.count_forwarded()  # one timer covers both
-    assert [t.delay for t in timers.armed] == [FLUSH_INTERVAL - 0.25]
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 1}
-    clock.now += FLUSH_INTERVAL
-    timers.fire()
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 3}
-    assert not c.dirty
+def test_cleaning_forgets_an_earlier_run(paths: Paths) -> None:
+    _run_worker(paths.root, 4)
+    metrics.clean(paths.metrics)
+    assert counters.totals(paths) == {"forwarded_refused": 0}
 
 
-def test_a_refusal_after_the_interval_is_written_at_once(paths: Paths) -> None:
-    clock, timers = FakeClock(), FakeTimers()
-    c = RefusalCounters(paths, pid=13, start_timer=timers, clock=clock)
-    c.count_forwarded()
-    clock.now += FLUSH_INTERVAL
-    c.count_forwarded()
-    assert timers.armed == []
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 2}
+def test_reset_removes_the_json_files_of_earlier_versions(paths: Paths) -> None:
+    legacy = paths.run / "metadata"
+    legacy.mkdir(parents=True)
+    (legacy / "12.json").write_text('{"forwarded_refused": 4}')
+    counters.reset(paths)
+    assert not legacy.exists()
 
 
-def test_a_flush_by_a_later_request_cancels_the_pending_timer(paths: Paths) -> None:
-    clock, timers = FakeClock(), FakeTimers()
-    c = RefusalCounters(paths, pid=14, start_timer=timers, clock=clock)
-    c.count_forwarded()
-    clock.now += 0.5
-    c.count_forwarded()
-    clock.now += FLUSH_INTERVAL
-    c.flush()  # a plain GET came first
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 2}
-    assert timers.armed[0].cancelled
+def _refuse_passwords_in_a_worker(root: str, n: int) -> None:
+    paths = Paths(Path(root))
+    metrics.init(paths)
+    c = counters.RefusalCounters(paths, service="passwords")
+    for _ in range(n):
+        c.count_forwarded()
 
 
-def test_the_real_timer_writes_a_pending_count(paths: Paths) -> None:
-    c = RefusalCounters(paths, pid=15)
-    c.count_forwarded()
-    c.count_forwarded()
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 1}
-    timer = c._timer
-    assert isinstance(timer, threading.Timer)
-    timer.join(timeout=10 * FLUSH_INTERVAL)
-    assert metadata_counters.totals(paths) == {"forwarded_refused": 2}
+def test_the_password_service_counts_apart_from_the_metadata_service(paths: Paths) -> None:
+    _run_worker(paths.root, 2)
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_refuse_passwords_in_a_worker, args=(str(paths.root), 3))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert counters.totals(paths) == {"forwarded_refused": 2}
+    assert counters.totals(paths, "passwords") == {"forwarded_refused": 3}

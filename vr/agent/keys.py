@@ -9,6 +9,8 @@ import os
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +156,19 @@ def parse_authorized_keys(text: str) -> AuthorizedKeyFile:
     return AuthorizedKeyFile(frozenset(blobs), tuple(problems))
 
 
-class AuthorizedKeys:
-    """The keys in ``path``, re-read whenever the file changes (one stat per check)."""
+RACY_NS = 2_000_000_000
+"""A file modified this recently is read again at every check: file times tick
+coarsely (a kernel clock tick), so an edit of the same size within the same tick
+would leave the stat signature unchanged (git's "racily clean" index entries)."""
 
-    def __init__(self, path: Path) -> None:
+
+class AuthorizedKeys:
+    """The keys in ``path``, re-read whenever the file changes (one stat per check,
+    so a removed key is refused at the next login; see :data:`RACY_NS`)."""
+
+    def __init__(self, path: Path, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.path = path
+        self._clock_ns = clock_ns
         self._lock = threading.Lock()
         self._signature: tuple[int, int, int, int] | None = None
         self._blobs: frozenset[bytes] = frozenset()
@@ -177,18 +187,22 @@ class AuthorizedKeys:
                 self._blobs = frozenset()
                 return self._blobs
             sig = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-            if sig != self._signature:
+            racy = self._clock_ns() - st.st_mtime_ns < RACY_NS
+            changed = sig != self._signature
+            if changed or racy:
                 self._signature = sig
-                self._blobs = self._read()
+                self._blobs = self._read(log=changed)
             return self._blobs
 
-    def _read(self) -> frozenset[bytes]:
+    def _read(self, log: bool = True) -> frozenset[bytes]:
         try:
             text = self.path.read_text("utf-8", "replace")
         except OSError as exc:
             LOG.error("cannot read %s: %s", self.path, exc.strerror)
             return frozenset()
         parsed = parse_authorized_keys(text)
+        if parsed.blobs == self._blobs and not log:
+            return parsed.blobs  # read again only because it is recent: nothing new
         for problem in parsed.problems:
             LOG.warning("%s: %s; line ignored", self.path, problem)
         LOG.info("loaded %d authorized keys from %s", len(parsed.blobs), self.path)

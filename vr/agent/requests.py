@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from vr import cloudstack
 from vr.cloudstack import CACHE_DIR, OutsideCache, cache_name
 from vr.errors import shorten
+from vr.ops.diagnostics import Diagnostic as Diagnostic
+from vr.ops.diagnostics import NotAllowed, parse_diagnostic
 
 ALLOWED = (
     f"allowed: {cloudstack.UPDATE_CONFIG} <file> [false], "
-    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp"
+    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp, read-only diagnostics "
+    "(vr status, vr show, vr firewall show|counters, tail -n N /var/log/cloud.log...)"
 )
 NOT_FOUND = 127
 MAX_COMMAND = 4096
@@ -50,7 +53,9 @@ class ExecRefused:
     code: int = NOT_FOUND
 
 
-ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | ExecRefused
+ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | Diagnostic | ExecRefused
+"""A :class:`~vr.ops.diagnostics.Diagnostic` is a read-only command an operator
+types after ``ssh -p 3922 root@<router>`` (the fixed allowlist of vr.ops.diagnostics)."""
 
 SHELL = ExecRefused(f"no interactive shell on this appliance; {ALLOWED}")
 
@@ -59,6 +64,14 @@ def parse_exec(command: bytes) -> ExecRequest:
     """Decide what an ``exec`` request means; anything unknown is :class:`ExecRefused`."""
     if len(command) > MAX_COMMAND:
         return ExecRefused(f"command of {len(command)} bytes is too long; {ALLOWED}")
+    try:
+        diagnostic = parse_diagnostic(command.decode("utf-8"))
+    except UnicodeDecodeError:
+        diagnostic = None
+    if isinstance(diagnostic, NotAllowed):
+        return ExecRefused(diagnostic.reason)
+    if diagnostic is not None:
+        return diagnostic
     try:
         argv = shlex.split(command.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

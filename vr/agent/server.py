@@ -39,6 +39,7 @@ from vr.agent.limits import AgentLimits, AuthThrottle
 from vr.agent.requests import (
     SHELL,
     ApplyCfg,
+    Diagnostic,
     ExecRefused,
     ExecRequest,
     ScpTarget,
@@ -49,6 +50,7 @@ from vr.agent.scp import ProtocolBroken, ScpSink
 from vr.agent.sftp import CacheSFTP, CacheSFTPServer, SftpContext
 from vr.applier import Pusher
 from vr.errors import shorten
+from vr.ops.metrics import Metrics
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class AgentContext:
     legacy_algorithms: bool = True
     """Offer the SHA-1 algorithms CloudStack's management server needs (last)."""
     stopping: threading.Event = field(default_factory=threading.Event)
+    metrics: Metrics | None = None
+    """Counts diagnostics (pushes are counted by a metered ``make_applier``)."""
 
 
 class Activity:
@@ -417,10 +421,30 @@ class AgentServer(paramiko.ServerInterface):
             return code
         if isinstance(request, ScpTarget):
             return self._scp(chan, request)
+        if isinstance(request, Diagnostic):
+            return self._diagnose(chan, request, out, err)
         assert isinstance(request, ExecRefused)
         LOG.warning("refused request from %s: %s", self.peer, request.reason)
         err.write(f"vr-agent: {request.reason}\n")
         return request.code
+
+    def _diagnose(
+        self, chan: Channel, request: Diagnostic, out: ChannelText, err: ChannelText
+    ) -> int:
+        from vr.ops import diagrun
+
+        LOG.info("%s: diagnostic %s", self.peer, request.kind)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.diagnostics.labels(request.kind).inc()
+        transport = self.transport
+
+        def stopped() -> bool:
+            gone = chan.closed or (transport is not None and not transport.is_active())
+            return gone or self.ctx.stopping.is_set()
+
+        code = diagrun.run(request, self.ctx.paths, out, err, stopped)
+        LOG.info("%s: diagnostic %s ended with %d", self.peer, request.kind, code)
+        return code
 
     def _scp(self, chan: Channel, request: ScpTarget) -> int:
         chan.settimeout(self.ctx.limits.idle_timeout)

@@ -82,6 +82,9 @@ def _agent(args: argparse.Namespace) -> int:
     from vr.errors import VRError
 
     paths = open_root(args)
+    from vr.ops import metrics
+
+    metrics.init(paths)
     # restarted by vr up after a kill: finish its interrupted commit at once, not at
     # the next push, so the running servers stop serving a half-renamed batch
     store.recover(paths)
@@ -114,7 +117,10 @@ def _agent(args: argparse.Namespace) -> int:
     listen = Listen(args.listen or cfg.ssh_listen, cfg.ssh_port if args.port is None else args.port)
     if not cfg.ssh_legacy_algorithms:
         LOG.info("ssh_legacy_algorithms is off: SHA-1 clients (CloudStack's Trilead) are refused")
-    agent = Agent(build_context(paths, limits, cfg.ssh_legacy_algorithms), listen)
+    ctx = build_context(paths, limits, cfg.ssh_legacy_algorithms)
+    ctx.metrics = metrics.process_metrics()
+    ctx.make_applier = metrics.metered(ctx.make_applier, ctx.metrics)
+    agent = Agent(ctx, listen)
     agent.install_signals()
     try:
         sock = open_listener(listen)

@@ -57,12 +57,15 @@ def register(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from vr import config, store
+    from vr.ops import metrics
+
+    paths = open_root(args)
+    metrics.init(paths)  # before any metric exists and before gunicorn forks
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
     from vr.metadata.app import create_app
     from vr.metadata.tokens import new_key
 
-    paths = open_root(args)
     workers = args.workers
     if workers is None:
         workers = config.load(paths).metadata_workers
@@ -85,8 +88,29 @@ def _serve(args: argparse.Namespace) -> int:
     # One IMDSv2 token key for every worker (they fork from here): a token minted
     # by one worker is checked by another.
     token_key = new_key()
+
+    def worker_app() -> Any:
+        """Per worker (after fork): the application, counted by view and status."""
+        m = metrics.process_metrics()
+        app = create_app(
+            paths,
+            counters=metadata_counters.RefusalCounters(paths, m),
+            warm=warm,
+            token_key=token_key,
+        )
+        cache = app.extensions["vr.metadata.vmcache"]
+
+        held = [-1]
+
+        def after(environ: Any, status: str, body: Any) -> None:
+            if len(cache) != held[0]:  # a write only when the cache grew or shrank
+                held[0] = len(cache)
+                m.metadata_cache_vms.set(held[0])
+
+        return metrics.Instrumented(app, m, "metadata", metrics.metadata_view, after)
+
     gunicorn_runner.run(
-        lambda: create_app(paths, warm=warm, token_key=token_key),
+        worker_app,
         gunicorn_runner.gunicorn_options(
             "metadata",
             binds,

@@ -80,12 +80,14 @@ def _serve(args: argparse.Namespace) -> int:
     from vr import config, store
     from vr.errors import VRError
     from vr.http.runner import gunicorn_options, run
-    from vr.metadata import counters as metadata_counters
     from vr.passwords.app import ensure_token, make_app
 
     paths = Paths(root_from_env(args.root))
     paths.ensure()
     logs.setup(paths, args.verbose)
+    from vr.ops import metrics
+
+    metrics.init(paths)  # before any metric exists and before gunicorn forks
     if not args.verbose:
         _audit_to_file_only()
     store.recover(paths)  # a batch killed mid-commit may hold a passwords file
@@ -109,6 +111,13 @@ def _serve(args: argparse.Namespace) -> int:
     options = gunicorn_options(
         "passwords", binds, workers, args.worker_class, paths.root, args.connections_per_address
     )
-    metadata_counters.reset(paths, paths.passwd_counters)
-    run(lambda: make_app(paths), options)
+
+    def worker_app() -> Any:
+        """Per worker (after fork): the application, counted by view and status."""
+        m = metrics.process_metrics()
+        return metrics.Instrumented(
+            make_app(paths), m, "passwords", metrics.password_view, metrics.password_events(m)
+        )
+
+    run(worker_app, options)
     return 0

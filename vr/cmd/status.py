@@ -18,8 +18,10 @@ def register(sub: Any) -> None:
         "status",
         help="print services, VMs, networks and the last push",
         description="Print the state of a running (or stopped) vr up on this root: each "
-        "service up/down with pid and restarts, number of VMs and guest networks, and "
-        "the time and result of the last push.",
+        "service up/down with pid and restarts, number of VMs and guest networks, the "
+        "time and result of the last push, and the health verdict. Exit status: 0 ready, "
+        "1 degraded (a service does not answer), 2 down (vr up not running or no "
+        "service answers).",
     )
     add_root(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -48,6 +50,9 @@ def collect_status(paths: Paths) -> dict[str, Any]:
             and port_answers(svc["port"], svc.get("host", "127.0.0.1"))
         )
     status["supervisor"] = up
+    from vr.ops.health import assess
+
+    status["health"] = assess(up).to_dict()
     status["vms"] = len(list_vms(paths))
     try:
         configured = config.load(paths).guest_networks
@@ -60,7 +65,7 @@ def collect_status(paths: Paths) -> dict[str, Any]:
     from vr.metadata.counters import totals
 
     status["metadata_counters"] = totals(paths)
-    status["password_counters"] = totals(paths, paths.passwd_counters)
+    status["password_counters"] = totals(paths, "passwords")
     try:
         status["last_push"] = json.loads(paths.last_push.read_text())
     except (OSError, ValueError):
@@ -71,11 +76,14 @@ def collect_status(paths: Paths) -> dict[str, Any]:
 def _status(args: argparse.Namespace) -> int:
     paths = open_root(args, log_file=False)
     st = collect_status(paths)
+    from vr.ops.health import EXIT
+
+    code = EXIT[st["health"]["state"]]
     if args.json:
         print(json.dumps(st, indent=1, sort_keys=True))
-        return 0
+        return code
     sys.stdout.write(format_status(st))
-    return 0
+    return code
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -103,4 +111,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"last push: {when} {lp['file']} {result}: {lp['summary']}")
     else:
         lines.append("last push: none")
+    health = st.get("health")
+    if health:
+        lines.append(f"health: {health['state']}: {health['reason']}")
     return "".join(line + "\n" for line in lines)

@@ -308,14 +308,16 @@ def service_ports(config: Config) -> tuple[int, ...]:
 
 
 def guarded_ports(config: Config) -> tuple[int, ...]:
-    """Dropped everywhere but where they are offered: the configured service ports
-    and always CloudStack's own 80, 8080 and 3922, whatever the services use."""
+    """Dropped everywhere but where they are offered: the configured service ports,
+    the metrics port and always CloudStack's own 80, 8080 and 3922, whatever the
+    services use."""
     return tuple(
         sorted(
             {
                 config.metadata_port,
                 config.password_port,
                 config.ssh_port,
+                config.metrics_port,
                 LINK_LOCAL_METADATA_PORT,
                 LINK_LOCAL_PASSWORD_PORT,
                 CLOUDSTACK_SSH_PORT,
@@ -393,6 +395,14 @@ def _input(
         f"vr: {config.control_device} ssh",
         in_interface=config.control_device,
         dports=(config.ssh_port,),
+        ctstate=("NEW", "ESTABLISHED"),
+    )
+    # Metrics and health for the management server: the control network only.
+    yield Rule(
+        "ACCEPT",
+        f"vr: {config.control_device} metrics",
+        in_interface=config.control_device,
+        dports=(config.metrics_port,),
         ctstate=("NEW", "ESTABLISHED"),
     )
     # Drop the service ports everywhere else; other traffic returns to INPUT untouched.

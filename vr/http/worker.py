@@ -227,8 +227,12 @@ class EventLoop:
         app: WSGIApp,
         limits: WorkerLimits,
         wake_fd: int | None = None,
+        on_refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.listeners = listeners
+        self.on_refused = on_refused
+        """Told each refused connection's reason (metrics): ``rate_limit`` (the
+        per-address limit) or ``connections_full``."""
         self.app = app
         self.limits = limits
         self.wake_fd = wake_fd
@@ -343,6 +347,7 @@ class EventLoop:
         if len(self.conns) >= self.limits.connections and not self._evict(None):
             # Every idle candidate turned out to have a request waiting.
             self.refused_full += 1
+            self.on_refused("connections_full")
             self._send_503(sock)
             return
         sock.setblocking(False)
@@ -383,6 +388,7 @@ class EventLoop:
     def _refuse(self, sock: socket.socket, addr: str) -> None:
         """Over the per-address limit with nothing idle to close: a 503, best effort."""
         self.refused[addr] = self.refused.get(addr, 0) + 1
+        self.on_refused("rate_limit")
         self._send_503(sock)
 
     def _send_503(self, sock: socket.socket) -> None:
@@ -736,7 +742,15 @@ class EventWorker(Worker):  # type: ignore[misc]
     """gunicorn worker: one thread, one :class:`EventLoop`, keep-alive HTTP/1.x."""
 
     def run(self) -> None:
-        loop = EventLoop(self.sockets, self.wsgi, WorkerLimits.from_cfg(self.cfg), self.PIPE[0])
+        from vr.ops.metrics import refusal_counter
+
+        loop = EventLoop(
+            self.sockets,
+            self.wsgi,
+            WorkerLimits.from_cfg(self.cfg),
+            self.PIPE[0],
+            on_refused=refusal_counter(),
+        )
         self.notify()
         loop.run(lambda: bool(self.alive), self._tick)
 

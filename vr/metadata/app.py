@@ -103,8 +103,6 @@ class FastPath:
             or "HTTP_FORWARDED" in environ
         ):
             return self.fallback(environ, start_response)
-        if self.counters.dirty:
-            self.counters.flush()
         try:
             reply = _answer(self.tokens, self.cache, environ)
         except Exception as exc:

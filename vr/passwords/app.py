@@ -185,7 +185,7 @@ class PasswordApp:
         self.is_own = is_own
         self.identify = identify or by_address(paths)
         self.cache = PasswordCache(paths.passwords)
-        self.counters = counters or RefusalCounters(paths, folder=paths.passwd_counters)
+        self.counters = counters or RefusalCounters(paths, service="passwords")
         self.errors = GuestErrors(LOG)
         self.repeats = Throttle()
 

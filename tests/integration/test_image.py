@@ -460,8 +460,10 @@ def test_qcow2_boots_takes_cloudstack_boot_arguments_and_serves_guests(build: Bu
         t_off = time.monotonic() - t_off
         assert code == 0, f"QEMU exited with {code}:\n{tail(serial)}"
         assert "reboot: Power down" in serial.read_text("utf-8", "replace"), tail(serial)
+        built = re.findall(r"^build: disk image .*$", build.out, re.M)
         print(
-            f"\nsystemvm image: {size / 2**20:.0f} MiB qcow2 ({'KVM' if use_kvm else 'TCG'}); "
+            f"\n{built[-1] if built else ''}\nsystemvm image: {size / 2**20:.0f} MiB qcow2 "
+            f"({'KVM' if use_kvm else 'TCG'}); "
             f"power-on -> guest agent {t_agent - t0:.1f} s, -> ready (first push over SSH) "
             f"{t_ready - t0:.1f} s; ACPI power button -> off {t_off:.1f} s",
             file=sys.stderr,

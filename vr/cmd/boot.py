@@ -65,6 +65,9 @@ def _boot(args: argparse.Namespace) -> int:
     from vr.boot import apply, cmdline
 
     paths = open_root(args)
+    if args.wait < 0:
+        LOG.error("--wait %r: expected a number of seconds, 0 or more", args.wait)
+        return 2
     try:
         if args.key_only:
             return _key_only(paths)

@@ -13,6 +13,10 @@
 #               (so the chroot needs no PyPI access of its own); on / pip installs the
 #               checkout, fetching dependencies from the configured index.
 # --no-apt      fail instead of running apt-get when a runtime package is missing.
+# --systemvm    also make it a SystemVM template (what image/build does): enable
+#               vr-boot.service (boot arguments -> interfaces, key, vr.json before vr up)
+#               and vr-boot-key.path, and lock root's password (no console login; the
+#               only way in is vr's agent on 3922 with the management server's key).
 #
 # What lands in the target:
 #   Debian packages in image/packages (no OpenSSH server: vr's agent owns port 3922)
@@ -28,11 +32,12 @@ src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=image/lib.sh
 . "$src/image/lib.sh"
 
-wheels="" apt=1 target=/
+wheels="" apt=1 systemvm=0 target=/
 while [ $# -gt 0 ]; do
   case $1 in
     --wheels) wheels=$(realpath "${2:?--wheels needs a directory}"); shift 2 ;;
     --no-apt) apt=0; shift ;;
+    --systemvm) systemvm=1; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) target=$1; shift ;;
@@ -63,6 +68,7 @@ install_into_root() {
     build_wheels "$src" "$root" "$stage/wheels" "$stage/wheelbuild"
   fi
   [ "$apt" = 1 ] || args+=(--no-apt)
+  [ "$systemvm" = 0 ] || args+=(--systemvm)
   chroot_mount "$root"
   log "installing into $root (chroot)"
   chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
@@ -122,9 +128,14 @@ install_docroot() {
 }
 
 install_units() {
-  local unit dir=/usr/local/lib/systemd/system wanted
+  local unit dir=/usr/local/lib/systemd/system wanted units=(vr-firewall.service vr.service)
   install -d -m 0755 "$dir"
-  for unit in vr-firewall.service vr.service; do
+  if [ "$systemvm" = 1 ]; then
+    # vr-boot-key.service has no [Install]: the path unit starts it.
+    install -m 0644 "$src/image/systemd/vr-boot-key.service" "$dir/vr-boot-key.service"
+    units+=(vr-boot.service vr-boot-key.path)
+  fi
+  for unit in "${units[@]}"; do
     install -m 0644 "$src/image/systemd/$unit" "$dir/$unit"
     # Enable by symlink, as `systemctl enable` would, without asking any running systemd.
     for wanted in $(sed -n 's/^WantedBy=//p' "$dir/$unit"); do
@@ -165,6 +176,13 @@ install_shims
 install_docroot
 install_units
 install_config
+if [ "$systemvm" = 1 ]; then
+  # No password login anywhere (console, serial): root's password is locked, and the
+  # image has no sshd; the management server comes in through vr's agent with its key.
+  usermod --lock root
+  # SSH host keys of the agent are made at first start in each VM, never shipped.
+  rm -rf /etc/vr/ssh
+fi
 if [ -d /run/systemd/system ] && ! systemd-detect-virt -q --chroot; then
   systemctl daemon-reload
   log "installed; start with: systemctl start vr-firewall.service vr.service"

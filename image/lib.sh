@@ -4,9 +4,10 @@
 # `chroot_umount`, which the callers run from an EXIT trap, so an interrupted build
 # never leaves the host's /dev or /proc mounted inside a directory someone may delete.
 
-# Packages listed in image/packages (comments and blank lines skipped).
+# Packages listed in image/packages, or in image/packages-boot with `image_packages boot`
+# (comments and blank lines skipped).
 image_packages() {
-  sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$(dirname "${BASH_SOURCE[0]}")/packages"
+  sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' "$(dirname "${BASH_SOURCE[0]}")/packages${1:+-$1}"
 }
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "vr.cmd.hypervisor",
     "vr.cmd.serve_dhcp",
     "vr.cmd.serve_ops",
+    "vr.cmd.boot",
 ]
 
 

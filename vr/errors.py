@@ -92,3 +92,14 @@ class FirewallError(VRError):
 
 class ConfigError(VRError):
     """The appliance's own configuration is wrong."""
+
+
+class BootError(VRError):
+    """CloudStack's boot arguments (``/var/cache/cloud/cmdline``) cannot configure the
+    router: names the key, its value and what was expected; nothing was changed."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"boot argument {key}={shorten(value)}: expected {expected}")

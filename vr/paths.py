@@ -172,6 +172,22 @@ class Paths:
     def authorized_keys(self) -> Path:
         return self._p("root/.ssh/authorized_keys")
 
+    # --- SystemVM boot (vr boot) ------------------------------------------------------
+    @property
+    def boot_cmdline(self) -> Path:
+        """CloudStack's boot arguments, written by its KVM agent through the guest agent."""
+        return self.cache / "cmdline"
+
+    @property
+    def boot_authorized_keys(self) -> Path:
+        """The management server's key as CloudStack drops it (patch ISO, guest agent)."""
+        return self.cache / "authorized_keys"
+
+    def etc_file(self, name: str) -> Path:
+        """``/etc/<name>`` for the system files ``vr boot`` writes (hostname, hosts,
+        resolv.conf); ``name`` is a constant of vr.boot, never pushed data."""
+        return self._p("etc") / name
+
     # --- logs ------------------------------------------------------------------------
     @property
     def log_file(self) -> Path:

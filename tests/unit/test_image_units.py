@@ -46,3 +46,27 @@ def test_the_firewall_is_restored_before_the_network_and_before_vr_up() -> None:
     assert fw["Service"]["Type"] == "oneshot"
     assert fw["Service"]["ExecStart"] == "/usr/local/bin/vr firewall restore"
     assert "vr-firewall.service" in unit("vr.service")["Unit"]["After"].split()
+
+
+def test_vr_boot_runs_once_before_vr_up_and_bounds_its_own_wait() -> None:
+    boot = unit("vr-boot.service")
+    assert boot["Service"]["Type"] == "oneshot"
+    assert boot["Service"]["ExecStart"] == "/usr/local/bin/vr boot"
+    # vr boot waits for CloudStack's arguments itself: systemd must not cut it short.
+    assert boot["Service"]["TimeoutStartSec"] == "infinity"
+    assert "vr.service" in boot["Unit"]["Before"].split()
+    assert "vr-firewall.service" in boot["Unit"]["After"].split()
+    assert "vr-boot.service" in unit("vr.service")["Unit"]["After"].split()
+    # Never Requires: without arguments vr up still starts (an operator can look at it).
+    assert "Requires" not in unit("vr.service")["Unit"]
+
+
+def test_the_key_path_unit_watches_the_file_vr_boot_reads() -> None:
+    from vr.paths import Paths
+
+    watched = unit("vr-boot-key.path")["Path"]["PathChanged"]
+    assert watched == "/" + str(Paths(Path("/")).boot_authorized_keys.relative_to("/"))
+    assert unit("vr-boot-key.path")["Path"]["Unit"] == "vr-boot-key.service"
+    assert (
+        unit("vr-boot-key.service")["Service"]["ExecStart"] == "/usr/local/bin/vr boot --key-only"
+    )

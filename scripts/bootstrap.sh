@@ -8,7 +8,7 @@ cd "$here"
 # libtrilead-ssh2-java and a JDK: the tests push with CloudStack's own Java SSH library
 packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           openssh-client openssh-server curl wget cloud-init debootstrap
-          libtrilead-ssh2-java openjdk-17-jdk-headless)
+          libtrilead-ssh2-java openjdk-17-jdk-headless keepalived)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

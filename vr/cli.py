@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "vr.cmd.agent",
     "vr.cmd.push",
     "vr.cmd.serve_passwords",
+    "vr.cmd.pair",
 ]
 
 

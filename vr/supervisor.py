@@ -73,6 +73,10 @@ class Service:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
 
+    def answers(self) -> bool:
+        """Port 0: a service without a port (keepalived, the pair sync) answers while it runs."""
+        return self.port == 0 or port_answers(self.port, self.host)
+
     def restart_delay(self, now: float) -> float:
         """The service exited at ``now``: how long to wait before starting it again."""
         if now - self.started >= STABLE_AFTER:
@@ -118,7 +122,18 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
             ],
             cfg.password_port,
         ),
+        *pair_services(paths, cfg),
     ]
+
+
+def pair_services(paths: Paths, cfg: Config) -> list[Service]:
+    """A router of a redundant pair also runs keepalived and the pair sync (no port)."""
+    if not cfg.pair_peer:
+        return []
+    from vr.pair.manager import keepalived_argv
+
+    sync = [sys.executable, "-m", "vr", "pair", "run", "--root", str(paths.root)]
+    return [Service("keepalived", keepalived_argv(paths), 0), Service("pair-sync", sync, 0)]
 
 
 @contextlib.contextmanager
@@ -249,9 +264,7 @@ class Supervisor:
         changed = False
         for svc in self.services:
             changed |= self._check(svc, now)
-        if not self._ready and all(
-            s.pid is not None and port_answers(s.port, s.host) for s in self.services
-        ):
+        if not self._ready and all(s.pid is not None and s.answers() for s in self.services):
             self._ready = True
             changed = True
             LOG.info(
@@ -315,7 +328,7 @@ class Supervisor:
             "services": {
                 s.name: {
                     "pid": None if stopped else s.pid,
-                    "up": (not stopped) and s.pid is not None and port_answers(s.port, s.host),
+                    "up": (not stopped) and s.pid is not None and s.answers(),
                     "host": s.host,
                     "port": s.port,
                     "restarts": s.restarts,

@@ -14,9 +14,11 @@ from vr import cloudstack
 from vr.cloudstack import CACHE_DIR, OutsideCache, cache_name
 from vr.errors import shorten
 
+PAIR_SYNC = "vr-pair-sync"
+"""A router pair's password sync (:mod:`vr.pair.sync`): the peer's ledger on stdin."""
 ALLOWED = (
     f"allowed: {cloudstack.UPDATE_CONFIG} <file> [false], "
-    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp"
+    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp, {PAIR_SYNC}"
 )
 NOT_FOUND = 127
 MAX_COMMAND = 4096
@@ -30,6 +32,11 @@ class UpdateConfig:
 @dataclass(frozen=True)
 class ApplyCfg:
     args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PairSync:
+    """The peer router sends its password ledger on stdin and reads ours back."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class ExecRefused:
     code: int = NOT_FOUND
 
 
-ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | ExecRefused
+ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | PairSync | ExecRefused
 
 SHELL = ExecRefused(f"no interactive shell on this appliance; {ALLOWED}")
 
@@ -73,6 +80,10 @@ def parse_exec(command: bytes) -> ExecRequest:
         return ApplyCfg(args)
     if prog == "scp":
         return parse_scp(args)
+    if prog == PAIR_SYNC:
+        if args:
+            return ExecRefused(f"{PAIR_SYNC} takes no arguments; got {shorten(' '.join(args))}")
+        return PairSync()
     return ExecRefused(f"command not available on this appliance: {shorten(prog)}; {ALLOWED}")
 
 

@@ -635,9 +635,28 @@ class Store:
             rec = pw.get(str(ip))
             if rec is None or not rec["served"]:
                 return False
+            self._record_ack(str(ip), rec)
             del pw[str(ip)]
             self._write_passwords(pw)
             return True
+
+    def _record_ack(self, ip: str, rec: dict[str, Any]) -> None:
+        """On a router of a pair, note the ack in the pair's ledger before the password
+        goes: the peer must learn it even if the password is pushed again or the sync
+        was not looking (:mod:`vr.pair.ledger`). Written first, so a kill between the
+        two writes leaves the ack recorded and the next sync removes the password."""
+        if not self.paths.pair_state.exists():
+            return
+        from vr.pair import ledger
+
+        led = ledger.decode(self.paths.pair_state.read_bytes(), str(self.paths.pair_state), False)
+        led[ip] = ledger.Entry(
+            ledger.digest(ip, str(rec["password"])),
+            int(rec.get("stamp", 0)),
+            served=True,
+            acked=True,
+        )
+        atomic.atomic_write(self.paths.pair_state, ledger.encode(led, False), 0o600)
 
     def update_passwords(
         self,

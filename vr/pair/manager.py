@@ -19,14 +19,13 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
 from pathlib import Path
 
-from vr import atomic, subp
+from vr import atomic
 from vr.config import Config
-from vr.errors import CommandError, VRError
+from vr.errors import VRError
 from vr.firewall.model import merge_networks
-from vr.pair.keepalived import KeepalivedConf, VrrpInstance, instances
+from vr.pair.keepalived import KeepalivedConf, instances
 from vr.paths import Paths
 from vr.store import read_networks
 
@@ -54,6 +53,10 @@ class PairFiles:
     @property
     def sync_status(self) -> Path:
         return self.paths.pair_run / "sync.json"
+
+    @property
+    def transitions(self) -> Path:
+        return self.paths.pair_run / "transitions.log"
 
     def vrrp_state(self, instance: str) -> Path:
         """Written by ``vr pair notify`` (keepalived's notify script) per instance."""
@@ -106,38 +109,17 @@ def write_conf(paths: Paths, conf: KeepalivedConf) -> bool:
     return True
 
 
-def held_addresses(device: str) -> set[IPv4Interface]:
-    res = subp.run(["ip", "-4", "-j", "addr", "show", "dev", device], timeout=10)
-    out: set[IPv4Interface] = set()
-    for link in json.loads(res.stdout or "[]"):
-        for a in link.get("addr_info", []):
-            out.add(IPv4Interface(f"{a['local']}/{a['prefixlen']}"))
-    return out
-
-
-def release_leftover_vips(inst: tuple[VrrpInstance, ...]) -> None:
-    """Remove virtual IPs a killed keepalived left on this router before it starts.
-
-    A SIGKILLed keepalived cannot remove them; a router coming back as BACKUP with
-    the gateway still on its interface would answer ARP for it next to the MASTER.
-    """
-    for i in inst:
-        try:
-            if i.vip in held_addresses(i.interface):
-                subp.run(["ip", "addr", "del", i.vip.with_prefixlen, "dev", i.interface])
-                LOG.warning("removed leftover virtual IP %s from %s", i.vip, i.interface)
-        except (CommandError, ValueError) as exc:
-            LOG.warning("cannot check %s for a leftover virtual IP: %s", i.interface, exc)
-
-
 def prepare(paths: Paths, cfg: Config) -> None:
-    """Before keepalived starts: its config written, no leftover virtual IP."""
+    """Before keepalived starts: its config written, no VRRP state of an earlier run.
+
+    A virtual IP that a SIGKILLed keepalived left on an interface is removed by
+    keepalived itself when it starts its instance (``removing VIPs``, BACKUP state).
+    """
     conf = desired_conf(paths, cfg)
     write_conf(paths, conf)
     for inst in conf.instances:
         with contextlib.suppress(FileNotFoundError):
             PairFiles(paths).vrrp_state(inst.name).unlink()
-    release_leftover_vips(conf.instances)
 
 
 def reload(paths: Paths) -> bool:
@@ -161,6 +143,9 @@ def record_vrrp_state(paths: Paths, kind: str, instance: str, state: str, priori
     paths.pair_run.mkdir(parents=True, exist_ok=True)
     doc = {"instance": instance, "state": state, "priority": priority, "time": time.time()}
     atomic.atomic_write(f.vrrp_state(instance), json.dumps(doc).encode())
+    # the history, one line per transition, for operators (and the flapping test)
+    with open(f.transitions, "a", encoding="ascii") as log:
+        log.write(f"{doc['time']:.3f} {instance} {state}\n")
     LOG.info("VRRP instance %s is now %s", instance, state)
 
 

@@ -75,7 +75,8 @@ def exchange(paths: Paths, peer: lg.Ledger | None) -> lg.Ledger:
 
     def then() -> None:
         new = lg.encode(out["led"], with_passwords=False)
-        if new != lg.encode(out["saved"], with_passwords=False):
+        if new != lg.encode(out["saved"], with_passwords=False) or not paths.pair_state.exists():
+            # (its presence also tells the store to record acks in it)
             atomic.atomic_write(paths.pair_state, new, 0o600)
 
     Store(paths).update_passwords(change, then)

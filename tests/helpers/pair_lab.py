@@ -304,6 +304,24 @@ def first_answers(p: subprocess.Popen[bytes], n: int = 3) -> list[list[Any]]:
     return recs
 
 
+def answers_after(p: subprocess.Popen[bytes], t: float, limit: float = 30) -> list[list[Any]]:
+    """Read a :data:`LOOP`'s records up to its first answer sent after ``t``."""
+    assert p.stdout is not None
+    recs: list[list[Any]] = []
+    while True:
+        line = p.stdout.readline()
+        if not line:
+            raise AssertionError(f"the guest's loop ended: {recs[-3:]}")
+        rec = json.loads(line)
+        if rec[0] == "start":
+            continue
+        recs.append(rec)
+        if rec[0] > t and rec[1] == 200:
+            return recs
+        if rec[0] > t + limit:
+            raise AssertionError(f"no answer within {limit}s after the event")
+
+
 def stop_loop(p: subprocess.Popen[bytes]) -> list[list[Any]]:
     """Stop a :data:`LOOP` and return its records ``[t, status or None, body]`` not read yet."""
     os.killpg(p.pid, signal.SIGTERM)

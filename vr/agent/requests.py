@@ -15,10 +15,11 @@ from vr.cloudstack import CACHE_DIR, OutsideCache, cache_name
 from vr.errors import shorten
 
 PAIR_SYNC = "vr-pair-sync"
-"""A router pair's password sync (:mod:`vr.pair.sync`): the peer's ledger on stdin."""
+"""A router pair's password sync (:mod:`vr.pair.sync`): the peer's ledger on stdin.
+Between routers only, so not listed in :data:`ALLOWED` (what operators are told)."""
 ALLOWED = (
     f"allowed: {cloudstack.UPDATE_CONFIG} <file> [false], "
-    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp, {PAIR_SYNC}"
+    f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp"
 )
 NOT_FOUND = 127
 MAX_COMMAND = 4096

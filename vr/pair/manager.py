@@ -31,7 +31,8 @@ from vr.store import read_networks
 
 LOG = logging.getLogger(__name__)
 
-STATES = ("MASTER", "BACKUP", "FAULT", "STOP")
+STATES = ("MASTER", "BACKUP", "FAULT", "STOP", "DELETED")
+"""What keepalived passes to a notify script (DELETED: the instance left the config)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import paramiko
 
 from vr import atomic, config
 from vr.agent.client import Connection, Target
+from vr.agent.requests import PAIR_SYNC
 from vr.errors import VRError
 from vr.pair import ledger as lg
 from vr.pair import manager
@@ -38,7 +39,7 @@ from vr.store import Store
 
 LOG = logging.getLogger(__name__)
 
-SYNC_COMMAND = "vr-pair-sync"
+SYNC_COMMAND = PAIR_SYNC
 POLL_S = 0.05
 RESYNC_S = 2.0
 RETRY_S = 1.0

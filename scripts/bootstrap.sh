@@ -15,7 +15,8 @@ packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           openvswitch-switch ethtool
           dnsmasq-base dnsmasq-utils isc-dhcp-client dnsutils
           net-tools
-          qemu-system-x86 qemu-utils)
+          qemu-system-x86 qemu-utils
+          keepalived)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -42,6 +42,17 @@ class Config:
     metrics_port: int = 9180
     """Prometheus metrics and health (``vr serve-ops``): reachable only on the control
     device and ``lo`` (the firewall drops it everywhere else)."""
+    pair_peer: str = ""
+    """The other router's control address: this router is one of a redundant pair
+    (keepalived VRRP on each guest network that has a gateway, passwords synced to the
+    peer). Empty: a single router."""
+    pair_priority: int = 100
+    """VRRP priority; with ``nopreempt`` it only decides who wins when both start."""
+    pair_advert_ms: int = 500
+    """VRRP (version 3) advertisement interval; a BACKUP takes over about 3.5 of them
+    after the MASTER's last one."""
+    pair_vrid: int = 51
+    """VRRP id of the first guest network (sorted by device); the next get +1, +2..."""
 
 
 USERDATA_MAX_RANGE = (1024, 32 * 1024 * 1024)
@@ -59,6 +70,9 @@ RANGES: dict[str, tuple[tuple[int, int], str]] = {
     "password_workers": (WORKERS_RANGE, "a number of worker processes"),
     "userdata_max_bytes": (USERDATA_MAX_RANGE, "a number of bytes"),
     "metrics_port": (PORT_RANGE, "a TCP port"),
+    "pair_priority": ((1, 254), "a VRRP priority"),
+    "pair_advert_ms": ((100, 10000), "milliseconds"),
+    "pair_vrid": ((1, 255), "a VRRP id"),
 }
 """Integer settings and the values they may take (inclusive)."""
 
@@ -120,6 +134,19 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     if len(set(ports.values())) < len(ports):
         shown = ", ".join(f"{k}={v}" for k, v in ports.items())
         raise ConfigError(f"{where}: {shown}: expected {len(ports)} different ports")
+    if cfg.pair_advert_ms % 10:
+        raise ConfigError(
+            f"{where}: pair_advert_ms={cfg.pair_advert_ms!r}: expected a multiple of 10 "
+            "(VRRP version 3 counts centiseconds)"
+        )
+    if cfg.pair_peer:
+        try:
+            IPv4Address(cfg.pair_peer)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: pair_peer={cfg.pair_peer!r}: expected the peer router's "
+                'control IPv4 address, or "" for a single router'
+            ) from None
     try:
         IPv4Address(cfg.ssh_listen)
     except ValueError:

@@ -141,6 +141,11 @@ class Paths:
         return self.state / "firewall.pending"
 
     @property
+    def pair_state(self) -> Path:
+        """The router pair's password ledger (:mod:`vr.pair.ledger`), under the passwords lock."""
+        return self.state / "pair-passwords.json"
+
+    @property
     def run(self) -> Path:
         return self._p("run/vr")
 
@@ -155,6 +160,11 @@ class Paths:
         every service of this root; ``vr up`` empties it when it starts."""
         return self.run / "metrics"
 
+    @property
+    def pair_run(self) -> Path:
+        """keepalived's generated config and pid files, VRRP states, the sync's status."""
+        return self.run / "pair"
+
     # --- configuration ---------------------------------------------------------------
     @property
     def etc(self) -> Path:
@@ -167,6 +177,16 @@ class Paths:
     @property
     def host_keys(self) -> Path:
         return self.etc / "ssh"
+
+    @property
+    def pair_key(self) -> Path:
+        """The pair's private SSH key (its public half is in both routers' authorized_keys)."""
+        return self.etc / "pair" / "id_key"
+
+    @property
+    def pair_known_hosts(self) -> Path:
+        """The peer's host key, learnt on first contact."""
+        return self.etc / "pair" / "known_hosts"
 
     @property
     def authorized_keys(self) -> Path:

@@ -353,6 +353,12 @@ class ApplyResult:
         return lines
 
 
+def password_stamp() -> int:
+    """When a password was stored, in ms of wall-clock time: orders the passwords of
+    one VM across a router pair (both routers receive every push)."""
+    return time.time_ns() // 1_000_000
+
+
 def _read_int(path: Path) -> int:
     """The number in a counter file; 0 if missing or not a number."""
     try:
@@ -524,8 +530,14 @@ class Store:
                 if new_passwords:
                     passwords = read_passwords(self.paths)
                     pw_gen = self._claim_password_gen(passwords, at_least=gen)
+                    stamp = password_stamp()
                     for ip, password in new_passwords.items():
-                        passwords[ip] = {"password": password, "gen": pw_gen, "served": False}
+                        passwords[ip] = {
+                            "password": password,
+                            "gen": pw_gen,
+                            "served": False,
+                            "stamp": stamp,
+                        }
                     tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
                 tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
                 tx.commit()
@@ -644,7 +656,12 @@ class Store:
         with self.passwords_locked():
             pw = read_passwords(self.paths)
             gen = self._claim_password_gen(pw)
-            pw[str(ip)] = {"password": password, "gen": gen, "served": False}
+            pw[str(ip)] = {
+                "password": password,
+                "gen": gen,
+                "served": False,
+                "stamp": password_stamp(),
+            }
             self._write_passwords(pw)
             return gen
 
@@ -669,9 +686,45 @@ class Store:
             rec = pw.get(str(ip))
             if rec is None or not rec["served"]:
                 return False
+            self._record_ack(str(ip), rec)
             del pw[str(ip)]
             self._write_passwords(pw)
             return True
+
+    def _record_ack(self, ip: str, rec: dict[str, Any]) -> None:
+        """On a router of a pair, note the ack in the pair's ledger before the password
+        goes: the peer must learn it even if the password is pushed again or the sync
+        was not looking (:mod:`vr.pair.ledger`). Written first, so a kill between the
+        two writes leaves the ack recorded and the next sync removes the password."""
+        if not self.paths.pair_state.exists():
+            return
+        from vr.pair import ledger
+
+        led = ledger.decode(self.paths.pair_state.read_bytes(), str(self.paths.pair_state), False)
+        led[ip] = ledger.Entry(
+            ledger.digest(ip, str(rec["password"])),
+            int(rec.get("stamp", 0)),
+            served=True,
+            acked=True,
+        )
+        atomic.atomic_write(self.paths.pair_state, ledger.encode(led, False), 0o600)
+
+    def update_passwords(
+        self,
+        change: Callable[[dict[str, dict[str, Any]], Callable[[], int]], bool],
+        then: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Run ``change(passwords, claim_gen)`` under the passwords lock, write the
+        file if it returned True, then call ``then()`` still under the lock.
+
+        For the router pair's sync (:mod:`vr.pair.sync`), which merges a peer's state
+        into this file: ``claim_gen()`` hands out a new generation as a save does.
+        """
+        with self.passwords_locked():
+            pw = read_passwords(self.paths)
+            if change(pw, lambda: self._claim_password_gen(pw)):
+                self._write_passwords(pw)
+            then()
 
     def _write_passwords(self, pw: dict[str, dict[str, Any]]) -> None:
         with atomic.Transaction() as tx:

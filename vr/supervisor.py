@@ -84,6 +84,10 @@ class Service:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
 
+    def answers(self) -> bool:
+        """Port 0: a service without a port (keepalived, the pair sync) answers while it runs."""
+        return self.port == 0 or port_answers(self.port, self.host)
+
     def restart_delay(self, now: float) -> float:
         """The service exited at ``now``: how long to wait before starting it again."""
         if now - self.started >= STABLE_AFTER:
@@ -111,7 +115,7 @@ def services_for(paths: Paths, cfg: Config) -> list[Service]:
     root = ["--root", str(paths.root)]
     listen = any_address()
     dhcp = [Service("dhcp", [*vr, "serve-dhcp", *root], DNS_PORT)] if cfg.dnsmasq else []
-    return [*_http_services(vr, root, cfg, listen), *dhcp]
+    return [*_http_services(vr, root, cfg, listen), *dhcp, *pair_services(paths, cfg)]
 
 
 def _http_services(vr: list[str], root: list[str], cfg: Config, listen: str) -> list[Service]:
@@ -154,6 +158,16 @@ def _http_services(vr: list[str], root: list[str], cfg: Config, listen: str) -> 
             cfg.metrics_port,
         ),
     ]
+
+
+def pair_services(paths: Paths, cfg: Config) -> list[Service]:
+    """A router of a redundant pair also runs keepalived and the pair sync (no port)."""
+    if not cfg.pair_peer:
+        return []
+    from vr.pair.manager import keepalived_argv
+
+    sync = [sys.executable, "-m", "vr", "pair", "run", "--root", str(paths.root)]
+    return [Service("keepalived", keepalived_argv(paths), 0), Service("pair-sync", sync, 0)]
 
 
 @contextlib.contextmanager
@@ -370,6 +384,19 @@ class Supervisor:
                 LOG.info("firewall re-applied for the edited configuration")
         self.cfg = new
         fresh = {s.name: s for s in services_for(self.paths, new)}
+        # The set of services itself may change (dnsmasq switched on or off, a pair
+        # declared or dissolved): stop those the new settings do not run, add the new.
+        gone = [s for s in self.services if s.name not in fresh]
+        for svc in gone:
+            LOG.info("stopping service %s: the new settings do not run it", svc.name)
+            self._stop(svc)
+        running = {s.name for s in self.services}
+        added = [s for name, s in fresh.items() if name not in running]
+        self.services = [s for s in self.services if s.name in fresh] + added
+        for svc in added:
+            LOG.info("starting service %s for the new settings", svc.name)
+            svc.next_start = 0.0
+            svc.down_since = time.time()
         for svc in self.services:
             if svc.name in todo.restart and svc.name in fresh:
                 self._stop(svc)
@@ -382,9 +409,9 @@ class Supervisor:
                 svc.next_start = 0.0
                 svc.down_since = time.time()
                 LOG.info("restarting service %s for its new settings", svc.name)
-        if todo.restart:
+        if todo.restart or gone or added:
             self._ready = False
-        return bool(todo.restart)
+        return bool(todo.restart or gone or added)
 
     def step(self, now: float) -> bool:
         """Check every service once at time ``now``: restart what is due; whether
@@ -392,16 +419,10 @@ class Supervisor:
         changed = False
         for svc in self.services:
             changed |= self._check(svc, now)
-            if (
-                svc.down_since is not None
-                and svc.pid is not None
-                and port_answers(svc.port, svc.host)
-            ):
+            if svc.down_since is not None and svc.pid is not None and svc.answers():
                 svc.down_since = None
                 changed = True
-        if not self._ready and all(
-            s.pid is not None and port_answers(s.port, s.host) for s in self.services
-        ):
+        if not self._ready and all(s.pid is not None and s.answers() for s in self.services):
             self._ready = True
             changed = True
             LOG.info(
@@ -483,7 +504,7 @@ class Supervisor:
             "services": {
                 s.name: {
                     "pid": None if stopped else s.pid,
-                    "up": (not stopped) and s.pid is not None and port_answers(s.port, s.host),
+                    "up": (not stopped) and s.pid is not None and s.answers(),
                     "host": s.host,
                     "port": s.port,
                     "restarts": s.restarts,

@@ -164,3 +164,44 @@ def test_a_pushed_removal_of_the_configured_network_is_not_counted(paths: Paths)
         [GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), False)]
     )
     assert collect_status(paths)["networks"] == 1  # eth3 only, as the firewall has it
+
+
+def test_status_of_a_pair_router_shows_the_role_per_network_and_the_peer(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vr.pair import manager
+
+    paths.config.parent.mkdir(parents=True, exist_ok=True)
+    paths.config.write_text(json.dumps({"pair_peer": "169.254.10.12"}))
+    Store(paths).apply(
+        [
+            GuestNetwork(
+                "eth0",
+                IPv4Address("10.1.1.2"),
+                IPv4Network("10.1.1.0/24"),
+                True,
+                None,
+                IPv4Address("10.1.1.1"),
+            )
+        ]
+    )
+    paths.run.mkdir(parents=True, exist_ok=True)
+    services = {"keepalived": {"pid": 77, "up": True, "host": "127.0.0.1", "port": 0,
+                               "restarts": 0}}  # fmt: skip
+    up = {"pid": os.getpid(), "ready": True, "stopped": False, "services": services}
+    (paths.run / "status.json").write_text(json.dumps(up))
+    manager.record_vrrp_state(paths, "INSTANCE", "VR-eth0", "BACKUP", "100")
+    sync = {"reachable": True, "in_sync": True, "time": time.time(), "last_ok": time.time()}
+    manager.PairFiles(paths).sync_status.write_text(json.dumps(sync))
+    with single_instance(paths):
+        assert main(["status", "--root", str(paths.root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  keepalived up    port -     pid 77       restarts 0" in out
+    assert "pair: peer 169.254.10.12 reachable, passwords in sync" in out
+    assert "  eth0       BACKUP   VRRP id 51 virtual IP 10.1.1.1/24" in out
+    # a sync status nobody refreshed for a minute is not believed
+    sync["time"] = time.time() - 60
+    manager.PairFiles(paths).sync_status.write_text(json.dumps(sync))
+    with single_instance(paths):
+        st = collect_status(paths)
+    assert st["pair"]["peer_reachable"] is False and st["pair"]["in_sync"] is False

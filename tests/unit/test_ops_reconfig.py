@@ -27,7 +27,8 @@ def test_every_setting_is_known_to_belong_to_a_service_or_to_none() -> None:
 
 def test_services_of_the_plan_are_the_services_vr_up_runs(paths: Paths) -> None:
     assert [s.name for s in services_for(paths, Config())] == SERVICES
-    assert set(SERVICE_KEYS) == set(SERVICES)
+    pair = [s.name for s in services_for(paths, Config(pair_peer="192.0.2.2"))]
+    assert set(SERVICE_KEYS) == set(SERVICES) | set(pair)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +155,27 @@ def test_an_edit_restarts_only_its_service_with_the_new_settings(paths: Paths) -
     assert (metadata.reconfigured, metadata.restarts) == (1, 0)
     assert (before["metadata"], signal.SIGTERM) in killed
     assert sup.cfg.metadata_workers == 5
+
+
+def test_an_edit_that_changes_which_services_run_stops_and_starts_them(paths: Paths) -> None:
+    sup, killed = supervised(paths)
+    dhcp = next(s for s in sup.services if s.name == "dhcp")
+    dhcp_pid = dhcp.pid
+    paths.config.write_text(json.dumps({"dnsmasq": False}))
+    assert sup.reconfigure() is True
+    assert [s.name for s in sup.services] == [n for n in SERVICES if n != "dhcp"]
+    assert (dhcp_pid, signal.SIGTERM) in killed
+    paths.config.write_text(json.dumps({"dnsmasq": False, "pair_peer": "192.0.2.2"}))
+    assert sup.reconfigure() is True
+    sup.step(1.0)
+    started = {s.name: s.pid for s in sup.services}
+    assert {"keepalived", "pair-sync"} <= set(started)
+    assert started["keepalived"] is not None and started["pair-sync"] is not None
+    paths.config.write_text(json.dumps({}))
+    assert sup.reconfigure() is True
+    sup.step(2.0)
+    assert [s.name for s in sup.services] == SERVICES
+    assert next(s for s in sup.services if s.name == "dhcp").pid is not None
 
 
 def test_an_invalid_edit_keeps_the_running_configuration(

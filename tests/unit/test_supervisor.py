@@ -327,3 +327,21 @@ def test_a_failing_firewall_step_ends_vr_up_with_its_error_and_starts_nothing(
     assert "exit code 3: firewall not applied: no such table" in err
     assert not mark.exists()
     assert _status(paths)["stopped"] is True
+
+
+def test_a_pair_router_also_supervises_keepalived_and_the_sync_without_ports(
+    paths: Paths,
+) -> None:
+    from vr.config import Config
+    from vr.pair.manager import PairFiles
+    from vr.supervisor import services_for
+
+    single = [s.name for s in services_for(paths, Config())]
+    pair = {s.name: s for s in services_for(paths, Config(pair_peer="169.254.10.12"))}
+    assert list(pair) == [*single, "keepalived", "pair-sync"]
+    keepalived = pair["keepalived"]
+    assert keepalived.port == 0 and keepalived.answers()
+    argv = keepalived.argv
+    assert "--dont-fork" in argv and "--vrrp" in argv
+    assert argv[argv.index("--use-file") + 1] == str(PairFiles(paths).conf)
+    assert argv[argv.index("--pid") + 1].startswith(str(paths.root))

@@ -16,6 +16,9 @@ from vr.errors import shorten
 from vr.ops.diagnostics import Diagnostic as Diagnostic
 from vr.ops.diagnostics import NotAllowed, parse_diagnostic
 
+PAIR_SYNC = "vr-pair-sync"
+"""A router pair's password sync (:mod:`vr.pair.sync`): the peer's ledger on stdin.
+Between routers only, so not listed in :data:`ALLOWED` (what operators are told)."""
 ALLOWED = (
     f"allowed: {cloudstack.UPDATE_CONFIG} <file> [false], "
     f"{cloudstack.VR_CFG} -c <cfg>, scp -t {CACHE_DIR}, sftp, read-only diagnostics "
@@ -36,6 +39,11 @@ class ApplyCfg:
 
 
 @dataclass(frozen=True)
+class PairSync:
+    """The peer router sends its password ledger on stdin and reads ours back."""
+
+
+@dataclass(frozen=True)
 class ScpTarget:
     """``scp -t <target>``: ``name`` is a fixed file name, or None for the folder itself.
 
@@ -53,7 +61,7 @@ class ExecRefused:
     code: int = NOT_FOUND
 
 
-ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | Diagnostic | ExecRefused
+ExecRequest = UpdateConfig | ApplyCfg | ScpTarget | Diagnostic | PairSync | ExecRefused
 """A :class:`~vr.ops.diagnostics.Diagnostic` is a read-only command an operator
 types after ``ssh -p 3922 root@<router>`` (the fixed allowlist of vr.ops.diagnostics)."""
 
@@ -86,6 +94,10 @@ def parse_exec(command: bytes) -> ExecRequest:
         return ApplyCfg(args)
     if prog == "scp":
         return parse_scp(args)
+    if prog == PAIR_SYNC:
+        if args:
+            return ExecRefused(f"{PAIR_SYNC} takes no arguments; got {shorten(' '.join(args))}")
+        return PairSync()
     return ExecRefused(f"command not available on this appliance: {shorten(prog)}; {ALLOWED}")
 
 

@@ -42,6 +42,7 @@ from vr.agent.requests import (
     Diagnostic,
     ExecRefused,
     ExecRequest,
+    PairSync,
     ScpTarget,
     UpdateConfig,
     parse_exec,
@@ -423,6 +424,8 @@ class AgentServer(paramiko.ServerInterface):
             return self._scp(chan, request)
         if isinstance(request, Diagnostic):
             return self._diagnose(chan, request, out, err)
+        if isinstance(request, PairSync):
+            return self._pair_sync(chan, err)
         assert isinstance(request, ExecRefused)
         LOG.warning("refused request from %s: %s", self.peer, request.reason)
         err.write(f"vr-agent: {request.reason}\n")
@@ -445,6 +448,36 @@ class AgentServer(paramiko.ServerInterface):
         code = diagrun.run(request, self.ctx.paths, out, err, stopped)
         LOG.info("%s: diagnostic %s ended with %d", self.peer, request.kind, code)
         return code
+
+    def _pair_sync(self, chan: Channel, err: ChannelText) -> int:
+        """Read the peer's ledger (stdin to EOF, bounded), merge it, answer ours."""
+        from vr.pair.ledger import LedgerError
+        from vr.pair.sync import serve_request
+
+        chan.settimeout(self.ctx.limits.idle_timeout)
+        limit = self.ctx.limits.max_upload_bytes
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while chunk := chan.recv(65536):
+                size += len(chunk)
+                if size > limit:
+                    err.write(f"vr-agent: pair sync larger than {limit} bytes refused\n")
+                    return 1
+                parts.append(chunk)
+                self.activity.touch()
+            answer = serve_request(self.ctx.paths, b"".join(parts), self.peer)
+        except LedgerError as exc:
+            LOG.warning("refused pair sync from %s: %s", self.peer, exc)
+            err.write(f"vr-agent: {exc}\n")
+            return 1
+        except (TimeoutError, OSError, EOFError) as exc:
+            LOG.warning(
+                "pair sync from %s broke off: %s", self.peer, str(exc) or type(exc).__name__
+            )
+            return 1
+        chan.sendall(answer)
+        return 0
 
     def _scp(self, chan: Channel, request: ScpTarget) -> int:
         chan.settimeout(self.ctx.limits.idle_timeout)

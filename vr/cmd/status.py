@@ -47,7 +47,7 @@ def collect_status(paths: Paths) -> dict[str, Any]:
         svc["up"] = (
             bool(svc.get("pid"))
             and not up.get("stopped")
-            and port_answers(svc["port"], svc.get("host", "127.0.0.1"))
+            and (svc["port"] == 0 or port_answers(svc["port"], svc.get("host", "127.0.0.1")))
         )
     status["supervisor"] = up
     from vr.ops.health import assess
@@ -66,11 +66,48 @@ def collect_status(paths: Paths) -> dict[str, Any]:
 
     status["metadata_counters"] = totals(paths)
     status["password_counters"] = totals(paths, "passwords")
+    status["pair"] = _pair_status(paths, bool(up.get("stopped")))
     try:
         status["last_push"] = json.loads(paths.last_push.read_text())
     except (OSError, ValueError):
         status["last_push"] = None
     return status
+
+
+def _pair_status(paths: Paths, stopped: bool) -> dict[str, Any] | None:
+    """MASTER/BACKUP per guest network and the peer sync; None for a single router."""
+    from vr import config
+
+    try:
+        cfg = config.load(paths)
+    except VRError:
+        return None
+    if not cfg.pair_peer:
+        return None
+    from vr.pair import manager, sync
+
+    try:
+        inst = manager.desired_conf(paths, cfg).instances
+    except ValueError:
+        inst = ()
+    states = manager.vrrp_states(paths)
+    sync_doc = sync.read_status(paths)
+    stale = stopped or sync_doc is None or time.time() - float(sync_doc.get("time", 0)) > 30
+    return {
+        "peer": cfg.pair_peer,
+        "networks": {
+            i.interface: {
+                "vrid": i.vrid,
+                "vip": str(i.vip),
+                "state": "STOPPED" if stopped else states.get(i.name, "UNKNOWN"),
+            }
+            for i in inst
+        },
+        "peer_reachable": bool(sync_doc and sync_doc.get("reachable")) and not stale,
+        "in_sync": bool(sync_doc and sync_doc.get("in_sync")) and not stale,
+        "last_sync": sync_doc.get("last_ok") if sync_doc else None,
+        "error": sync_doc.get("error") if sync_doc else None,
+    }
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -96,7 +133,7 @@ def format_status(st: dict[str, Any]) -> str:
     for name, svc in sorted(sup.get("services", {}).items()):
         updown = "up" if svc["up"] else "down"
         lines.append(
-            f"  {name:<10} {updown:<5} port {svc['port']:<5} pid {svc.get('pid') or '-':<8} "
+            f"  {name:<10} {updown:<5} port {svc['port'] or '-':<5} pid {svc.get('pid') or '-':<8} "
             f"restarts {svc['restarts']}"
         )
     lines.append(f"VMs: {st['vms']}  guest networks: {st['networks']}")
@@ -104,6 +141,14 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"metadata requests refused for X-Forwarded-For/Forwarded: {refused}")
     refused = st.get("password_counters", {}).get("forwarded_refused", 0)
     lines.append(f"password requests refused for X-Forwarded-For/Forwarded: {refused}")
+    pair = st.get("pair")
+    if pair:
+        sync = "in sync" if pair["in_sync"] else "NOT in sync"
+        reach = "reachable" if pair["peer_reachable"] else "NOT reachable"
+        err = f" ({pair['error']})" if pair.get("error") and not pair["peer_reachable"] else ""
+        lines.append(f"pair: peer {pair['peer']} {reach}, passwords {sync}{err}")
+        for dev, n in sorted(pair["networks"].items()):
+            lines.append(f"  {dev:<10} {n['state']:<8} VRRP id {n['vrid']} virtual IP {n['vip']}")
     lp = st["last_push"]
     if lp:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lp["time"]))

@@ -46,6 +46,15 @@ def _up(args: argparse.Namespace) -> int:
         LOG.error("%s", exc)
         return 2
 
+    if cfg.pair_peer:
+        from vr.pair import manager
+
+        try:
+            manager.prepare(paths, cfg)  # keepalived's config, no leftover virtual IP
+        except (VRError, ValueError) as exc:
+            LOG.error("%s", exc)
+            return 2
+
     # apply, not restore: recomputed from vr.json and the saved pushes, the rules are the
     # desired state restore re-applies at boot, and also right when a push was stored but
     # its firewall follow-up never ran (killed in between) or vr.json changed since the

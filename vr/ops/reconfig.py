@@ -30,6 +30,9 @@ SERVICE_KEYS: dict[str, frozenset[str]] = {
     "ops": frozenset({"metrics_port"}),
     # dnsmasq's main configuration: which devices it serves (rendered at its start)
     "dhcp": frozenset({"dnsmasq", "guest_networks", "control_device", "public_devices"}),
+    # a redundant pair: keepalived's config (rendered at its start) and the peer to sync
+    "keepalived": frozenset({"pair_peer", "pair_priority", "pair_advert_ms", "pair_vrid"}),
+    "pair-sync": frozenset({"pair_peer"}),
 }
 """The settings each service reads when it starts (a change restarts it)."""
 

@@ -198,7 +198,7 @@ class PairLab:
         return t
 
     def status(self, name: str) -> dict[str, Any]:
-        from vr.cmd.status import collect_status
+        from vr.ops.status import collect_status
         from vr.paths import Paths
 
         st: dict[str, Any] = collect_status(Paths(self.routers[name].root))

@@ -65,7 +65,7 @@ def no_password(sb: Sandbox, text: str) -> None:
 def scrape(sb: Sandbox, role: str = "mg", port: int = PORT) -> dict[tuple[str, str], float]:
     """Every sample from the metrics endpoint: ``{(name, sorted labels json): value}``."""
     res = sb.run(
-        role, ["curl", "-sS", "--max-time", "10", f"http://{VR_CONTROL_IP}:{port}/metrics"]
+        role, ["curl", "-sS", "--max-time", "30", f"http://{VR_CONTROL_IP}:{port}/metrics"]
     )
     out = {}
     for fam in text_string_to_metric_families(res.stdout):
@@ -78,12 +78,16 @@ def value(samples: dict[tuple[str, str], float], name: str, **labels: str) -> fl
     return samples.get((name, json.dumps(labels, sort_keys=True)), 0.0)
 
 
-def curl_code(sb: Sandbox, role: str, url: str, *extra: str) -> str:
+def curl_code(sb: Sandbox, role: str, url: str, *extra: str, max_time: int = 30) -> str:
+    """The HTTP status ``role`` gets (``000``: no answer within ``max_time`` seconds).
+    Only a check that expects no answer shortens ``max_time``: a dropped packet never
+    answers, while an answer may be slow on a loaded machine."""
     res = sb.run(
         role,
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", *extra, url],
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", str(max_time),
+         *extra, url],
         ok_codes=range(256),
-    )
+    )  # fmt: skip
     return res.stdout
 
 
@@ -155,7 +159,7 @@ def test_counters_seen_from_the_management_network_move_after_real_traffic(sb: S
 
 
 def test_health_is_json_on_the_same_port(sb: Sandbox) -> None:
-    res = sb.run("mg", ["curl", "-sS", "--max-time", "10", f"http://{VR_CONTROL_IP}:{PORT}/health"])
+    res = sb.run("mg", ["curl", "-sS", "--max-time", "30", f"http://{VR_CONTROL_IP}:{PORT}/health"])
     doc = json.loads(res.stdout)
     assert doc["state"] == "ready"
     assert set(doc["services"]) == {"agent", "metadata", "passwords", "ops", "dhcp"}
@@ -165,8 +169,8 @@ def test_health_is_json_on_the_same_port(sb: Sandbox) -> None:
 def test_a_guest_or_an_outsider_cannot_reach_the_metrics_port(sb: Sandbox) -> None:
     g = sb.guests[0]
     for host in (VR_GUEST_IP, VR_CONTROL_IP, METADATA_IP):
-        assert curl_code(sb, g.role, f"http://{host}:{PORT}/metrics") == "000"
-    assert curl_code(sb, "out", f"http://{VR_PUBLIC_IP}:{PORT}/metrics") == "000"
+        assert curl_code(sb, g.role, f"http://{host}:{PORT}/metrics", max_time=3) == "000"
+    assert curl_code(sb, "out", f"http://{VR_PUBLIC_IP}:{PORT}/metrics", max_time=3) == "000"
     # ... while the management host, on the control network, is answered
     assert curl_code(sb, "mg", f"http://{VR_CONTROL_IP}:{PORT}/metrics") == "200"
     assert OUTSIDER_IP  # the outsider's address is what the VR sees on eth2
@@ -180,7 +184,8 @@ def test_a_spoofed_guest_address_is_counted_as_a_refusal(sb: Sandbox) -> None:
     # b claims a's address: only on its own interface, for this one try
     sb.run(b.role, ["ip", "addr", "add", f"{a.ip}/32", "dev", "eth0"])
     try:
-        curl_code(sb, b.role, f"http://{VR_GUEST_IP}/latest/instance-id", "--interface", a.ip)
+        url = f"http://{VR_GUEST_IP}/latest/instance-id"
+        curl_code(sb, b.role, url, "--interface", a.ip, max_time=3)  # dropped: no answer
     finally:
         sb.run(b.role, ["ip", "addr", "del", f"{a.ip}/32", "dev", "eth0"])
         sb.run("vr", ["ip", "neigh", "flush", "dev", "eth0"], ok_codes=range(256))
@@ -320,7 +325,8 @@ def test_an_edit_of_vr_json_restarts_only_its_service_and_reapplies_the_firewall
         }
         assert status(sb)["services"]["ops"]["reconfigured"] == 1
         # the firewall follows: the new port is the control network's only
-        assert curl_code(sb, sb.guests[0].role, f"http://{VR_GUEST_IP}:9181/metrics") == "000"
+        guest = sb.guests[0].role
+        assert curl_code(sb, guest, f"http://{VR_GUEST_IP}:9181/metrics", max_time=3) == "000"
         assert curl_code(sb, "mg", f"http://{VR_CONTROL_IP}:{PORT}/metrics") == "000"
     finally:
         sb.paths.config.write_text(original)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers.procs import free_port
 from vr.cli import main
-from vr.cmd.status import collect_status, format_status
+from vr.ops.status import collect_status, format_status
 from vr.paths import Paths
 from vr.payloads import GuestNetwork, VmMetadata
 from vr.store import Store

@@ -74,8 +74,8 @@ def run(diag: Diagnostic, paths: Paths, out: Out, err: Out, stopped: Callable[[]
         err.write(res.stderr)
         return res.code
     if diag.kind == "vr_status":
-        from vr.cmd.status import collect_status, format_status
         from vr.ops.health import EXIT
+        from vr.ops.status import collect_status, format_status
 
         st = collect_status(paths)
         out.write(

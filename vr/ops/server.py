@@ -120,7 +120,7 @@ class ApplianceCollector:
         yield from self._appliance()
 
     def _appliance(self) -> Iterator[Metric]:
-        from vr.cmd.status import collect_status
+        from vr.ops.status import collect_status
         from vr.store import read_passwords
 
         st = collect_status(self.paths)
@@ -156,8 +156,8 @@ class ApplianceCollector:
 
 
 def health_body(paths: Paths) -> tuple[int, bytes]:
-    from vr.cmd.status import collect_status
     from vr.ops.health import HTTP
+    from vr.ops.status import collect_status
 
     st = collect_status(paths)
     doc = {

@@ -25,7 +25,7 @@ from typing import Any
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
 from vr.firewall.model import IPV6_TABLES, MatchSpec, Params, RuleSpec
-from vr.firewall.sync import LiveRule, PacketCounts
+from vr.firewall.sync import Elsewhere, LiveRule, PacketCounts
 
 LOG = logging.getLogger(__name__)
 
@@ -50,8 +50,17 @@ def _params(raw: dict[str, Any]) -> Params:
 class IptcTables:
     """:class:`vr.firewall.sync.Tables` over python-iptables."""
 
-    def __init__(self, lock_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        lock_timeout: float = 30.0,
+        ipv6: Elsewhere | None = None,
+        lock_held: bool = False,
+    ) -> None:
+        """``ipv6``: the IPv6 tables are handled through it (:mod:`vr.firewall.child6`);
+        ``lock_held``: the parent process holds the xtables lock for our whole life."""
         self.lock_timeout = lock_timeout
+        self.ipv6 = ipv6
+        self.lock_held = lock_held
         self._lib: Any = None
 
     # --- plumbing -------------------------------------------------------------------
@@ -88,6 +97,9 @@ class IptcTables:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
+        if self.lock_held:
+            yield
+            return
         path = Path(os.environ.get(XT_LOCK_ENV, XT_LOCK_DEFAULT))
         stack = contextlib.ExitStack()
         try:

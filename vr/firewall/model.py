@@ -208,6 +208,13 @@ class RuleSet:
                 return c
         raise KeyError(name)
 
+    def split(self, tables: frozenset[str]) -> tuple[RuleSet, RuleSet]:
+        """(the chains not in ``tables``, the chains in ``tables``), order kept."""
+        return (
+            RuleSet(tuple(c for c in self.chains if c.table not in tables)),
+            RuleSet(tuple(c for c in self.chains if c.table in tables)),
+        )
+
     def render(self) -> str:
         """The rule set as iptables-save style text (our chains and hooks only)."""
         lines: list[str] = []
@@ -286,6 +293,7 @@ def desired(
         (
             Chain(NAT, NAT_CHAIN, ("PREROUTING",), tuple(_redirects(config, nets))),
             Chain(FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bindings))),
+            Chain(NAT6, NAT_CHAIN, ("PREROUTING",), tuple(_redirects6(config, nets))),
             Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input6(config, nets, bindings))),
         )
     )
@@ -420,10 +428,11 @@ def eui64_link_local(mac: str) -> IPv6Address:
 
 
 def _redirects6(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
-    """The IPv6 DNATs, not applied yet: python-iptables cannot build an IPv6 target
-    extension (DNAT, REDIRECT) in a process that built an IPv4 one (ldx/python-iptables#112).
-    Until the IPv6 tables are applied from their own process, the metadata addresses
-    are the router's own on IPv6 guest devices (:mod:`vr.dhcp.service`)."""
+    """On IPv6 guest devices only, [fd00:ec2::254] and [fe80::a9fe:a9fe] on 80/8080 go
+    to the router's guest IPv6 address on the configured service ports. python-iptables
+    cannot build an IPv6 target extension (DNAT) in a process that built an IPv4 one
+    (ldx/python-iptables#112): the IPv6 tables are applied from a child process
+    (:func:`vr.firewall.sync.sync`)."""
     for n in nets:
         if n.router_guest_ip6 is None:
             continue

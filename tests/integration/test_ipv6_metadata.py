@@ -175,3 +175,19 @@ def test_a_guest_with_another_vms_ipv6_address_and_its_own_mac_is_dropped(
     sb.run("gs", ["ip", "link", "set", "eth0", "address", ABSENT.mac])
     sb.run("vr", ["ip", "-6", "neigh", "flush", "dev", "eth0"])
     assert curl(sb, "gs", url, "--interface", ABSENT6) == (0, ABSENT.instance_id)
+
+
+def test_removing_a_dhcp_entry_releases_its_dhcpv6_lease(sb: Sandbox) -> None:
+    g = booted(sb)[-1]
+    leases = sb.vr_root / "var/lib/misc/dnsmasq.leases"
+    assert f" {v6_of(g)} " in leases.read_text()
+    entry = {**dhcp_payload(g), "ipv6_address": v6_of(g)}
+    removed = {**entry, "remove": True}
+    try:
+        assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", removed)])).code == 0
+        # dnsmasq drops the lease only when dhcp_release6 sends it the RELEASE
+        _wait(lambda: f" {v6_of(g)} " not in leases.read_text(), what="DHCPv6 lease released")
+        log = (sb.vr_root / "var/log/cloud.log").read_text()
+        assert f"released the DHCPv6 lease of {v6_of(g)} on eth0" in log
+    finally:
+        assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", entry)])).code == 0

@@ -263,3 +263,14 @@ def test_split_keeps_the_order_of_each_family() -> None:
     four, six = desired(Config(), [GUEST6], [VM]).split(IPV6_TABLES)
     assert four.tables() == [NAT, FILTER]
     assert six.tables() == [NAT6, FILTER6]
+
+
+def test_with_binding_required_a_bound_ipv6_guest_is_accepted_from_both_its_addresses() -> None:
+    vm6 = replace(VM, ipv6_address=IPv6Address("fd00:1::10"))
+    rs = desired(Config(require_mac_binding=True), [GUEST6], [vm6])
+    [chain] = [c for c in rs.chains if c.table == FILTER6]
+    accepted = [r.source for r in chain.rules if r.target == "ACCEPT" and r.in_interface == "eth0"]
+    assert accepted == [
+        IPv6Network("fd00:1::10/128"),
+        IPv6Network("fe80::ff:fe00:a/128"),  # EUI-64 of 02:00:00:00:00:0a
+    ]

@@ -477,12 +477,18 @@ def _input6(
             continue
         if config.require_mac_binding:
             for e in bindings:
+                own6: list[IPv6Address] = []
                 if e.ipv6_address is not None and e.ipv6_address in n.cidr6:
+                    own6.append(e.ipv6_address)
+                if e.ipv4_address in n.cidr:
+                    # asking fe80::a9fe:a9fe, a guest speaks from its EUI-64 link-local
+                    own6.append(eui64_link_local(e.mac_address))
+                for address in own6:
                     yield Rule(
                         "ACCEPT",
-                        f"vr: {n.device} bound guest {e.ipv6_address}",
+                        f"vr: {n.device} bound guest {address}",
                         in_interface=n.device,
-                        source=IPv6Network(f"{e.ipv6_address}/128"),
+                        source=IPv6Network(f"{address}/128"),
                         dports=service,
                         ctstate=("NEW", "ESTABLISHED"),
                     )

@@ -233,3 +233,13 @@ def test_ipv6_counters_come_from_the_child() -> None:
         ("nat6", 3)
     ]
     assert {r.table for r in rows} == {"nat", "nat6"}
+
+
+def test_a_refused_ipv4_commit_after_the_child_applied_says_which_tables_changed() -> None:
+    fake, child = split_fake()
+    before = fake.snapshot()
+    fake.refuse_commit = {"filter"}
+    with pytest.raises(FirewallError, match=r"IPv4 only: nat6, filter6 already applied"):
+        sync(fake, desired(Config(), [GUEST6], [VM]))
+    assert fake.live == before
+    assert NAT_CHAIN in child.tables.live["nat6"]

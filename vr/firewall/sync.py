@@ -120,6 +120,7 @@ def sync(tables: Tables, ruleset: RuleSet) -> SyncReport:
     if tables.ipv6 is not None:
         here, away = ruleset.split(IPV6_TABLES)
     report = SyncReport()
+    done: dict[str, list[str]] = {}
     with tables.locked():
         staged: list[tuple[str, Snapshot]] = []
         try:
@@ -138,7 +139,13 @@ def sync(tables: Tables, ruleset: RuleSet) -> SyncReport:
             for table, _ in staged:
                 tables.discard(table)
             raise
-        _commit(tables, staged, report)
+        try:
+            _commit(tables, staged, report)
+        except FirewallError as exc:
+            if any(done.values()):
+                applied = ", ".join(t for t, what in done.items() if what)
+                raise FirewallError(f"{exc} (IPv4 only: {applied} already applied)") from exc
+            raise
     return report
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from vr.errors import FirewallError
 from vr.firewall.model import RuleSpec
-from vr.firewall.sync import LiveRule, PacketCounts
+from vr.firewall.sync import Elsewhere, LiveRule, PacketCounts
 
 BUILTINS = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
@@ -33,6 +33,7 @@ class FakeTables:
         self.refuse_rule: Callable[[RuleSpec], bool] = lambda spec: False
         self.refuse_commit: set[str] = set()
         self.lock_held = False
+        self.ipv6: Elsewhere | None = None
 
     # --- test helpers ---------------------------------------------------------------
 

@@ -85,5 +85,47 @@ def test_applying_the_same_rules_again_changes_nothing(ns: Namespace) -> None:
     before = save(ns)
     res = run(ns, "good")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "{'nat': [], 'filter': [], 'filter6': []}"
+    assert res.stdout.strip() == "{'nat': [], 'filter': [], 'nat6': [], 'filter6': []}"
     assert save(ns) == before
+
+
+MASK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+    from vr.config import Config
+    from vr.firewall import iptc_adapter
+    from vr.firewall.model import IPV6_TABLES, desired
+    from vr.firewall.sync import sync
+    from vr.payloads import GuestNetwork
+
+    net = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True,
+                       router_guest_ip6=IPv6Address("fd00:1::1"),
+                       cidr6=IPv6Network("fd00:1::/64"))
+    _, six = desired(Config(), [net], []).split(IPV6_TABLES)
+    if sys.argv[1] == "old":
+        # what python-iptables 1.2.0 does by itself: a 0x01 byte per character
+        iptc_adapter._iface_mask = lambda name: b"\\x01" * (len(name) + 1)
+    print(sync(iptc_adapter.IptcTables(), six).changed)
+    """
+)
+
+
+def save6(ns: Namespace) -> list[str]:
+    return [line for line in ns.run("ip6tables-legacy-save").stdout.splitlines() if line[:1] != "#"]
+
+
+def test_ipv6_rules_with_python_iptables_interface_mask_are_rewritten(ns: Namespace) -> None:
+    def apply(which: str) -> str:
+        res = ns.run(sys.executable, "-c", MASK_SCRIPT, which, check=False)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    assert "rewrote VR-PREROUTING" in apply("old")
+    before = save6(ns)
+    # the same rules as ip6tables-save prints them, but with the mask fixed
+    assert apply("new") == (
+        "{'nat6': ['rewrote VR-PREROUTING (4 rules)'], 'filter6': ['rewrote VR-INPUT (5 rules)']}"
+    )
+    assert save6(ns) == before
+    assert apply("new") == "{'nat6': [], 'filter6': []}"

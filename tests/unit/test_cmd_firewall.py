@@ -19,7 +19,7 @@ def test_every_firewall_action_has_a_description() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     fw_parser = sub.choices["firewall"]  # type: ignore[attr-defined]
     actions = next(a for a in fw_parser._actions if a.dest == "action")
-    assert set(actions.choices) == {"apply", "restore", "show", "counters"}
+    assert set(actions.choices) == {"apply", "restore", "show", "counters", "sync6"}
     for name, p in actions.choices.items():
         assert p.description, f"vr firewall {name} has no description"
 

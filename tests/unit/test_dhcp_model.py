@@ -8,7 +8,7 @@ import pytest
 
 from vr.config import Config
 from vr.dhcp import model
-from vr.dhcp.state import released
+from vr.dhcp.state import Lease6, leases6, released, released6
 from vr.errors import PayloadError
 from vr.payloads import DhcpEntry, GuestNetwork, parse_dhcp_entry, parse_guest_network
 
@@ -121,3 +121,31 @@ def test_bad_ipv6_fields_of_a_guest_network_are_refused_by_name(
     with pytest.raises(PayloadError) as err:
         parse_guest_network({**net, **extra})
     assert err.value.field == field
+
+
+def test_released_ipv6_addresses_are_those_that_left_the_hosts_file() -> None:
+    old = (
+        b"02:00:00:00:00:17,10.1.1.23,[fd00:1::17],vm-a,infinite\n"
+        b"02:00:00:00:00:18,10.1.1.24,[fd00:1::18],vm-b,infinite\n"
+        b"id:00:03:00:01:02:00:00:00:00:20,[fd00:1::20],infinite\n"
+    )
+    new = b"02:00:00:00:00:17,10.1.1.23,[fd00:1::17],vm-a,infinite\n"
+    assert released6(old, new) == {IPv6Address("fd00:1::18"), IPv6Address("fd00:1::20")}
+
+
+def test_dhcpv6_leases_are_read_with_the_server_duid_iaid_and_client_duid() -> None:
+    text = (
+        "4294967295 02:00:00:00:00:17 10.1.1.23 vm-a 01:02:00:00:00:00:17\n"
+        "duid 00:01:00:01:2e:cc:6b:11:4e:45:46:94:15:e8\n"
+        "4294967295 4227 fd00:1::17 vm-a 00:01:00:01:2e:cc:6b:14:02:00:00:00:00:17\n"
+        "4294967295 99 not-an-address * 00:01\n"
+    )
+    server, leases = leases6(text)
+    assert server == "00:01:00:01:2e:cc:6b:11:4e:45:46:94:15:e8"
+    assert leases == [
+        Lease6(IPv6Address("fd00:1::17"), "4227", "00:01:00:01:2e:cc:6b:14:02:00:00:00:00:17")
+    ]
+
+
+def test_a_leases_file_without_dhcpv6_has_no_server_duid() -> None:
+    assert leases6("4294967295 02:00:00:00:00:17 10.1.1.23 vm-a *\n") == (None, [])

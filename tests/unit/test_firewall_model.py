@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -14,6 +15,7 @@ from vr.firewall.model import (
     FILTER6,
     INPUT_CHAIN,
     NAT,
+    NAT6,
     NAT_CHAIN,
     PREFIX,
     Rule,
@@ -171,6 +173,7 @@ def test_all_chains_carry_the_prefix_and_hook_into_builtin_chains() -> None:
     assert [(c.table, c.name, c.hooks) for c in rs.chains] == [
         (NAT, NAT_CHAIN, ("PREROUTING",)),
         (FILTER, INPUT_CHAIN, ("INPUT",)),
+        (NAT6, NAT_CHAIN, ("PREROUTING",)),
         (FILTER6, INPUT_CHAIN, ("INPUT",)),
     ]
     assert all(c.name.startswith(PREFIX) for c in rs.chains)
@@ -214,3 +217,60 @@ def test_metrics_are_accepted_on_the_control_device_only_and_dropped_elsewhere()
     assert chain[-1].target == "DROP" and 9300 in chain[-1].dports
     guest = [r for r in chain if r.in_interface == "eth0"]
     assert all(9300 not in r.dports for r in guest)
+
+
+# --- IPv6 metadata redirects (ip6tables nat) ------------------------------------------
+
+GUEST6 = replace(GUEST, router_guest_ip6=IPv6Address("fd00:1::1"), cidr6=IPv6Network("fd00:1::/64"))
+
+
+def nat6(rs: RuleSet) -> list[Rule]:
+    [chain] = [c for c in rs.chains if c.table == NAT6]
+    assert (chain.name, chain.hooks) == (NAT_CHAIN, ("PREROUTING",))
+    return list(chain.rules)
+
+
+def test_ipv6_guests_are_redirected_from_both_metadata_addresses_to_the_service_ports() -> None:
+    rs = desired(Config(metadata_port=8000, password_port=8088), [GUEST6], [])
+    got = {(r.in_interface, str(r.destination), r.dports, r.to_destination) for r in nat6(rs)}
+    assert got == {
+        ("eth0", "fd00:ec2::254/128", (80,), "[fd00:1::1]:8000"),
+        ("eth0", "fd00:ec2::254/128", (8080,), "[fd00:1::1]:8088"),
+        ("eth0", "fe80::a9fe:a9fe/128", (80,), "[fd00:1::1]:8000"),
+        ("eth0", "fe80::a9fe:a9fe/128", (8080,), "[fd00:1::1]:8088"),
+    }
+    assert {r.target for r in nat6(rs)} == {"DNAT"}
+
+
+def test_ipv4_only_networks_and_other_devices_get_no_ipv6_redirect() -> None:
+    cfg = Config(control_device="eth1", public_devices=("eth2",))
+    rs = desired(cfg, [GUEST6, GUEST2], [])
+    assert {r.in_interface for r in nat6(rs)} == {"eth0"}
+    assert nat6(desired(cfg, [GUEST, GUEST2], [])) == []
+
+
+def test_the_ipv6_redirect_renders_as_ip6tables_save_would() -> None:
+    spec = nat6(desired(Config(metadata_port=8000), [GUEST6], []))[0].spec().render()
+    assert spec == (
+        "-d fd00:ec2::254/128 -i eth0 -p tcp -m tcp --dport 80 -m comment --comment "
+        '"vr: eth0 metadata [fd00:ec2::254]:80" -j DNAT --to-destination [fd00:1::1]:8000'
+    )
+
+
+def test_split_keeps_the_order_of_each_family() -> None:
+    from vr.firewall.model import IPV6_TABLES
+
+    four, six = desired(Config(), [GUEST6], [VM]).split(IPV6_TABLES)
+    assert four.tables() == [NAT, FILTER]
+    assert six.tables() == [NAT6, FILTER6]
+
+
+def test_with_binding_required_a_bound_ipv6_guest_is_accepted_from_both_its_addresses() -> None:
+    vm6 = replace(VM, ipv6_address=IPv6Address("fd00:1::10"))
+    rs = desired(Config(require_mac_binding=True), [GUEST6], [vm6])
+    [chain] = [c for c in rs.chains if c.table == FILTER6]
+    accepted = [r.source for r in chain.rules if r.target == "ACCEPT" and r.in_interface == "eth0"]
+    assert accepted == [
+        IPv6Network("fd00:1::10/128"),
+        IPv6Network("fe80::ff:fe00:a/128"),  # EUI-64 of 02:00:00:00:00:0a
+    ]

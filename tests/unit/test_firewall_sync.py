@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -10,7 +12,7 @@ from tests.helpers.fake_tables import FakeTables
 from vr.config import Config
 from vr.errors import FirewallError
 from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN, MatchSpec, RuleSet, RuleSpec, desired
-from vr.firewall.sync import counters, sync
+from vr.firewall.sync import RuleCounter, SyncReport, counters, sync
 from vr.payloads import DhcpEntry, GuestNetwork
 
 GUEST = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True)
@@ -157,3 +159,87 @@ def test_counters_are_read_per_rule_of_our_chains() -> None:
     binding = [r for r in rows if "binding" in r.comment]
     assert [(r.chain, r.packets) for r in binding] == [(INPUT_CHAIN, 2)]
     assert {r.chain for r in rows} == {NAT_CHAIN, INPUT_CHAIN}
+
+
+# --- IPv6 tables applied by another process (python-iptables#112) ---------------------
+
+GUEST6 = replace(GUEST, router_guest_ip6=IPv6Address("fd00:1::1"), cidr6=IPv6Network("fd00:1::/64"))
+
+
+@dataclass
+class FakeChild:
+    """:class:`vr.firewall.sync.Elsewhere` over a second fake: the other process."""
+
+    parent: FakeTables
+    tables: FakeTables = field(default_factory=FakeTables)
+    fail: bool = False
+    calls: list[tuple[list[str], bool]] = field(default_factory=list)
+
+    def sync(self, ruleset: RuleSet) -> SyncReport:
+        self.calls.append((ruleset.tables(), self.parent.lock_held))
+        if self.fail:
+            raise FirewallError("IPv6 tables (vr firewall sync6): refused")
+        return sync(self.tables, ruleset)
+
+    def counters(self, table_names: Sequence[str]) -> list[RuleCounter]:
+        return counters(self.tables, table_names)
+
+
+def split_fake() -> tuple[FakeTables, FakeChild]:
+    fake = FakeTables()
+    child = FakeChild(fake)
+    fake.ipv6 = child
+    return fake, child
+
+
+def test_ipv6_tables_are_applied_by_the_child_under_the_parents_lock() -> None:
+    fake, child = split_fake()
+    report = sync(fake, desired(Config(metadata_port=8000), [GUEST6], [VM]))
+    assert child.calls == [(["nat6", "filter6"], True)]
+    assert specs(fake, "nat6", "PREROUTING") == [] and "VR-PREROUTING" not in fake.live["nat6"]
+    dnat6 = [r.spec.render() for r in child.tables.live["nat6"][NAT_CHAIN]]
+    assert len(dnat6) == 4 and all("-j DNAT --to-destination [fd00:1::1]:" in r for r in dnat6)
+    assert jumps(child.tables, "nat6", "PREROUTING") == [NAT_CHAIN]
+    assert set(report.changed) == {"nat", "filter", "nat6", "filter6"}
+    again = sync(fake, desired(Config(metadata_port=8000), [GUEST6], [VM]))
+    assert not again.any_change
+
+
+def test_an_ipv4_rule_that_cannot_be_built_never_reaches_the_child() -> None:
+    fake, child = split_fake()
+    before = fake.snapshot()
+    fake.refuse_rule = lambda spec: spec.target == "DNAT"
+    with pytest.raises(FirewallError, match="table nat chain VR-PREROUTING rule 1"):
+        sync(fake, desired(Config(), [GUEST6], [VM]))
+    assert child.calls == [] and fake.live == before
+
+
+def test_a_refusing_child_leaves_the_ipv4_tables_as_they_were() -> None:
+    fake, child = split_fake()
+    sync(fake, desired(Config(), [], []))
+    before = fake.snapshot()
+    child.fail = True
+    with pytest.raises(FirewallError, match="sync6"):
+        sync(fake, desired(Config(), [GUEST6], [VM]))
+    assert fake.live == before
+
+
+def test_ipv6_counters_come_from_the_child() -> None:
+    fake, child = split_fake()
+    sync(fake, desired(Config(), [GUEST6], [VM]))
+    child.tables.count("nat6", NAT_CHAIN, "metadata [fd00:ec2::254]:80", 3)
+    rows = counters(fake, ["nat", "nat6"])
+    assert [(r.table, r.packets) for r in rows if "metadata [fd00:ec2::254]" in r.comment] == [
+        ("nat6", 3)
+    ]
+    assert {r.table for r in rows} == {"nat", "nat6"}
+
+
+def test_a_refused_ipv4_commit_after_the_child_applied_says_which_tables_changed() -> None:
+    fake, child = split_fake()
+    before = fake.snapshot()
+    fake.refuse_commit = {"filter"}
+    with pytest.raises(FirewallError, match=r"IPv4 only: nat6, filter6 already applied"):
+        sync(fake, desired(Config(), [GUEST6], [VM]))
+    assert fake.live == before
+    assert NAT_CHAIN in child.tables.live["nat6"]

@@ -68,7 +68,28 @@ def register(sub: Any) -> None:
     )
     add_root(c)
     c.add_argument("--json", action="store_true", help="one JSON object per rule")
+    c.add_argument(
+        "--family",
+        choices=("4", "6"),
+        default=None,
+        help="only the iptables (4) or ip6tables (6) tables, read in this process",
+    )
     c.set_defaults(func=_counters)
+
+    six = fw.add_parser(
+        "sync6",
+        help="(internal) apply the IPv6 tables of a rule set read on stdin",
+        description="Run by 'apply' and 'restore' in a child process: python-iptables "
+        "cannot program IPv6 NAT in a process that programmed IPv4 NAT. Reads the "
+        "IPv6 part of a rule set (JSON) on stdin, applies it, prints the report (JSON).",
+    )
+    six.add_argument(
+        "--xtables-lock-held",
+        action="store_true",
+        help="the parent holds the xtables lock for this run: do not take it",
+    )
+    six.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    six.set_defaults(func=_sync6)
 
 
 def _paths(args: argparse.Namespace, log_file: bool = True) -> Paths:
@@ -105,6 +126,19 @@ def _program(
     return 0
 
 
+def _sync6(args: argparse.Namespace) -> int:
+    from vr.firewall import child6
+
+    logs.setup(None, args.verbose)
+    try:
+        report = child6.apply_here(sys.stdin.buffer.read(), args.xtables_lock_held)
+    except VRError as exc:
+        print(f"IPv6 tables not applied: {exc}", file=sys.stderr)
+        return 1
+    print(child6.report_to_json(report))
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from vr import config
     from vr.firewall import state as fw
@@ -128,11 +162,19 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _counters(args: argparse.Namespace) -> int:
+    from vr.firewall import model
     from vr.firewall import state as fw
+    from vr.firewall.iptc_adapter import IptcTables
+    from vr.firewall.sync import counters
 
     _paths(args, log_file=False)
     try:
-        rows = fw.live_counters(fw.real_tables())
+        if args.family is None:
+            rows = fw.live_counters(fw.real_tables())
+        else:
+            six = args.family == "6"
+            names = [t for t in model.TABLE_ORDER if (t in model.IPV6_TABLES) == six]
+            rows = counters(IptcTables(), names)
     except VRError as exc:
         print(f"cannot read counters: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from types import FrameType
 
 from vr import atomic, subp
@@ -29,6 +30,8 @@ from vr.paths import Paths
 LOG = logging.getLogger(__name__)
 
 DNSMASQ = "/usr/sbin/dnsmasq"
+LINK_LOCAL_METADATA = IPv6Address("fe80::a9fe:a9fe")
+STALE_METADATA = IPv6Address("fd00:ec2::254")
 STOP_TIMEOUT = 3.0
 
 Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
@@ -96,36 +99,32 @@ class DhcpService:
                 dp.service_pid.unlink()
 
     def _metadata_addresses(self) -> None:
-        """Give every IPv6 guest device the metadata addresses fd00:ec2::254 and
-        fe80::a9fe:a9fe (as OpenStack's metadata namespace does): guests reach
-        them on-link, the services answer on ``[::]``."""
+        """Give every IPv6 guest device the link-local fe80::a9fe:a9fe, so the router
+        answers neighbour solicitations for it on that link (guests reach it on-link).
+
+        The metadata and password services are reached by the ip6tables redirect
+        (:func:`vr.firewall.model._redirects6`), which maps ports 80/8080 to the
+        configured ports; fd00:ec2::254 is not on-link for a guest, which sends it to
+        its default router (the RA of dnsmasq), as on AWS, so it is no address of
+        ours: one left on a device by an older version is removed.
+        """
         from vr import config, store
         from vr.dhcp import model
         from vr.errors import CommandError
-        from vr.payloads import IPV6_METADATA_ADDRESSES
 
         cfg = config.load(self.paths)
         for n in model.served_networks(cfg, store.read_networks(self.paths, removals=True)):
             if n.cidr6 is None:
                 continue
-            for addr in IPV6_METADATA_ADDRESSES:
-                prefix = 64 if addr.is_link_local else 128
+            for argv, ok in (
+                (["replace", f"{LINK_LOCAL_METADATA}/64", "dev", n.device, "nodad"], (0,)),
+                # absent (exit code 2) is the usual case
+                (["del", f"{STALE_METADATA}/128", "dev", n.device], (0, 2)),
+            ):
                 try:
-                    subp.run(
-                        [
-                            "ip",
-                            "-6",
-                            "addr",
-                            "replace",
-                            f"{addr}/{prefix}",
-                            "dev",
-                            n.device,
-                            "nodad",
-                        ],
-                        timeout=10,
-                    )
+                    subp.run(["ip", "-6", "addr", *argv], timeout=10, ok_codes=ok)
                 except CommandError as exc:
-                    LOG.warning("dhcp: cannot add %s to %s: %s", addr, n.device, exc)
+                    LOG.warning("dhcp: ip -6 addr %s: %s", " ".join(argv), exc)
 
     def _render(self) -> None:
         # the directory appears with the first write: from then on pushes maintain it

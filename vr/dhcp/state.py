@@ -5,8 +5,9 @@ leases in ``<root>/var/lib/misc/dnsmasq.leases`` (kept across restarts, as on
 Debian). Each file is replaced atomically and only when its bytes change. A host
 change then costs one SIGHUP (dnsmasq re-reads hosts, options and names); only a
 change of the main configuration (guest networks) restarts dnsmasq. Leases of
-removed hosts are released first with ``dhcp_release``, as CloudStack and neutron
-do, so their address can go to another MAC at once.
+removed hosts are released first with ``dhcp_release`` (and ``dhcp_release6`` for their
+DHCPv6 leases), as CloudStack and neutron do, so their address can go to another MAC
+at once.
 
 dnsmasq is *managed* on a root once ``vr serve-dhcp`` ran there (the directory
 exists); before that, pushes only update the store.
@@ -14,6 +15,7 @@ exists); before that, pushes only update the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ import signal
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from vr import atomic, config, store, subp
@@ -35,6 +37,7 @@ from vr.store import ApplyResult, Store
 LOG = logging.getLogger(__name__)
 
 DHCP_RELEASE = "dhcp_release"
+DHCP_RELEASE6 = "dhcp_release6"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,50 @@ def released(old: bytes, new: bytes) -> set[tuple[str, IPv4Address]]:
     return hosts_of(old) - hosts_of(new)
 
 
+HOST_IPV6 = re.compile(r",\[(?P<ip>[0-9a-fA-F:]+)\]")
+
+
+def ipv6_of(data: bytes) -> set[IPv6Address]:
+    """The IPv6 addresses a rendered hosts file hands out."""
+    out = set()
+    for line in data.decode(errors="replace").splitlines():
+        for m in HOST_IPV6.finditer(line):
+            with contextlib.suppress(ValueError):
+                out.add(IPv6Address(m["ip"]))
+    return out
+
+
+def released6(old: bytes, new: bytes) -> set[IPv6Address]:
+    return ipv6_of(old) - ipv6_of(new)
+
+
+@dataclass(frozen=True)
+class Lease6:
+    """One DHCPv6 lease of dnsmasq's leases file: what ``dhcp_release6`` needs."""
+
+    address: IPv6Address
+    iaid: str
+    client_duid: str
+
+
+def leases6(text: str) -> tuple[str | None, list[Lease6]]:
+    """(dnsmasq's server DUID, its DHCPv6 leases) from its leases file.
+
+    After the ``duid <server-duid>`` line, a lease is
+    ``<expiry> <iaid> <ipv6> <hostname|*> <client-duid>``; IPv4 leases come before it.
+    """
+    server: str | None = None
+    out: list[Lease6] = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 2 and f[0] == "duid":
+            server = f[1]
+        elif server is not None and len(f) >= 5 and f[1].isdigit():
+            with contextlib.suppress(ValueError):
+                out.append(Lease6(IPv6Address(f[2]), f[1], f[4]))
+    return server, out
+
+
 def service_pid(paths: Paths) -> int | None:
     """The pid of this root's running ``vr serve-dhcp``, checked against its command
     line so that a stale pid file never signals another process."""
@@ -167,6 +214,31 @@ def release(paths: Paths, cfg: Config, leases: set[tuple[str, IPv4Address]]) -> 
             LOG.warning("dhcp: cannot release the lease of %s on %s: %s", ip, dev, exc)
 
 
+def release6(paths: Paths, cfg: Config, addresses: set[IPv6Address]) -> None:
+    """Release the DHCPv6 leases of ``addresses`` (hosts that are gone) with
+    ``dhcp_release6``, from the lease's IAID and client DUID in the leases file."""
+    try:
+        server, leases = leases6(DhcpPaths(paths).leases.read_text(errors="replace"))
+    except FileNotFoundError:
+        return
+    nets = model.served_networks(cfg, store.read_networks(paths, removals=True))
+    for lease in leases:
+        if lease.address not in addresses or server is None:
+            continue
+        dev = next((n.device for n in nets if n.cidr6 and lease.address in n.cidr6), None)
+        if dev is None:
+            continue
+        argv = [
+            DHCP_RELEASE6, "--ip", str(lease.address), "--iface", dev,
+            "--server-id", server, "--client-id", lease.client_duid, "--iaid", lease.iaid,
+        ]  # fmt: skip
+        try:
+            subp.run(argv, timeout=10)
+            LOG.info("dhcp: released the DHCPv6 lease of %s on %s", lease.address, dev)
+        except CommandError as exc:
+            LOG.warning("dhcp: cannot release the lease of %s on %s: %s", lease.address, dev, exc)
+
+
 def managed(paths: Paths) -> bool:
     return DhcpPaths(paths).dir.is_dir()
 
@@ -180,8 +252,12 @@ def refresh_locked(paths: Paths, cfg: Config, *, signal_service: bool = True) ->
     except FileNotFoundError:
         before = b""
     gone = released(before, files.hosts)
-    if gone and signal_service and service_pid(paths) is not None:
-        release(paths, cfg, gone)
+    gone6 = released6(before, files.hosts)
+    if signal_service and service_pid(paths) is not None:
+        if gone:
+            release(paths, cfg, gone)
+        if gone6:
+            release6(paths, cfg, gone6)
     written = write(paths, files)
     if signal_service and (written.conf or written.reloadable):
         notify(paths)

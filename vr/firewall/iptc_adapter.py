@@ -25,12 +25,13 @@ from typing import Any
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
 from vr.firewall.model import IPV6_TABLES, MatchSpec, Params, RuleSpec
-from vr.firewall.sync import LiveRule, PacketCounts
+from vr.firewall.sync import Elsewhere, LiveRule, PacketCounts
 
 LOG = logging.getLogger(__name__)
 
 XT_LOCK_ENV = "XT_LOCK_NAME"
 XT_LOCK_DEFAULT = "/run/xtables.lock"
+IFNAMSIZ = 16
 PLAIN_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE", ""})
 
 
@@ -43,6 +44,19 @@ def _net(text: str | None) -> str | None:
         return text  # e.g. an inverted address of someone else's rule: keep as read
 
 
+def _iface_mask(name: str) -> bytes:
+    """The interface mask ip6tables sets for ``-i name`` (``+`` a prefix match).
+
+    python-iptables 1.2.0's ``Rule6.in_interface`` fills the mask with 0x01 bytes,
+    so the kernel compares only the lowest bit of each character and ``-i eth0``
+    also matches eth2: we always set the mask ourselves.
+    """
+    negated = name.startswith("!")
+    plain = name[1:] if negated else name
+    length = len(plain) - 1 if plain.endswith("+") else len(plain) + 1
+    return b"\xff" * length + bytes(IFNAMSIZ - length)
+
+
 def _params(raw: dict[str, Any]) -> Params:
     return tuple((str(k), tuple(str(v) for v in vals)) for k, vals in raw.items())
 
@@ -50,8 +64,17 @@ def _params(raw: dict[str, Any]) -> Params:
 class IptcTables:
     """:class:`vr.firewall.sync.Tables` over python-iptables."""
 
-    def __init__(self, lock_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        lock_timeout: float = 30.0,
+        ipv6: Elsewhere | None = None,
+        lock_held: bool = False,
+    ) -> None:
+        """``ipv6``: the IPv6 tables are handled through it (:mod:`vr.firewall.child6`);
+        ``lock_held``: the parent process holds the xtables lock for our whole life."""
         self.lock_timeout = lock_timeout
+        self.ipv6 = ipv6
+        self.lock_held = lock_held
         self._lib: Any = None
 
     # --- plumbing -------------------------------------------------------------------
@@ -88,6 +111,9 @@ class IptcTables:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
+        if self.lock_held:
+            yield
+            return
         path = Path(os.environ.get(XT_LOCK_ENV, XT_LOCK_DEFAULT))
         stack = contextlib.ExitStack()
         try:
@@ -174,6 +200,8 @@ class IptcTables:
                 rule.dst = spec.dst
             if spec.in_interface:
                 rule.in_interface = spec.in_interface
+                if table in IPV6_TABLES:
+                    rule.entry.ipv6.iniface_mask = _iface_mask(spec.in_interface)
             for m in spec.matches:
                 match = rule.create_match(m.name)
                 for key, values in m.params:
@@ -193,12 +221,20 @@ class IptcTables:
             except Exception:  # a jump, or someone else's exotic target: name only
                 params = ()
         protocol = rule.protocol
+        in_interface = rule.in_interface or None
+        entry = getattr(rule.entry, "ipv6", None)
+        if in_interface and entry is not None:
+            # ctypes reads a char array up to its first NUL: compare without the tail
+            mask = bytes(entry.iniface_mask).rstrip(bytes(1))
+            if mask != _iface_mask(in_interface).rstrip(bytes(1)):
+                # e.g. a rule from an older vr: shown so, it differs and is rewritten
+                in_interface = f"{in_interface} (mask {mask.hex()})"
         return RuleSpec(
             target=name,
             target_params=params,
             protocol=None if protocol in (None, "ip", "all") else str(protocol),
             src=_net(rule.src),
             dst=_net(rule.dst),
-            in_interface=rule.in_interface or None,
+            in_interface=in_interface,
             matches=tuple(MatchSpec(m.name, _params(m.get_all_parameters())) for m in rule.matches),
         )

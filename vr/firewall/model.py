@@ -208,6 +208,13 @@ class RuleSet:
                 return c
         raise KeyError(name)
 
+    def split(self, tables: frozenset[str]) -> tuple[RuleSet, RuleSet]:
+        """(the chains not in ``tables``, the chains in ``tables``), order kept."""
+        return (
+            RuleSet(tuple(c for c in self.chains if c.table not in tables)),
+            RuleSet(tuple(c for c in self.chains if c.table in tables)),
+        )
+
     def render(self) -> str:
         """The rule set as iptables-save style text (our chains and hooks only)."""
         lines: list[str] = []
@@ -286,6 +293,7 @@ def desired(
         (
             Chain(NAT, NAT_CHAIN, ("PREROUTING",), tuple(_redirects(config, nets))),
             Chain(FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bindings))),
+            Chain(NAT6, NAT_CHAIN, ("PREROUTING",), tuple(_redirects6(config, nets))),
             Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input6(config, nets, bindings))),
         )
     )
@@ -420,10 +428,11 @@ def eui64_link_local(mac: str) -> IPv6Address:
 
 
 def _redirects6(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
-    """The IPv6 DNATs, not applied yet: python-iptables cannot build an IPv6 target
-    extension (DNAT, REDIRECT) in a process that built an IPv4 one (ldx/python-iptables#112).
-    Until the IPv6 tables are applied from their own process, the metadata addresses
-    are the router's own on IPv6 guest devices (:mod:`vr.dhcp.service`)."""
+    """On IPv6 guest devices only, [fd00:ec2::254] and [fe80::a9fe:a9fe] on 80/8080 go
+    to the router's guest IPv6 address on the configured service ports. python-iptables
+    cannot build an IPv6 target extension (DNAT) in a process that built an IPv4 one
+    (ldx/python-iptables#112): the IPv6 tables are applied from a child process
+    (:func:`vr.firewall.sync.sync`)."""
     for n in nets:
         if n.router_guest_ip6 is None:
             continue
@@ -468,12 +477,18 @@ def _input6(
             continue
         if config.require_mac_binding:
             for e in bindings:
+                own6: list[IPv6Address] = []
                 if e.ipv6_address is not None and e.ipv6_address in n.cidr6:
+                    own6.append(e.ipv6_address)
+                if e.ipv4_address in n.cidr:
+                    # asking fe80::a9fe:a9fe, a guest speaks from its EUI-64 link-local
+                    own6.append(eui64_link_local(e.mac_address))
+                for address in own6:
                     yield Rule(
                         "ACCEPT",
-                        f"vr: {n.device} bound guest {e.ipv6_address}",
+                        f"vr: {n.device} bound guest {address}",
                         in_interface=n.device,
-                        source=IPv6Network(f"{e.ipv6_address}/128"),
+                        source=IPv6Network(f"{address}/128"),
                         dports=service,
                         ctstate=("NEW", "ESTABLISHED"),
                     )

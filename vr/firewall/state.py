@@ -43,9 +43,10 @@ def device_exists(name: str) -> bool:
 
 
 def real_tables() -> Tables:
+    from vr.firewall.child6 import ChildIpv6
     from vr.firewall.iptc_adapter import IptcTables
 
-    return IptcTables()
+    return IptcTables(ipv6=ChildIpv6())
 
 
 def compute(paths: Paths, cfg: Config) -> model.RuleSet:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vr.errors import FirewallError
-from vr.firewall.model import PREFIX, Chain, RuleSet, RuleSpec
+from vr.firewall.model import IPV6_TABLES, PREFIX, Chain, RuleSet, RuleSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ class LiveRule:
 
 class Tables(Protocol):
     """The few table operations the engine needs. Changes are staged until commit."""
+
+    ipv6: Elsewhere | None
+    """When set, the IPv6 tables are applied and read through it, in another process
+    (python-iptables cannot handle both families' NAT targets in one process), and
+    never through these tables."""
 
     def locked(self) -> AbstractContextManager[None]:
         """Hold the host-wide iptables lock (other iptables users wait)."""
@@ -68,6 +73,17 @@ class Tables(Protocol):
         """``spec`` as the table would read it back (addresses, case, defaults)."""
 
 
+class Elsewhere(Protocol):
+    """Tables of the other family, handled by another process."""
+
+    def sync(self, ruleset: RuleSet) -> SyncReport:
+        """Apply ``ruleset`` (those tables only) all or nothing; the caller holds
+        the xtables lock for the whole call."""
+
+    def counters(self, table_names: Sequence[str]) -> list[RuleCounter]:
+        """The counters of our rules in those tables (the caller holds no lock)."""
+
+
 @dataclass
 class Snapshot:
     """Our part of one table before we touched it."""
@@ -92,38 +108,65 @@ def is_ours(chain: str) -> bool:
 
 
 def sync(tables: Tables, ruleset: RuleSet) -> SyncReport:
-    """Make our chains and hooks in every table of ``ruleset`` exactly as described."""
+    """Make our chains and hooks in every table of ``ruleset`` exactly as described.
+
+    When ``tables.ipv6`` is set, the IPv6 tables go through it (another
+    process, which applies them all or nothing) while the IPv4 ones are staged here:
+    a rule that cannot be built on either side changes nothing. A refused IPv4
+    commit after the IPv6 tables were applied is rolled back on IPv4 only; the
+    caller's pending marker then makes the next apply recompute.
+    """
+    here, away = ruleset, RuleSet(())
+    if tables.ipv6 is not None:
+        here, away = ruleset.split(IPV6_TABLES)
     report = SyncReport()
+    done: dict[str, list[str]] = {}
     with tables.locked():
         staged: list[tuple[str, Snapshot]] = []
         try:
-            for table in ruleset.tables():
+            for table in here.tables():
                 tables.begin(table)
                 snap = _snapshot(tables, table)
                 staged.append((table, snap))
-                report.changed[table] = _stage(tables, table, ruleset.in_table(table))
+                report.changed[table] = _stage(tables, table, here.in_table(table))
+            if away.chains and tables.ipv6 is not None:
+                done = tables.ipv6.sync(away).changed
+                report.changed.update(done)
+                for table, what in done.items():
+                    if what:
+                        LOG.info("table %s (child process): %s", table, "; ".join(what))
         except Exception:
             for table, _ in staged:
                 tables.discard(table)
             raise
-        committed: list[tuple[str, Snapshot]] = []
-        for i, (table, snap) in enumerate(staged):
-            if not report.changed[table]:
-                tables.discard(table)
-                continue
-            try:
-                tables.commit(table)
-            except Exception as exc:
-                for later, _ in staged[i + 1 :]:
-                    tables.discard(later)
-                _roll_back(tables, committed)
-                raise FirewallError(
-                    f"table {table}: commit of {', '.join(report.changed[table])} "
-                    f"refused: {exc}; tables left as they were"
-                ) from exc
-            committed.append((table, snap))
-            LOG.info("table %s: %s", table, "; ".join(report.changed[table]))
+        try:
+            _commit(tables, staged, report)
+        except FirewallError as exc:
+            if any(done.values()):
+                applied = ", ".join(t for t, what in done.items() if what)
+                raise FirewallError(f"{exc} (IPv4 only: {applied} already applied)") from exc
+            raise
     return report
+
+
+def _commit(tables: Tables, staged: list[tuple[str, Snapshot]], report: SyncReport) -> None:
+    committed: list[tuple[str, Snapshot]] = []
+    for i, (table, snap) in enumerate(staged):
+        if not report.changed[table]:
+            tables.discard(table)
+            continue
+        try:
+            tables.commit(table)
+        except Exception as exc:
+            for later, _ in staged[i + 1 :]:
+                tables.discard(later)
+            _roll_back(tables, committed)
+            raise FirewallError(
+                f"table {table}: commit of {', '.join(report.changed[table])} "
+                f"refused: {exc}; tables left as they were"
+            ) from exc
+        committed.append((table, snap))
+        LOG.info("table %s: %s", table, "; ".join(report.changed[table]))
 
 
 def _snapshot(tables: Tables, table: str) -> Snapshot:
@@ -281,9 +324,16 @@ class RuleCounter:
 
 def counters(tables: Tables, table_names: Sequence[str]) -> list[RuleCounter]:
     """Packet and byte counters of every rule in our chains (read-only)."""
+    here = list(table_names)
+    away: list[RuleCounter] = []
+    if tables.ipv6 is not None:
+        here = [t for t in table_names if t not in IPV6_TABLES]
+        wanted = [t for t in table_names if t in IPV6_TABLES]
+        if wanted:
+            away = tables.ipv6.counters(wanted)
     out: list[RuleCounter] = []
     with tables.locked():
-        for table in table_names:
+        for table in here:
             tables.begin(table)
             try:
                 for chain in sorted(c for c in tables.chains(table) if is_ours(c)):
@@ -295,4 +345,4 @@ def counters(tables: Tables, table_names: Sequence[str]) -> list[RuleCounter]:
                         )
             finally:
                 tables.discard(table)
-    return out
+    return out + away

@@ -20,7 +20,7 @@ from werkzeug.test import TestResponse
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr.metadata.app import create_app
-from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER
+from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER, TokenPolicy
 from vr.paths import Paths
 
 A = "10.1.1.5"
@@ -491,3 +491,22 @@ def test_do_json_leaves_out_binary_user_data(client: FlaskClient) -> None:
     doc = json.loads(get(client, "/metadata/v1.json", ip=GZ).data)
     assert "user_data" not in doc
     assert doc["droplet_id"] == instance_id(GZ)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "flask-only"])
+def test_tokens_required_refuses_plain_gets_with_401_and_serves_token_gets(
+    paths: Paths, fast_path: bool
+) -> None:
+    store_vm(paths, A)
+    store_vm(paths, B, name="other-vm")
+    policy = TokenPolicy.of(1, required=False, required_vms=[A])
+    client = create_app(paths, fast_path=fast_path, policy=policy).test_client()
+    assert get(client, "/latest/meta-data/instance-id").status_code == 401
+    assert client.head("/latest/user-data", environ_base={"REMOTE_ADDR": A}).status_code == 401
+    # another VM is not listed: IMDSv1 still works for it
+    assert get(client, "/latest/meta-data/instance-id", ip=B).data == instance_id(B).encode()
+    token = put_token(client).data.decode()
+    got = get(client, "/latest/meta-data/instance-id", headers={TOKEN_HEADER: token})
+    assert (got.status_code, got.data) == (200, instance_id(A).encode())
+    everyone = create_app(paths, fast_path=fast_path, policy=TokenPolicy.of(1, True, []))
+    assert get(everyone.test_client(), "/latest/meta-data/instance-id", ip=B).status_code == 401

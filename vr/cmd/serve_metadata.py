@@ -64,11 +64,15 @@ def _serve(args: argparse.Namespace) -> int:
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
     from vr.metadata.app import create_app
-    from vr.metadata.tokens import new_key
+    from vr.metadata.tokens import TokenPolicy, new_key
 
+    cfg = config.load(paths)
     workers = args.workers
     if workers is None:
-        workers = config.load(paths).metadata_workers
+        workers = cfg.metadata_workers
+    policy = TokenPolicy.of(
+        cfg.imds_hop_limit, cfg.imds_tokens_required, cfg.imds_tokens_required_vms
+    )
     if workers < 1 or args.threads < 1:
         raise SystemExit(f"--workers={workers} --threads={args.threads}: expected at least 1")
     binds = args.bind or [DEFAULT_BIND]
@@ -97,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
             counters=metadata_counters.RefusalCounters(paths, m),
             warm=warm,
             token_key=token_key,
+            policy=policy,
         )
         cache = app.extensions["vr.metadata.vmcache"]
 

@@ -674,6 +674,9 @@ class EventLoop:
 
     def _respond(self, conn: _Conn, req: HttpRequest, keep_alive: bool) -> bytes:
         environ = build_environ(req, conn.peer, conn.server, sys.stderr)
+        # as gunicorn's own workers: the application may set socket options for its
+        # reply (the IMDSv2 token's IP TTL, vr.metadata.tokens)
+        environ["gunicorn.socket"] = conn.sock
         captured: list[Any] = []
 
         def start_response(

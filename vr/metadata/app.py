@@ -15,8 +15,10 @@ Two doors to the same answers:
   (:mod:`vr.metadata.tokens`), other methods (405 with ``Allow``), and errors.
 
 A GET that carries an IMDSv2 token header is answered only if the token is valid
-(else 401); one without is answered as ever. With ``fast_path=False`` Flask serves
-everything, which the tests use to prove both doors answer byte for byte the same.
+(else 401); one without is answered as ever unless the :class:`TokenPolicy` requires
+tokens for the caller (401 too). The token reply leaves with the policy's hop
+limit. With ``fast_path=False`` Flask serves everything, which the tests use to
+prove both doors answer byte for byte the same.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from vr.metadata.tokens import (
     TOKEN_ENVIRON,
     TTL_ENVIRON,
     UNAUTHORIZED,
+    TokenPolicy,
     Tokens,
     is_token_path,
     new_key,
+    set_hop_limit,
 )
 from vr.metadata.views import NOT_FOUND, Reply, resolve
 from vr.metadata.vmcache import VmCache, VmLookup
@@ -69,11 +73,15 @@ def _headers(reply: Reply) -> list[tuple[str, str]]:
     return h
 
 
-def _answer(tokens: Tokens, cache: VmLookup, environ: dict[str, Any]) -> Reply:
-    """A GET or HEAD: a token it carries must be valid; then the URL decides."""
+def _answer(tokens: Tokens, policy: TokenPolicy, cache: VmLookup, environ: dict[str, Any]) -> Reply:
+    """A GET or HEAD: a token it carries must be valid (and it must carry one where
+    the policy requires it); then the URL decides."""
     caller = environ.get("REMOTE_ADDR", "")
     token = environ.get(TOKEN_ENVIRON)
-    if token is not None and not tokens.valid(caller, token):
+    if token is None:
+        if policy.requires(caller):
+            return UNAUTHORIZED
+    elif not tokens.valid(caller, token):
         return UNAUTHORIZED
     return resolve(cache.view_for_address(caller), environ.get("PATH_INFO", ""))
 
@@ -88,10 +96,12 @@ class FastPath:
         tokens: Tokens,
         fallback: WSGIApp,
         errors: GuestErrors,
+        policy: TokenPolicy,
     ) -> None:
         self.cache = cache
         self.counters = counters
         self.tokens = tokens
+        self.policy = policy
         self.fallback = fallback
         self.errors = errors
 
@@ -104,7 +114,7 @@ class FastPath:
         ):
             return self.fallback(environ, start_response)
         try:
-            reply = _answer(self.tokens, self.cache, environ)
+            reply = _answer(self.tokens, self.policy, self.cache, environ)
         except Exception as exc:
             self.errors.error(
                 environ.get("REMOTE_ADDR", ""), _what(environ.get("PATH_INFO", "")), exc
@@ -134,6 +144,7 @@ def create_app(
     fast_path: bool = True,
     warm: bool = False,
     token_key: bytes | None = None,
+    policy: TokenPolicy | None = None,
 ) -> Flask:
     """Build the metadata application for one worker (call after fork).
 
@@ -141,7 +152,8 @@ def create_app(
     loaded on first use. ``fast_path=False`` routes every request through Flask.
     ``token_key`` signs IMDSv2 tokens: pass the same key (made before fork) to
     every worker of a service, or a token minted by one fails on another; None
-    makes one for this application only.
+    makes one for this application only. ``policy`` (default: hop limit 1, tokens
+    optional) is how IMDSv2 is enforced.
     """
     app = Flask(__name__)
     app.url_map.merge_slashes = False
@@ -149,6 +161,7 @@ def create_app(
     vms: VmLookup = cache if cache is not None else VmCache(paths)
     counts = counters if counters is not None else RefusalCounters(paths)
     tokens = Tokens(token_key if token_key is not None else new_key())
+    imds = policy if policy is not None else TokenPolicy()
     # a guest's error is logged in one line per minute, never with a traceback
     errors = GuestErrors(LOG)
     if warm:
@@ -173,13 +186,16 @@ def create_app(
             if request.method != "PUT":
                 return _response(NOT_ALLOWED_TOKEN)
             caller = request.environ.get("REMOTE_ADDR", "")
-            return _response(tokens.mint(caller, request.environ.get(TTL_ENVIRON)))
+            reply = tokens.mint(caller, request.environ.get(TTL_ENVIRON))
+            if reply.status == 200:
+                set_hop_limit(request.environ, imds.hop_limit)
+            return _response(reply)
         if request.method not in ALLOWED_METHODS:
             return _response(NOT_ALLOWED)
         return None
 
     def serve(path: str = "") -> Response:
-        return _response(_answer(tokens, vms, request.environ))
+        return _response(_answer(tokens, imds, vms, request.environ))
 
     every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
@@ -207,5 +223,5 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors)  # type: ignore[method-assign]
+        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds)  # type: ignore[method-assign]
     return app

@@ -1,0 +1,171 @@
+"""IMDSv2 as guests meet it: hop limit, tokens required, cloud-init; real gunicorn.
+
+A "vr" namespace runs ``python -m vr serve-metadata``; a "guest" namespace is a VM
+that NATs a "container" namespace behind it (one routed hop), as Docker does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import netns
+from tests.helpers.service_lab import start_service
+from tests.helpers.vmdata import instance_id, store_vm
+from tests.integration.test_metadata_server import CLOUD_INIT_EC2_DRIVER, CLOUD_INIT_PYTHON
+from vr.paths import Paths
+
+pytestmark = pytest.mark.root
+
+VR = "10.52.0.1"
+GUEST = "10.52.0.5"
+CTR_NET_GUEST = "172.30.52.1"
+CTR = "172.30.52.2"
+TOKEN_URL = f"http://{VR}/latest/api/token"
+TTL = "X-aws-ec2-metadata-token-ttl-seconds: 60"
+
+
+class Lab:
+    def __init__(self, lab: netns.Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.paths = Paths(tmp / "vrroot")
+        self.paths.ensure()
+        self.log = tmp / "serve-metadata.log"
+        self.vr = lab.host("vr")
+        self.guest = lab.host("guest")
+        self.ctr = lab.host("ctr")
+        lab.link(self.vr, "eth0", f"{VR}/24", self.guest, "eth0", f"{GUEST}/24")
+        lab.link(self.guest, "eth1", f"{CTR_NET_GUEST}/24", self.ctr, "eth0", f"{CTR}/24")
+        self.guest.run("ip", "route", "add", "default", "via", VR)
+        self.ctr.run("ip", "route", "add", "default", "via", CTR_NET_GUEST)
+        # The guest routes its container and hides it behind its own address.
+        self.guest.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        nat = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
+        self.guest.run(*nat)
+        store_vm(self.paths, GUEST, name="guest-vm")
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def serve(self, **settings: object) -> None:
+        """(Re)start the metadata service with these vr.json settings."""
+        self.stop()
+        self.paths.config.write_text(json.dumps(settings))
+        argv = ["serve-metadata", "--bind", f"{VR}:80", "--workers", "2"]
+        self.server = start_service(self.lab, self.vr, self.paths, self.log, argv, (VR, 80))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.send_signal(signal.SIGTERM)
+            self.server.wait(30)
+            self.server = None
+
+    def curl(self, ns: netns.Namespace, *args: str) -> subprocess.CompletedProcess[str]:
+        return ns.run("curl", "-sS", *args, check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def imds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with netns.lab() as lab:
+        setup = Lab(lab, tmp_path_factory.mktemp("imds"))
+        try:
+            yield setup
+        finally:
+            setup.stop()
+
+
+def time_exceeded_sent(ns: netns.Namespace) -> int:
+    """ICMP "time exceeded" messages ``ns`` has sent (packets whose TTL ran out there)."""
+    out = ns.run("nstat", "-az", "IcmpOutTimeExcds").stdout
+    return int(out.split("IcmpOutTimeExcds")[1].split()[0])
+
+
+def test_a_container_one_hop_behind_the_guest_gets_no_token_at_hop_limit_1_but_at_2(
+    imds: Lab,
+) -> None:
+    imds.serve(imds_hop_limit=1)
+    # the guest itself is zero hops away: it gets its token
+    direct = imds.curl(imds.guest, "-X", "PUT", "-H", TTL, "-i", TOKEN_URL)
+    assert direct.returncode == 0 and direct.stdout.startswith("HTTP/1.1 200"), direct.stderr
+    assert "X-aws-ec2-metadata-token-ttl-seconds: 60" in direct.stdout
+    # the reply to the container dies in the guest's forwarding: TTL exceeded there
+    before = time_exceeded_sent(imds.guest)
+    far = imds.curl(imds.ctr, "-X", "PUT", "-H", TTL, "--max-time", "3", TOKEN_URL)
+    assert far.returncode == 28, (far.returncode, far.stderr)  # 28: no reply in time
+    assert time_exceeded_sent(imds.guest) > before
+    # a plain GET is not hop-limited (IMDSv1 as on EC2)
+    plain = imds.curl(imds.ctr, "--fail", f"http://{VR}/latest/meta-data/instance-id")
+    assert plain.stdout == instance_id(GUEST)
+
+    imds.serve(imds_hop_limit=2)
+    far = imds.curl(imds.ctr, "-X", "PUT", "-H", TTL, "--fail", TOKEN_URL)
+    assert far.returncode == 0, far.stderr
+    token = far.stdout
+    got = imds.curl(
+        imds.ctr,
+        "--fail",
+        "-H",
+        f"X-aws-ec2-metadata-token: {token}",
+        f"http://{VR}/latest/meta-data/instance-id",
+    )
+    assert got.stdout == instance_id(GUEST)
+
+
+def test_tokens_required_refuses_imdsv1_with_401_over_curl_and_wget(imds: Lab) -> None:
+    imds.serve(imds_tokens_required=True)
+    url = f"http://{VR}/latest/meta-data/instance-id"
+    status = imds.curl(imds.guest, "-o", "/dev/null", "-w", "%{http_code}", url)
+    assert status.stdout == "401"
+    # AWS's errors: no TTL 400, a forwarded PUT 403, GET on the token path 405
+    for args, code in (
+        (["-X", "PUT", TOKEN_URL], "400"),
+        (["-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 21601", TOKEN_URL], "400"),
+        (["-X", "PUT", "-H", TTL, "-H", "X-Forwarded-For: 1.2.3.4", TOKEN_URL], "403"),
+        (["-H", "X-aws-ec2-metadata-token: forged", url], "401"),
+    ):
+        got = imds.curl(imds.guest, "-o", "/dev/null", "-w", "%{http_code}", *args)
+        assert got.stdout == code, args
+    token = imds.curl(imds.guest, "--fail", "-X", "PUT", "-H", TTL, TOKEN_URL).stdout
+    wget = imds.guest.run(
+        "wget", "-qO-", f"--header=X-aws-ec2-metadata-token: {token}", url, check=False
+    )
+    assert wget.stdout == instance_id(GUEST), wget.stderr
+    refused = imds.guest.run("wget", "-qO-", "--tries=1", url, check=False)
+    assert refused.returncode == 6  # wget: server issued an error response (401)
+
+
+@pytest.fixture
+def guest_etc(imds: Lab) -> Iterator[None]:
+    """No DNS in the guest (``ip netns exec`` bind-mounts /etc/netns/<ns>)."""
+    etc = Path("/etc/netns") / imds.guest.name
+    etc.mkdir(parents=True)
+    try:
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+        yield
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def test_cloud_init_ec2_datasource_reads_everything_with_tokens_required(
+    imds: Lab, guest_etc: None, tmp_path: Path
+) -> None:
+    imds.serve(imds_tokens_required=True)
+    driver = tmp_path / "ec2_driver.py"
+    driver.write_text(CLOUD_INIT_EC2_DRIVER)
+    res = imds.guest.run(
+        CLOUD_INIT_PYTHON, str(driver), str(tmp_path), f"http://{VR}", "aws", timeout=300
+    )
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["ok"] is True, res.stderr[-3000:]
+    assert got["instance_id"] == instance_id(GUEST)
+    assert got["local_hostname"] == "guest-vm"
+    calls = got["calls"]
+    assert calls[0][0] == "PUT" and calls[0][2] == 200
+    assert all("X-aws-ec2-metadata-token" in c[3] for c in calls[1:]), calls
+    tree = [c for c in calls if "/meta-data/" in c[1] or c[1].endswith("/user-data")]
+    assert tree and all(c[2] == 200 for c in tree), tree

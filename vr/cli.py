@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "vr.cmd.serve_dhcp",
     "vr.cmd.serve_ops",
     "vr.cmd.boot",
+    "vr.cmd.identity_cert",
 ]
 
 

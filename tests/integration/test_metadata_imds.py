@@ -6,10 +6,12 @@ that NATs a "container" namespace behind it (one routed hop), as Docker does.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,5 +169,52 @@ def test_cloud_init_ec2_datasource_reads_everything_with_tokens_required(
     calls = got["calls"]
     assert calls[0][0] == "PUT" and calls[0][2] == 200
     assert all("X-aws-ec2-metadata-token" in c[3] for c in calls[1:]), calls
-    tree = [c for c in calls if "/meta-data/" in c[1] or c[1].endswith("/user-data")]
-    assert tree and all(c[2] == 200 for c in tree), tree
+    assert [c for c in calls if c[2] != 200] == []
+    # on EC2 cloud-init takes the instance id and zone from the identity document
+    assert got["identity"]["instanceId"] == instance_id(GUEST)
+    assert got["identity"]["availabilityZone"] == "zone-a"
+
+
+def test_the_identity_document_verifies_with_openssl_against_vr_identity_cert(
+    imds: Lab, tmp_path: Path
+) -> None:
+    imds.serve()
+    base = f"http://{VR}/latest/dynamic/instance-identity"
+    assert imds.curl(imds.guest, "--fail", base + "/").stdout.split() == [
+        "document",
+        "pkcs7",
+        "signature",
+    ]
+    doc = tmp_path / "document"
+    doc.write_bytes(imds.guest.run_bytes("curl", "-sS", "--fail", base + "/document").stdout)
+    fields = json.loads(doc.read_bytes())
+    assert fields["instanceId"] == instance_id(GUEST)
+    assert fields["privateIp"] == GUEST
+    assert fields["hostname"] == "guest-vm"
+    cert = tmp_path / "cert.pem"
+    out = subprocess.run(
+        [sys.executable, "-m", "vr", "identity-cert", "--root", str(imds.paths.root)],
+        capture_output=True,
+        check=True,
+    )
+    cert.write_bytes(out.stdout)
+    pubkey = tmp_path / "pub.pem"
+    subprocess.run(
+        ["openssl", "x509", "-in", cert, "-pubkey", "-noout", "-out", pubkey], check=True
+    )
+    sig = tmp_path / "signature"
+    raw = imds.curl(imds.guest, "--fail", base + "/signature").stdout
+    sig.write_bytes(base64.b64decode(raw))
+    verify = ["openssl", "dgst", "-sha256", "-verify", pubkey, "-signature", sig, doc]
+    assert subprocess.run(verify, capture_output=True, text=True).stdout.strip() == "Verified OK"
+    p7 = tmp_path / "pkcs7.pem"
+    body = imds.curl(imds.guest, "--fail", base + "/pkcs7").stdout
+    p7.write_text(f"-----BEGIN PKCS7-----\n{body}\n-----END PKCS7-----\n")
+    smime = ["openssl", "smime", "-verify", "-in", p7, "-inform", "PEM", "-content", doc]
+    ok = subprocess.run([*smime, "-certfile", cert, "-CAfile", cert], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    # a changed document fails both checks
+    doc.write_bytes(doc.read_bytes().replace(b"guest-vm", b"other-vm"))
+    assert subprocess.run(verify, capture_output=True).returncode != 0
+    bad = subprocess.run([*smime, "-certfile", cert, "-CAfile", cert], capture_output=True)
+    assert bad.returncode != 0

@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
     from vr.metadata.app import create_app
+    from vr.metadata.identity import load_or_create
     from vr.metadata.tokens import TokenPolicy, new_key
 
     cfg = config.load(paths)
@@ -92,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     # One IMDSv2 token key for every worker (they fork from here): a token minted
     # by one worker is checked by another.
     token_key = new_key()
+    signer = load_or_create(paths)  # the identity document's key, kept across restarts
 
     def worker_app() -> Any:
         """Per worker (after fork): the application, counted by view and status."""
@@ -102,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
             warm=warm,
             token_key=token_key,
             policy=policy,
+            signer=signer,
         )
         cache = app.extensions["vr.metadata.vmcache"]
 

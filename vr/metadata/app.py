@@ -34,6 +34,7 @@ from werkzeug.exceptions import HTTPException
 from vr.http.wsgi import StartResponse, WSGIApp
 from vr.logs import GuestErrors
 from vr.metadata.counters import RefusalCounters
+from vr.metadata.identity import Signer, identity_reply
 from vr.metadata.tokens import (
     TOKEN_ENVIRON,
     TTL_ENVIRON,
@@ -73,7 +74,13 @@ def _headers(reply: Reply) -> list[tuple[str, str]]:
     return h
 
 
-def _answer(tokens: Tokens, policy: TokenPolicy, cache: VmLookup, environ: dict[str, Any]) -> Reply:
+def _answer(
+    tokens: Tokens,
+    policy: TokenPolicy,
+    cache: VmLookup,
+    environ: dict[str, Any],
+    signer: Signer | None = None,
+) -> Reply:
     """A GET or HEAD: a token it carries must be valid (and it must carry one where
     the policy requires it); then the URL decides."""
     caller = environ.get("REMOTE_ADDR", "")
@@ -83,7 +90,13 @@ def _answer(tokens: Tokens, policy: TokenPolicy, cache: VmLookup, environ: dict[
             return UNAUTHORIZED
     elif not tokens.valid(caller, token):
         return UNAUTHORIZED
-    return resolve(cache.view_for_address(caller), environ.get("PATH_INFO", ""))
+    path = environ.get("PATH_INFO", "")
+    view = cache.view_for_address(caller)
+    if "/dynamic" in path:
+        reply = identity_reply(signer, caller, view, path)
+        if reply is not None:
+            return reply
+    return resolve(view, path)
 
 
 class FastPath:
@@ -97,7 +110,9 @@ class FastPath:
         fallback: WSGIApp,
         errors: GuestErrors,
         policy: TokenPolicy,
+        signer: Signer | None = None,
     ) -> None:
+        self.signer = signer
         self.cache = cache
         self.counters = counters
         self.tokens = tokens
@@ -114,7 +129,7 @@ class FastPath:
         ):
             return self.fallback(environ, start_response)
         try:
-            reply = _answer(self.tokens, self.policy, self.cache, environ)
+            reply = _answer(self.tokens, self.policy, self.cache, environ, self.signer)
         except Exception as exc:
             self.errors.error(
                 environ.get("REMOTE_ADDR", ""), _what(environ.get("PATH_INFO", "")), exc
@@ -145,6 +160,7 @@ def create_app(
     warm: bool = False,
     token_key: bytes | None = None,
     policy: TokenPolicy | None = None,
+    signer: Signer | None = None,
 ) -> Flask:
     """Build the metadata application for one worker (call after fork).
 
@@ -153,7 +169,8 @@ def create_app(
     ``token_key`` signs IMDSv2 tokens: pass the same key (made before fork) to
     every worker of a service, or a token minted by one fails on another; None
     makes one for this application only. ``policy`` (default: hop limit 1, tokens
-    optional) is how IMDSv2 is enforced.
+    optional) is how IMDSv2 is enforced. ``signer`` signs the instance identity
+    document (:mod:`vr.metadata.identity`); without one those paths are 404.
     """
     app = Flask(__name__)
     app.url_map.merge_slashes = False
@@ -195,7 +212,7 @@ def create_app(
         return None
 
     def serve(path: str = "") -> Response:
-        return _response(_answer(tokens, imds, vms, request.environ))
+        return _response(_answer(tokens, imds, vms, request.environ, signer))
 
     every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
@@ -223,5 +240,5 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds)  # type: ignore[method-assign]
+        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer)  # type: ignore[method-assign]
     return app

@@ -22,6 +22,8 @@ from tests.helpers.service_lab import start_service
 from tests.helpers.vmdata import instance_id, store_vm
 from tests.integration.test_metadata_server import CLOUD_INIT_EC2_DRIVER, CLOUD_INIT_PYTHON
 from vr.paths import Paths
+from vr.payloads import parse_dhcp_entry, parse_guest_network
+from vr.store import Store
 
 pytestmark = pytest.mark.root
 
@@ -218,3 +220,28 @@ def test_the_identity_document_verifies_with_openssl_against_vr_identity_cert(
     assert subprocess.run(verify, capture_output=True).returncode != 0
     bad = subprocess.run([*smime, "-certfile", cert, "-CAfile", cert], capture_output=True)
     assert bad.returncode != 0
+
+
+def test_the_digitalocean_tree_over_wget_and_curl(imds: Lab) -> None:
+    imds.serve()
+    net = {"device": "eth0", "router_guest_ip": VR, "cidr": "10.52.0.0/24", "add": True}
+    dhcp = {"mac_address": "02:00:0a:34:00:05", "ipv4_address": GUEST, "host_name": "guest-vm"}
+    Store(imds.paths).apply([parse_guest_network(net), parse_dhcp_entry(dhcp)])
+    v1 = f"http://{VR}/metadata/v1"
+    private = f"{v1}/interfaces/private/0"
+    expected = {
+        f"{private}/mac": "02:00:0a:34:00:05",
+        f"{private}/type": "private",
+        f"{private}/ipv4/address": GUEST,
+        f"{private}/ipv4/netmask": "255.255.255.0",
+        f"{private}/ipv4/gateway": VR,
+        f"{v1}/dns/nameservers": VR,
+        f"{v1}/floating_ip/ipv4/ip_address": "203.0.113.7",
+        f"{v1}/hostname": "guest-vm",
+    }
+    for url, value in expected.items():
+        assert imds.guest.run("wget", "-qO-", url).stdout == value, url
+        assert imds.curl(imds.guest, "--fail", url).stdout == value, url
+    doc = json.loads(imds.curl(imds.guest, "--fail", f"http://{VR}/metadata/v1.json").stdout)
+    assert doc["interfaces"]["private"][0]["mac"] == "02:00:0a:34:00:05"
+    assert doc["dns"] == {"nameservers": [VR]}

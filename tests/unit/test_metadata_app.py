@@ -22,6 +22,8 @@ from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr.metadata.app import create_app
 from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER, TokenPolicy
 from vr.paths import Paths
+from vr.payloads import parse_dhcp_entry, parse_guest_network
+from vr.store import Store
 
 A = "10.1.1.5"
 B = "10.1.1.6"
@@ -451,6 +453,7 @@ def test_do_tree(client: FlaskClient) -> None:
         b"public-keys",
         b"region",
         b"interfaces/",
+        b"floating_ip/",
     ]
     assert get(client, f"{v1}/id").data == instance_id(A).encode()
     assert get(client, f"{v1}/hostname").data == b"vm-10-1-1-5"
@@ -510,3 +513,44 @@ def test_tokens_required_refuses_plain_gets_with_401_and_serves_token_gets(
     assert (got.status_code, got.data) == (200, instance_id(A).encode())
     everyone = create_app(paths, fast_path=fast_path, policy=TokenPolicy.of(1, True, []))
     assert get(everyone.test_client(), "/latest/meta-data/instance-id", ip=B).status_code == 401
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "flask-only"])
+def test_do_interfaces_carry_mac_netmask_gateway_and_dns_from_the_pushes(
+    paths: Paths, fast_path: bool
+) -> None:
+    store_vm(paths, A)
+    net = {"device": "eth0", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
+    dhcp = {"mac_address": "02:00:0a:01:01:05", "ipv4_address": A, "host_name": "vm-a"}
+    Store(paths).apply(
+        [
+            parse_guest_network({**net, "add": True, "dns": "8.8.8.8"}),
+            parse_dhcp_entry(dhcp),
+        ]
+    )
+    client = create_app(paths, fast_path=fast_path).test_client()
+    v1 = "/metadata/v1"
+    private = f"{v1}/interfaces/private/0"
+    assert get(client, f"{private}/").data == b"ipv4/\nmac\ntype"
+    assert get(client, f"{private}/ipv4/").data == b"address\nnetmask\ngateway"
+    assert get(client, f"{private}/mac").data == b"02:00:0a:01:01:05"
+    assert get(client, f"{private}/type").data == b"private"
+    assert get(client, f"{private}/ipv4/netmask").data == b"255.255.255.0"
+    assert get(client, f"{private}/ipv4/gateway").data == b"10.1.1.1"
+    assert get(client, f"{v1}/dns/").data == b"nameservers"
+    # what DHCP hands the VM: the router first, then the network's servers
+    assert get(client, f"{v1}/dns/nameservers").data == b"10.1.1.1\n8.8.8.8"
+    doc = json.loads(get(client, "/metadata/v1.json").data)
+    assert doc["interfaces"]["private"] == [
+        {
+            "ipv4": {"ip_address": A, "netmask": "255.255.255.0", "gateway": "10.1.1.1"},
+            "mac": "02:00:0a:01:01:05",
+            "type": "private",
+        }
+    ]
+    assert doc["dns"] == {"nameservers": ["10.1.1.1", "8.8.8.8"]}
+    assert "tags" not in doc and "vendor_data" not in doc
+    # a DHCP change alone (no VM push) is seen by the next request
+    moved = {**dhcp, "mac_address": "02:00:0a:01:01:99"}
+    Store(paths).apply([parse_dhcp_entry(moved)])
+    assert get(client, f"{private}/mac").data == b"02:00:0a:01:01:99"

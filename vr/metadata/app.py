@@ -46,7 +46,7 @@ from vr.metadata.tokens import (
     set_hop_limit,
 )
 from vr.metadata.views import NOT_FOUND, Reply, resolve
-from vr.metadata.vmcache import VmCache, VmLookup
+from vr.metadata.vmcache import Lans, VmCache, VmLookup
 from vr.paths import Paths
 
 LOG = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def _answer(
     cache: VmLookup,
     environ: dict[str, Any],
     signer: Signer | None = None,
+    lans: Lans | None = None,
 ) -> Reply:
     """A GET or HEAD: a token it carries must be valid (and it must carry one where
     the policy requires it); then the URL decides."""
@@ -96,6 +97,8 @@ def _answer(
         reply = identity_reply(signer, caller, view, path)
         if reply is not None:
             return reply
+    if lans is not None and path[:10].lower() == "/metadata/":
+        return resolve(view, path, lans.lan_for(caller))
     return resolve(view, path)
 
 
@@ -111,8 +114,10 @@ class FastPath:
         errors: GuestErrors,
         policy: TokenPolicy,
         signer: Signer | None = None,
+        lans: Lans | None = None,
     ) -> None:
         self.signer = signer
+        self.lans = lans
         self.cache = cache
         self.counters = counters
         self.tokens = tokens
@@ -129,7 +134,7 @@ class FastPath:
         ):
             return self.fallback(environ, start_response)
         try:
-            reply = _answer(self.tokens, self.policy, self.cache, environ, self.signer)
+            reply = _answer(self.tokens, self.policy, self.cache, environ, self.signer, self.lans)
         except Exception as exc:
             self.errors.error(
                 environ.get("REMOTE_ADDR", ""), _what(environ.get("PATH_INFO", "")), exc
@@ -176,6 +181,8 @@ def create_app(
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     vms: VmLookup = cache if cache is not None else VmCache(paths)
+    # the DigitalOcean tree's NIC details come from the router's own pushes
+    lans = Lans(paths) if cache is None else None
     counts = counters if counters is not None else RefusalCounters(paths)
     tokens = Tokens(token_key if token_key is not None else new_key())
     imds = policy if policy is not None else TokenPolicy()
@@ -212,7 +219,7 @@ def create_app(
         return None
 
     def serve(path: str = "") -> Response:
-        return _response(_answer(tokens, imds, vms, request.environ, signer))
+        return _response(_answer(tokens, imds, vms, request.environ, signer, lans))
 
     every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
@@ -240,5 +247,5 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer)  # type: ignore[method-assign]
+        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer, lans)  # type: ignore[method-assign]
     return app

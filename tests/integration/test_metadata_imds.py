@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.helpers import netns
 from tests.helpers.service_lab import start_service
 from tests.helpers.vmdata import instance_id, store_vm
 from tests.integration.test_metadata_server import CLOUD_INIT_EC2_DRIVER, CLOUD_INIT_PYTHON
+from vr.ops.metrics import read_samples
 from vr.paths import Paths
 from vr.payloads import parse_dhcp_entry, parse_guest_network
 from vr.store import Store
@@ -50,8 +52,8 @@ class Lab:
         self.ctr.run("ip", "route", "add", "default", "via", CTR_NET_GUEST)
         # The guest routes its container and hides it behind its own address.
         self.guest.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        nat = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
-        self.guest.run(*nat)
+        nat = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", f"{CTR}/32", "-o", "eth0"]
+        self.guest.run(*nat, "-j", "MASQUERADE")
         store_vm(self.paths, GUEST, name="guest-vm")
         self.server: subprocess.Popen[bytes] | None = None
 
@@ -245,3 +247,30 @@ def test_the_digitalocean_tree_over_wget_and_curl(imds: Lab) -> None:
     doc = json.loads(imds.curl(imds.guest, "--fail", f"http://{VR}/metadata/v1.json").stdout)
     assert doc["interfaces"]["private"][0]["mac"] == "02:00:0a:34:00:05"
     assert doc["dns"] == {"nameservers": [VR]}
+
+
+def test_one_vm_over_its_rate_gets_429_from_every_worker_and_others_are_served(
+    imds: Lab,
+) -> None:
+    other = "10.52.0.6"
+    store_vm(imds.paths, other, name="other-vm")
+    imds.guest.run("ip", "addr", "replace", f"{other}/24", "dev", "eth0")
+    imds.serve(imds_rate_per_second=1, imds_rate_burst=5)
+    url = f"http://{VR}/latest/meta-data/instance-id"
+    start = time.monotonic()
+    # each request on a new connection, so both workers answer some
+    codes = [
+        imds.curl(imds.guest, "-o", "/dev/null", "-w", "%{http_code}", url).stdout
+        for _ in range(20)
+    ]
+    elapsed = time.monotonic() - start
+    granted = codes.count("200")
+    # one shared bucket: the burst plus what refilled meanwhile, not a burst per worker
+    assert 5 <= granted <= 5 + int(elapsed) + 1, (codes, elapsed)
+    assert codes.count("429") == 20 - granted
+    head = imds.curl(imds.guest, "-sS", "-i", url).stdout
+    assert head.startswith("HTTP/1.1 429") and "Retry-After: 1" in head, head
+    served = imds.curl(imds.guest, "--fail", "--interface", other, url)
+    assert served.stdout == instance_id(other), (served.returncode, served.stderr)
+    refused = read_samples(imds.paths.metrics)[("vr_refused_total", (("reason", "rate"),))]
+    assert refused == 20 - granted + 1

@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     metrics.init(paths)  # before any metric exists and before gunicorn forks
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
+    from vr.metadata import ratelimit
     from vr.metadata.app import create_app
     from vr.metadata.identity import load_or_create
     from vr.metadata.tokens import TokenPolicy, new_key
@@ -94,10 +95,18 @@ def _serve(args: argparse.Namespace) -> int:
     # by one worker is checked by another.
     token_key = new_key()
     signer = load_or_create(paths)  # the identity document's key, kept across restarts
+    rate_table = paths.run / "metadata-rate"
+    if cfg.imds_rate_per_second:
+        ratelimit.create(rate_table)  # empty, before fork: every worker maps this one
 
     def worker_app() -> Any:
         """Per worker (after fork): the application, counted by view and status."""
         m = metrics.process_metrics()
+        limiter = None
+        if cfg.imds_rate_per_second:
+            limiter = ratelimit.RateLimiter(
+                rate_table, cfg.imds_rate_per_second, cfg.imds_rate_burst
+            )
         app = create_app(
             paths,
             counters=metadata_counters.RefusalCounters(paths, m),
@@ -105,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
             token_key=token_key,
             policy=policy,
             signer=signer,
+            limiter=limiter,
         )
         cache = app.extensions["vr.metadata.vmcache"]
 

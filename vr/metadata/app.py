@@ -24,6 +24,7 @@ prove both doors answer byte for byte the same.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
@@ -35,6 +36,7 @@ from vr.http.wsgi import StartResponse, WSGIApp
 from vr.logs import GuestErrors
 from vr.metadata.counters import RefusalCounters
 from vr.metadata.identity import Signer, identity_reply
+from vr.metadata.ratelimit import RateLimiter, retry_after
 from vr.metadata.tokens import (
     TOKEN_ENVIRON,
     TTL_ENVIRON,
@@ -58,6 +60,7 @@ FORBIDDEN = Reply(403, b"forwarded requests are refused\n")
 NOT_ALLOWED = Reply(405, b"method not allowed\n")
 NOT_ALLOWED_TOKEN = Reply(405, b"method not allowed\n", headers=(("Allow", "PUT"),))
 INTERNAL = Reply(500, b"internal error\n")
+RATE_CHECKED = "vr.rate_checked"
 
 
 _STATUS = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
@@ -102,6 +105,24 @@ def _answer(
     return resolve(view, path)
 
 
+def _limited(
+    limiter: RateLimiter | None, counts: RefusalCounters, environ: dict[str, Any]
+) -> Reply | None:
+    """429 when the calling VM is over its rate (IPv4 callers; each request once)."""
+    if limiter is None or RATE_CHECKED in environ:
+        return None
+    environ[RATE_CHECKED] = True
+    try:
+        address = int.from_bytes(socket.inet_aton(environ.get("REMOTE_ADDR", "")), "big")
+    except OSError:
+        return None
+    wait = limiter.take(address)
+    if not wait:
+        return None
+    counts.count_rate()
+    return Reply(429, b"too many requests\n", headers=(("Retry-After", retry_after(wait)),))
+
+
 class FastPath:
     """WSGI middleware answering plain GET/HEAD directly, the rest through Flask."""
 
@@ -115,7 +136,9 @@ class FastPath:
         policy: TokenPolicy,
         signer: Signer | None = None,
         lans: Lans | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        self.limiter = limiter
         self.signer = signer
         self.lans = lans
         self.cache = cache
@@ -127,6 +150,10 @@ class FastPath:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
+        refused = _limited(self.limiter, self.counters, environ)
+        if refused is not None:
+            start_response(_STATUS[429], _headers(refused))
+            return [] if method == "HEAD" else [refused.body]
         if (
             (method != "GET" and method != "HEAD")
             or "HTTP_X_FORWARDED_FOR" in environ
@@ -166,6 +193,7 @@ def create_app(
     token_key: bytes | None = None,
     policy: TokenPolicy | None = None,
     signer: Signer | None = None,
+    limiter: RateLimiter | None = None,
 ) -> Flask:
     """Build the metadata application for one worker (call after fork).
 
@@ -176,6 +204,7 @@ def create_app(
     makes one for this application only. ``policy`` (default: hop limit 1, tokens
     optional) is how IMDSv2 is enforced. ``signer`` signs the instance identity
     document (:mod:`vr.metadata.identity`); without one those paths are 404.
+    ``limiter`` (this worker's handle on the shared table) limits each VM's rate.
     """
     app = Flask(__name__)
     app.url_map.merge_slashes = False
@@ -195,6 +224,9 @@ def create_app(
 
     @app.before_request
     def refuse_forwarded() -> Response | None:
+        refused = _limited(limiter, counts, request.environ)
+        if refused is not None:
+            return _response(refused)
         for key in FORWARD_HEADERS:
             if key in request.environ:
                 counts.count_forwarded()
@@ -247,5 +279,6 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        app.wsgi_app = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer, lans)  # type: ignore[method-assign]
+        fast = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer, lans, limiter)
+        app.wsgi_app = fast  # type: ignore[method-assign]
     return app

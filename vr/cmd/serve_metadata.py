@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
             policy=policy,
             signer=signer,
             limiter=limiter,
+            waiters_per_vm=cfg.imds_waiters_per_vm,
         )
         cache = app.extensions["vr.metadata.vmcache"]
 

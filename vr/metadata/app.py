@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from vr import store
 from vr.http.wsgi import StartResponse, WSGIApp
 from vr.logs import GuestErrors
+from vr.metadata import changes
 from vr.metadata.counters import RefusalCounters
 from vr.metadata.identity import Signer, identity_reply
 from vr.metadata.ratelimit import RateLimiter, retry_after
@@ -123,30 +126,65 @@ def _limited(
     return Reply(429, b"too many requests\n", headers=(("Retry-After", retry_after(wait)),))
 
 
+@dataclass(frozen=True)
+class _Guest:
+    """What answers a guest's GET, shared by both doors."""
+
+    tokens: Tokens
+    policy: TokenPolicy
+    cache: VmLookup
+    signer: Signer | None
+    lans: Lans | None
+    probe: Callable[[], object]
+    waiters: int
+
+    def answer(self, environ: dict[str, Any]) -> Reply:
+        return _answer(self.tokens, self.policy, self.cache, environ, self.signer, self.lans)
+
+    def get(self, environ: dict[str, Any]) -> tuple[Reply, list[tuple[str, str]]] | None:
+        """The reply and its headers (with ETag), or None: parked until a change."""
+        reply = self.answer(environ)
+        query = environ.get("QUERY_STRING")
+        if query and reply.status == 200:
+            try:
+                wait = changes.wait_request(query)
+            except changes.BadWait as exc:
+                return _with_etag(Reply(400, f"{exc}\n".encode()))
+            if wait is not None:
+                tag = changes.etag(reply.body)
+                held = changes.hold(
+                    environ, tag, wait, self.probe, self.waiters, lambda: self.answer(environ)
+                )
+                if held is None:
+                    return None
+                if not changes.no_wait(held):
+                    reply = held
+        return _with_etag(reply)
+
+
+def _with_etag(reply: Reply) -> tuple[Reply, list[tuple[str, str]]]:
+    headers = _headers(reply)
+    if reply.status == 200:
+        headers.append(("ETag", changes.etag(reply.body)))
+    return reply, headers
+
+
 class FastPath:
     """WSGI middleware answering plain GET/HEAD directly, the rest through Flask."""
 
     def __init__(
         self,
-        cache: VmLookup,
+        guest: _Guest,
         counters: RefusalCounters,
-        tokens: Tokens,
         fallback: WSGIApp,
         errors: GuestErrors,
-        policy: TokenPolicy,
-        signer: Signer | None = None,
-        lans: Lans | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
-        self.limiter = limiter
-        self.signer = signer
-        self.lans = lans
-        self.cache = cache
+        self.guest = guest
         self.counters = counters
-        self.tokens = tokens
-        self.policy = policy
         self.fallback = fallback
         self.errors = errors
+        self.limiter = limiter
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -161,13 +199,17 @@ class FastPath:
         ):
             return self.fallback(environ, start_response)
         try:
-            reply = _answer(self.tokens, self.policy, self.cache, environ, self.signer, self.lans)
+            got = self.guest.get(environ)
         except Exception as exc:
             self.errors.error(
                 environ.get("REMOTE_ADDR", ""), _what(environ.get("PATH_INFO", "")), exc
             )
-            reply = INTERNAL
-        start_response(_STATUS[reply.status], _headers(reply))
+            got = INTERNAL, _headers(INTERNAL)
+        if got is None:  # parked: the worker calls again when the value may have changed
+            start_response("200 OK", [])
+            return []
+        reply, headers = got
+        start_response(_STATUS[reply.status], headers)
         return [] if method == "HEAD" else [reply.body]
 
 
@@ -194,6 +236,7 @@ def create_app(
     policy: TokenPolicy | None = None,
     signer: Signer | None = None,
     limiter: RateLimiter | None = None,
+    waiters_per_vm: int = 8,
 ) -> Flask:
     """Build the metadata application for one worker (call after fork).
 
@@ -204,7 +247,8 @@ def create_app(
     makes one for this application only. ``policy`` (default: hop limit 1, tokens
     optional) is how IMDSv2 is enforced. ``signer`` signs the instance identity
     document (:mod:`vr.metadata.identity`); without one those paths are 404.
-    ``limiter`` (this worker's handle on the shared table) limits each VM's rate.
+    ``limiter`` (this worker's handle on the shared table) limits each VM's rate;
+    ``waiters_per_vm`` bounds one VM's held ``wait_for_change`` requests per worker.
     """
     app = Flask(__name__)
     app.url_map.merge_slashes = False
@@ -219,6 +263,9 @@ def create_app(
     errors = GuestErrors(LOG)
     if warm:
         LOG.info("metadata worker loaded %s VMs from %s", vms.warm(), paths.latest)
+    guest = _Guest(
+        tokens, imds, vms, signer, lans, lambda: store.stamp_token(paths), waiters_per_vm
+    )
     app.extensions["vr.metadata.vmcache"] = vms
     app.extensions["vr.counters"] = counts
 
@@ -251,7 +298,14 @@ def create_app(
         return None
 
     def serve(path: str = "") -> Response:
-        return _response(_answer(tokens, imds, vms, request.environ, signer, lans))
+        got = guest.get(request.environ)
+        if got is None:  # parked (see FastPath)
+            return Response(b"")
+        reply, headers = got
+        resp = Response(reply.body, status=_STATUS[reply.status])
+        for name, value in headers:
+            resp.headers[name] = value
+        return resp
 
     every_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     app.add_url_rule("/", "root", serve, methods=every_method, provide_automatic_options=False)
@@ -279,6 +333,6 @@ def create_app(
 
     if fast_path:
         flask_wsgi: WSGIApp = app.wsgi_app
-        fast = FastPath(vms, counts, tokens, flask_wsgi, errors, imds, signer, lans, limiter)
+        fast = FastPath(guest, counts, flask_wsgi, errors, limiter)
         app.wsgi_app = fast  # type: ignore[method-assign]
     return app

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import netns
+from tests.helpers.agent import AgentProcess, keygen
 from tests.helpers.service_lab import start_service
 from tests.helpers.vmdata import instance_id, store_vm
 from tests.integration.test_metadata_server import CLOUD_INIT_EC2_DRIVER, CLOUD_INIT_PYTHON
@@ -274,3 +275,45 @@ def test_one_vm_over_its_rate_gets_429_from_every_worker_and_others_are_served(
     assert served.stdout == instance_id(other), (served.returncode, served.stderr)
     refused = read_samples(imds.paths.metrics)[("vr_refused_total", (("reason", "rate"),))]
     assert refused == 20 - granted + 1
+
+
+def test_a_long_poll_is_woken_by_a_push_through_the_ssh_agent(imds: Lab, tmp_path: Path) -> None:
+    imds.serve()
+    key = keygen(tmp_path / "mgmt", "ed25519")
+    imds.paths.authorized_keys.parent.mkdir(parents=True, exist_ok=True)
+    imds.paths.authorized_keys.write_text(Path(f"{key}.pub").read_text())
+    agent = AgentProcess(imds.paths.root).start()
+    try:
+        url = f"http://{VR}/latest/meta-data/local-hostname"
+        head = imds.curl(imds.guest, "--fail", "-D", "-", "-o", "/dev/null", url).stdout
+        tag = next(
+            line.split(":", 1)[1].strip()
+            for line in head.splitlines()
+            if line.lower().startswith("etag:")
+        )
+        # last_etag makes the order safe: a push before the request arrives is
+        # answered at once, a push after it wakes the held request
+        query = f"wait_for_change=true&last_etag={tag.strip(chr(34))}&timeout_sec=300"
+        waiter = imds.lab.spawn(
+            imds.guest,
+            ["curl", "-sS", "--fail", "-D", "-", f"{url}?{query}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        payload = tmp_path / "vm_metadata.json"
+        triples = [["metadata", "local-hostname", "renamed-vm"]]
+        payload.write_text(json.dumps({"vm_ip_address": GUEST, "vm_metadata": triples}))
+        push = subprocess.run(
+            [sys.executable, "-m", "vr", "push", "--host", "127.0.0.1",
+             "--port", str(agent.port), "--key", str(key),
+             "--known-hosts", str(tmp_path / "known_hosts"), "--accept-new", str(payload)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert push.returncode == 0, push.stdout + push.stderr
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        headers, _, body = out.decode().partition("\r\n\r\n")
+        assert body == "renamed-vm"
+        assert f"etag: {tag}".lower() not in headers.lower()
+    finally:
+        agent.stop()

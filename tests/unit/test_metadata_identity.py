@@ -86,3 +86,17 @@ def test_other_paths_are_left_to_the_views_and_unknown_vms_get_404(paths: Paths)
     assert identity_reply(signer, "10.1.1.5", None, "/latest/meta-data/dynamic") is None
     unknown = identity_reply(signer, "10.1.1.9", None, "/latest/dynamic/instance-identity/")
     assert unknown is not None and unknown.status == 404
+
+
+def test_vr_identity_cert_prints_the_certificate_or_the_public_key(
+    paths: Paths, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    from vr.cli import main
+
+    assert main(["identity-cert", "--root", str(paths.root)]) == 0
+    cert = capsysbinary.readouterr().out
+    assert cert.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert cert == (paths.etc / CERT_FILE).read_bytes()
+    assert main(["identity-cert", "--root", str(paths.root), "--public-key"]) == 0
+    assert capsysbinary.readouterr().out.startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert b"PRIVATE" not in cert

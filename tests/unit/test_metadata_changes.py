@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from prometheus_client import CollectorRegistry
 
 from tests.helpers.loop_server import WAIT, Reader, limits, request, serving
 from tests.helpers.vmdata import store_vm
@@ -15,6 +16,7 @@ from vr.metadata import changes
 from vr.metadata.app import create_app
 from vr.metadata.views import VmView
 from vr.metadata.vmcache import VmCache
+from vr.ops import metrics
 from vr.paths import Paths
 
 VM = "10.1.1.5"
@@ -124,3 +126,18 @@ def test_a_stale_last_etag_is_answered_at_once(paths: Paths) -> None:
         c.sendall(request(f"{PATH}?wait_for_change=true&last_etag=old&timeout_sec=3600"))
         assert Reader(c).response()[2] == b"current"
         assert not srv.loop.held
+
+
+def test_a_held_request_is_counted_once_when_answered(paths: Paths) -> None:
+    store_vm(paths, VM, name="before")
+    m = metrics.Metrics(CollectorRegistry())
+    app = metrics.Instrumented(loop_app(paths), m, "metadata", metrics.metadata_view)
+    view = metrics.metadata_view({"PATH_INFO": PATH, "REQUEST_METHOD": "GET"})
+    counted = m.requests.labels("metadata", view, "200")
+    with serving(limits(), app=app) as srv, srv.connect(source=CALLER) as c:
+        tag = changes.etag(b"before").strip('"')
+        c.sendall(request(f"{PATH}?wait_for_change=true&last_etag={tag}&timeout_sec=300"))
+        until(lambda: len(srv.loop.held) == 1, "the request was never held")
+        store_vm(paths, VM, name="after")
+        assert Reader(c).response()[2] == b"after"
+    assert counted._value.get() == 1

@@ -77,6 +77,9 @@ LOG = logging.getLogger(__name__)
 
 PARK = "vr.park"
 """environ key of the callable that holds a request (vr.metadata.changes)."""
+HELD = "vr.held"
+"""environ key: true when the application's last call parked the request (its empty
+answer is not one: vr.ops.metrics does not count it)."""
 
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64
@@ -724,9 +727,11 @@ class EventLoop:
             if not self.running or self.held_per_address.get(conn.addr, 0) >= limit:
                 return False
             conn.hold = _Hold(req, keep_alive, environ, deadline, probe, probe())
+            environ[HELD] = True
             return True
 
         environ[PARK] = park
+        environ[HELD] = False
         captured: list[Any] = []
 
         def start_response(

@@ -20,6 +20,12 @@ What it does, all inside two network namespaces it creates and always removes:
   crawl could not send because an earlier request of it failed;
 * prints a side-by-side table with our/Apache ratios.
 
+``--guest-api`` instead measures the guest API's additions: the per-VM rate limiter's
+cost per request on the hot path (the WSGI application called in-process, with and
+without the limiter, in the same run), and ``--vms`` concurrent ``wait_for_change``
+waiters (one per VM, each from its own address) woken by one push that changes every
+VM: how long until each got its new value, beside plain GETs of the same VMs.
+
 ``--rss`` instead lays out ``--vms`` (e.g. 10000) VMs, starts our service with every
 VM loaded in each worker (``--warm``) and prints the workers' RSS against an empty
 store. Every load loop is bounded in count and time.
@@ -443,6 +449,122 @@ def setup_lab(lab: netns.Lab, count: int) -> tuple[netns.Namespace, netns.Namesp
     return vr, guest
 
 
+# --- the guest API: rate limiter and long-poll waiters --------------------------------
+
+
+def limiter_cost(root: Path, calls: int = 20000) -> tuple[float, float]:
+    """Microseconds per in-process GET of the metadata app without and with the limiter."""
+    from vr.metadata import ratelimit
+    from vr.metadata.app import create_app
+
+    paths = Paths(root / "limiter")
+    lay_out_store(paths, 1)
+    table = root / "rate"
+    ratelimit.create(table)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/latest/meta-data/instance-id",
+        "QUERY_STRING": "",
+        "REMOTE_ADDR": vm_address(0),
+    }
+    figures = []
+    for limiter in (None, ratelimit.RateLimiter(table, 10**9, 10**9)):
+        app = create_app(paths, limiter=limiter).wsgi_app
+        start = time.perf_counter()
+        for _ in range(calls):
+            app(dict(environ), lambda status, headers, exc=None: None)
+        figures.append((time.perf_counter() - start) / calls * 1e6)
+    return figures[0], figures[1]
+
+
+def waiters_client(base: str, count: int) -> None:
+    """In the guest namespace: one waiter per VM; prints the arrival time of each
+    answer (CLOCK_MONOTONIC, shared with the parent) as JSON, after "HELD"."""
+    import json
+    import selectors
+    import socket
+
+    from vr.metadata.changes import etag
+
+    host, port = base.split(":")
+    plain = []
+    for i in range(count):  # reference: the same VMs' plain GET, one connection each
+        t = time.monotonic()
+        c = http.client.HTTPConnection(host, int(port), source_address=(vm_address(i), 0))
+        c.request("GET", "/latest/meta-data/local-hostname")
+        c.getresponse().read()
+        c.close()
+        plain.append(time.monotonic() - t)
+    sel = selectors.DefaultSelector()
+    for i in range(count):
+        s = socket.socket()
+        s.bind((vm_address(i), 0))
+        s.connect((host, int(port)))
+        tag = etag(f"vm-{vm_address(i).replace('.', '-')}".encode()).strip('"')
+        q = f"wait_for_change=true&last_etag={tag}&timeout_sec=120"
+        s.sendall(f"GET /latest/meta-data/local-hostname?{q} HTTP/1.1\r\nHost: vr\r\n\r\n".encode())
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    print("HELD", flush=True)
+    arrived: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(arrived) < count and time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            if data.startswith(b"HTTP/1.1 200") or not data:
+                arrived.append(time.monotonic())
+                sel.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+    print(json.dumps({"arrived": arrived, "plain": plain}), flush=True)
+
+
+def bench_guest_api(args: argparse.Namespace) -> None:
+    import json
+    import statistics
+
+    tmp = Path(tempfile.mkdtemp(prefix="vr-bench-guestapi-"))
+    try:
+        without, with_limiter = limiter_cost(tmp)
+        print(f"{'in-process GET, no rate limiter':<44} {without:>10.1f} us")
+        print(f"{'in-process GET, with the shared limiter':<44} {with_limiter:>10.1f} us")
+        print(f"{'limiter cost per request':<44} {with_limiter - without:>10.1f} us")
+        paths = Paths(tmp / "vrroot")
+        lay_out_store(paths, args.vms)
+        paths.config.write_text(json.dumps({"imds_rate_burst": 1000}))
+        with netns.lab() as lab:
+            vr, guest = setup_lab(lab, args.vms)
+            with our_server(lab, vr, paths.root, args, tmp / "serve.log"):
+                client = lab.spawn(
+                    guest,
+                    [sys.executable, str(Path(__file__).resolve()),
+                     "--waiters-client", f"{VR_ADDR}:{OUR_PORT}", "--vms", str(args.vms)],
+                    stdout=subprocess.PIPE, text=True, cwd=str(REPO),
+                )  # fmt: skip
+                assert client.stdout is not None
+                assert client.stdout.readline().strip() == "HELD"
+                time.sleep(2)  # let every request reach its worker and be held
+                renamed = [
+                    parse_vm_metadata(
+                        vm_payload(vm_address(i), [["metadata", "local-hostname", f"new-{i}"]])
+                    )
+                    for i in range(args.vms)
+                ]
+                Store(paths).apply(renamed)
+                pushed = time.monotonic()
+                result = json.loads(client.stdout.readline())
+                client.wait(30)
+        woken = sorted(t - pushed for t in result["arrived"])
+        plain = sorted(result["plain"])
+        print(f"{'waiters woken by one push':<44} {len(woken):>10} of {args.vms}")
+        for label, values in (("push -> waiter answered", woken), ("plain GET (reference)", plain)):
+            p50 = statistics.median(values) * 1000
+            p99 = values[int(len(values) * 0.99) - 1] * 1000
+            low, top = values[0] * 1000, values[-1] * 1000
+            print(f"{label:<32} min {low:6.1f} p50 {p50:6.1f} p99 {p99:6.1f} max {top:6.1f} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --- main ----------------------------------------------------------------------------
 
 
@@ -457,6 +579,10 @@ def bench(args: argparse.Namespace) -> None:
         paths = Paths(work / "root")
         t = time.monotonic()
         lay_out_store(paths, args.vms)
+        # wrk's connections all come from one guest address, i.e. one VM: the per-VM
+        # rate limit (a guard against one VM, not a cost of serving) is off here, as
+        # Apache has none; --guest-api measures the limiter's cost on the hot path.
+        paths.config.write_text(json.dumps({"imds_rate_per_second": 0}))
         docroot = work / "apache" / "html"
         lay_out_apache(paths, docroot)
         conf_dir = work / "apache" / "conf"
@@ -650,13 +776,20 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--rss", action="store_true", help="measure worker RSS instead")
     ap.add_argument("--storm-client", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--guest-api", action="store_true", help="rate limiter and waiters")
+    ap.add_argument("--waiters-client", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.waiters_client:
+        waiters_client(args.waiters_client, args.vms)
+        return
     if args.storm_client:
         storm_client(args.storm_client, args.vms, STORM_PARALLEL)
         return
     if os.geteuid() != 0:
         raise SystemExit("bench/metadata.py needs root (network namespaces, apache2)")
-    if args.rss:
+    if args.guest_api:
+        bench_guest_api(args)
+    elif args.rss:
         measure_rss(args)
     else:
         bench(args)

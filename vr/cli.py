@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "vr.cmd.serve_ops",
     "vr.cmd.boot",
     "vr.cmd.pair",
+    "vr.cmd.identity_cert",
 ]
 
 

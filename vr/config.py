@@ -53,6 +53,18 @@ class Config:
     after the MASTER's last one."""
     pair_vrid: int = 51
     """VRRP id of the first guest network (sorted by device); the next get +1, +2..."""
+    imds_hop_limit: int = 1
+    """IP TTL of the IMDSv2 token reply (EC2's ``http-put-response-hop-limit``)."""
+    imds_tokens_required: bool = False
+    """Every metadata GET needs an IMDSv2 token (EC2's ``HttpTokens=required``)."""
+    imds_tokens_required_vms: tuple[str, ...] = ()
+    """VM addresses that need a token even when ``imds_tokens_required`` is off."""
+    imds_rate_per_second: int = 50
+    """Metadata requests each VM may make per second, sustained (0: no limit)."""
+    imds_rate_burst: int = 200
+    """Requests a VM may make at once before the per-second rate applies."""
+    imds_waiters_per_vm: int = 8
+    """``wait_for_change`` requests one VM may hold open at once."""
 
 
 USERDATA_MAX_RANGE = (1024, 32 * 1024 * 1024)
@@ -73,6 +85,10 @@ RANGES: dict[str, tuple[tuple[int, int], str]] = {
     "pair_priority": ((1, 254), "a VRRP priority"),
     "pair_advert_ms": ((100, 10000), "milliseconds"),
     "pair_vrid": ((1, 255), "a VRRP id"),
+    "imds_hop_limit": ((1, 64), "a hop limit (EC2's bounds)"),
+    "imds_rate_per_second": ((0, 100000), "requests per second per VM (0: unlimited)"),
+    "imds_rate_burst": ((1, 1000000), "a number of requests"),
+    "imds_waiters_per_vm": ((1, 1024), "a number of held requests"),
 }
 """Integer settings and the values they may take (inclusive)."""
 
@@ -110,6 +126,8 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: public_devices={value!r}: expected a list of names")
             values[key] = tuple(value)
+        elif key == "imds_tokens_required_vms":
+            values[key] = _vm_addresses(value, key, where)
         else:
             default = getattr(Config(), key)
             if type(value) is not type(default):
@@ -155,3 +173,18 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             f"{where}: ssh_listen={cfg.ssh_listen!r}: expected an IPv4 address"
         ) from None
     return cfg
+
+
+def _vm_addresses(value: Any, key: str, where: str) -> tuple[str, ...]:
+    """A list of VM IPv4 addresses, in their canonical spelling."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {key}={value!r}: expected a list of IPv4 addresses")
+    out = []
+    for item in value:
+        try:
+            out.append(str(IPv4Address(item)))
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {key}: {item!r}: expected an IPv4 address of a VM"
+            ) from None
+    return tuple(out)

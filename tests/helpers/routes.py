@@ -184,7 +184,7 @@ def route_cases(vms: Vms) -> list[Case]:
             "do-index",
             "/metadata/v1/",
             200,
-            b"id\nhostname\nuser-data\npublic-keys\nregion\ninterfaces/",
+            b"id\nhostname\nuser-data\npublic-keys\nregion\ninterfaces/\nfloating_ip/",
         ),
         Case("do-index-301", "/metadata/v1", 301, None, location="/metadata/v1/"),
         Case("do-id", "/metadata/v1/id", 200, iid),
@@ -207,7 +207,15 @@ def route_cases(vms: Vms) -> list[Case]:
             None,
             location="/metadata/v1/interfaces/public/",
         ),
-        Case("do-public-0", "/metadata/v1/interfaces/public/0/", 200, b"ipv4/"),
+        Case("do-public-0", "/metadata/v1/interfaces/public/0/", 200, b"ipv4/\ntype"),
+        Case("do-public-type", "/metadata/v1/interfaces/public/0/type", 200, b"public"),
+        Case("do-floating", "/metadata/v1/floating_ip/ipv4/", 200, b"active\nip_address"),
+        Case("do-floating-ip", "/metadata/v1/floating_ip/ipv4/ip_address", 200, b"203.0.113.7"),
+        Case("do-floating-active", "/metadata/v1/floating_ip/ipv4/active", 200, b"true"),
+        # CloudStack pushes no tags, vendor-data or DNS for these VMs: none is invented
+        Case("do-no-tags", "/metadata/v1/tags/", 404, b"not found\n"),
+        Case("do-no-vendor-data", "/metadata/v1/vendor-data", 404, b"not found\n"),
+        Case("do-no-dns", "/metadata/v1/dns/nameservers", 404, b"not found\n"),
         Case(
             "do-public-address",
             "/metadata/v1/interfaces/public/0/ipv4/address",
@@ -284,6 +292,7 @@ def do_json(ip: str) -> bytes:
             "private": [{"ipv4": {"ip_address": ip}, "type": "private"}],
             "public": [{"ipv4": {"ip_address": "203.0.113.7"}, "type": "public"}],
         },
+        "floating_ip": {"ipv4": {"active": True, "ip_address": "203.0.113.7"}},
     }
     return json.dumps(doc, sort_keys=True).encode()
 

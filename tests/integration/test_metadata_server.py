@@ -377,6 +377,7 @@ CLOUD_INIT_EC2_DRIVER = textwrap.dedent(
         "availability_zone": ds.availability_zone if ok else None,
         "public_keys": ds.get_public_ssh_keys() if ok else None,
         "userdata": base64.b64encode(ds.get_userdata_raw() or b"").decode(),
+        "identity": getattr(ds, "identity", None),
         "calls": calls,
     }))
     """

@@ -90,6 +90,10 @@ def test_userdata_limit_outside_its_range_names_value_and_range(paths: Paths, va
         ("metadata_workers", -3, "a number of worker processes from 1 to 64"),
         ("metadata_workers", 0, "a number of worker processes from 1 to 64"),
         ("password_workers", 65, "a number of worker processes from 1 to 64"),
+        ("imds_hop_limit", 0, "a hop limit (EC2's bounds) from 1 to 64"),
+        ("imds_hop_limit", 65, "a hop limit (EC2's bounds) from 1 to 64"),
+        ("imds_rate_burst", 0, "a number of requests from 1 to 1000000"),
+        ("imds_waiters_per_vm", 0, "a number of held requests from 1 to 1024"),
     ],
 )
 def test_a_number_outside_its_range_is_refused_naming_key_value_and_range(
@@ -138,3 +142,11 @@ def test_config_with_a_key_twice_names_it_instead_of_keeping_the_last(paths: Pat
     paths.config.write_text('{"metadata_port": 80, "metadata_port": 8081}')
     with pytest.raises(ConfigError, match="JSON key='metadata_port': expected each key at most"):
         config.load(paths)
+
+
+def test_vms_requiring_tokens_are_ipv4_addresses(paths: Paths) -> None:
+    paths.config.write_text(json.dumps({"imds_tokens_required_vms": ["10.1.1.5", "vm-a"]}))
+    with pytest.raises(ConfigError, match="imds_tokens_required_vms: 'vm-a': expected an IPv4"):
+        config.load(paths)
+    paths.config.write_text(json.dumps({"imds_tokens_required_vms": ["10.1.1.5"]}))
+    assert config.load(paths).imds_tokens_required_vms == ("10.1.1.5",)

@@ -20,8 +20,10 @@ from werkzeug.test import TestResponse
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.vmdata import instance_id, store_vm, vm_triples
 from vr.metadata.app import create_app
-from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER
+from vr.metadata.tokens import TOKEN_HEADER, TTL_HEADER, TokenPolicy
 from vr.paths import Paths
+from vr.payloads import parse_dhcp_entry, parse_guest_network
+from vr.store import Store
 
 A = "10.1.1.5"
 B = "10.1.1.6"
@@ -451,6 +453,7 @@ def test_do_tree(client: FlaskClient) -> None:
         b"public-keys",
         b"region",
         b"interfaces/",
+        b"floating_ip/",
     ]
     assert get(client, f"{v1}/id").data == instance_id(A).encode()
     assert get(client, f"{v1}/hostname").data == b"vm-10-1-1-5"
@@ -491,3 +494,63 @@ def test_do_json_leaves_out_binary_user_data(client: FlaskClient) -> None:
     doc = json.loads(get(client, "/metadata/v1.json", ip=GZ).data)
     assert "user_data" not in doc
     assert doc["droplet_id"] == instance_id(GZ)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "flask-only"])
+def test_tokens_required_refuses_plain_gets_with_401_and_serves_token_gets(
+    paths: Paths, fast_path: bool
+) -> None:
+    store_vm(paths, A)
+    store_vm(paths, B, name="other-vm")
+    policy = TokenPolicy.of(1, required=False, required_vms=[A])
+    client = create_app(paths, fast_path=fast_path, policy=policy).test_client()
+    assert get(client, "/latest/meta-data/instance-id").status_code == 401
+    assert client.head("/latest/user-data", environ_base={"REMOTE_ADDR": A}).status_code == 401
+    # another VM is not listed: IMDSv1 still works for it
+    assert get(client, "/latest/meta-data/instance-id", ip=B).data == instance_id(B).encode()
+    token = put_token(client).data.decode()
+    got = get(client, "/latest/meta-data/instance-id", headers={TOKEN_HEADER: token})
+    assert (got.status_code, got.data) == (200, instance_id(A).encode())
+    everyone = create_app(paths, fast_path=fast_path, policy=TokenPolicy.of(1, True, []))
+    assert get(everyone.test_client(), "/latest/meta-data/instance-id", ip=B).status_code == 401
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "flask-only"])
+def test_do_interfaces_carry_mac_netmask_gateway_and_dns_from_the_pushes(
+    paths: Paths, fast_path: bool
+) -> None:
+    store_vm(paths, A)
+    net = {"device": "eth0", "router_guest_ip": "10.1.1.1", "cidr": "10.1.1.0/24"}
+    dhcp = {"mac_address": "02:00:0a:01:01:05", "ipv4_address": A, "host_name": "vm-a"}
+    Store(paths).apply(
+        [
+            parse_guest_network({**net, "add": True, "dns": "8.8.8.8"}),
+            parse_dhcp_entry(dhcp),
+        ]
+    )
+    client = create_app(paths, fast_path=fast_path).test_client()
+    v1 = "/metadata/v1"
+    private = f"{v1}/interfaces/private/0"
+    assert get(client, f"{private}/").data == b"ipv4/\nmac\ntype"
+    assert get(client, f"{private}/ipv4/").data == b"address\nnetmask\ngateway"
+    assert get(client, f"{private}/mac").data == b"02:00:0a:01:01:05"
+    assert get(client, f"{private}/type").data == b"private"
+    assert get(client, f"{private}/ipv4/netmask").data == b"255.255.255.0"
+    assert get(client, f"{private}/ipv4/gateway").data == b"10.1.1.1"
+    assert get(client, f"{v1}/dns/").data == b"nameservers"
+    # what DHCP hands the VM: the router first, then the network's servers
+    assert get(client, f"{v1}/dns/nameservers").data == b"10.1.1.1\n8.8.8.8"
+    doc = json.loads(get(client, "/metadata/v1.json").data)
+    assert doc["interfaces"]["private"] == [
+        {
+            "ipv4": {"ip_address": A, "netmask": "255.255.255.0", "gateway": "10.1.1.1"},
+            "mac": "02:00:0a:01:01:05",
+            "type": "private",
+        }
+    ]
+    assert doc["dns"] == {"nameservers": ["10.1.1.1", "8.8.8.8"]}
+    assert "tags" not in doc and "vendor_data" not in doc
+    # a DHCP change alone (no VM push) is seen by the next request
+    moved = {**dhcp, "mac_address": "02:00:0a:01:01:99"}
+    Store(paths).apply([parse_dhcp_entry(moved)])
+    assert get(client, f"{private}/mac").data == b"02:00:0a:01:01:99"

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from vr.metadata.tokens import MAX_TTL, TTL_HEADER, Tokens, is_token_path, new_key
+from vr.metadata.tokens import (
+    MAX_TTL,
+    TTL_HEADER,
+    TokenPolicy,
+    Tokens,
+    is_token_path,
+    new_key,
+    set_hop_limit,
+)
 
 
 class Clock:
@@ -71,3 +81,23 @@ def test_only_the_latest_version_has_a_token_path() -> None:
 def test_a_short_key_is_refused() -> None:
     with pytest.raises(ValueError, match="expected at least 16"):
         Tokens(b"short")
+
+
+@pytest.mark.parametrize("hops", [0, 65, -1])
+def test_a_hop_limit_outside_ec2s_bounds_is_refused_naming_it(hops: int) -> None:
+    with pytest.raises(ValueError, match=f"hop limit {hops}: expected 1 to 64"):
+        TokenPolicy.of(hops, False, [])
+
+
+def test_tokens_are_required_router_wide_or_for_listed_vms() -> None:
+    assert not TokenPolicy().requires("10.1.1.5")
+    listed = TokenPolicy.of(2, False, ["10.1.1.5"])
+    assert listed.requires("10.1.1.5") and not listed.requires("10.1.1.6")
+    assert TokenPolicy.of(1, True, []).requires("10.1.1.6")
+
+
+def test_the_hop_limit_is_set_on_the_connection_socket() -> None:
+    with socket.socket() as sock:
+        assert set_hop_limit({"gunicorn.socket": sock}, 2)
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 2
+    assert not set_hop_limit({}, 2)

@@ -63,12 +63,18 @@ def _serve(args: argparse.Namespace) -> int:
     metrics.init(paths)  # before any metric exists and before gunicorn forks
     from vr.http import runner as gunicorn_runner
     from vr.metadata import counters as metadata_counters
+    from vr.metadata import ratelimit
     from vr.metadata.app import create_app
-    from vr.metadata.tokens import new_key
+    from vr.metadata.identity import load_or_create
+    from vr.metadata.tokens import TokenPolicy, new_key
 
+    cfg = config.load(paths)
     workers = args.workers
     if workers is None:
-        workers = config.load(paths).metadata_workers
+        workers = cfg.metadata_workers
+    policy = TokenPolicy.of(
+        cfg.imds_hop_limit, cfg.imds_tokens_required, cfg.imds_tokens_required_vms
+    )
     if workers < 1 or args.threads < 1:
         raise SystemExit(f"--workers={workers} --threads={args.threads}: expected at least 1")
     binds = args.bind or [DEFAULT_BIND]
@@ -88,15 +94,28 @@ def _serve(args: argparse.Namespace) -> int:
     # One IMDSv2 token key for every worker (they fork from here): a token minted
     # by one worker is checked by another.
     token_key = new_key()
+    signer = load_or_create(paths)  # the identity document's key, kept across restarts
+    rate_table = paths.run / "metadata-rate"
+    if cfg.imds_rate_per_second:
+        ratelimit.create(rate_table)  # empty, before fork: every worker maps this one
 
     def worker_app() -> Any:
         """Per worker (after fork): the application, counted by view and status."""
         m = metrics.process_metrics()
+        limiter = None
+        if cfg.imds_rate_per_second:
+            limiter = ratelimit.RateLimiter(
+                rate_table, cfg.imds_rate_per_second, cfg.imds_rate_burst
+            )
         app = create_app(
             paths,
             counters=metadata_counters.RefusalCounters(paths, m),
             warm=warm,
             token_key=token_key,
+            policy=policy,
+            signer=signer,
+            limiter=limiter,
+            waiters_per_vm=cfg.imds_waiters_per_vm,
         )
         cache = app.extensions["vr.metadata.vmcache"]
 

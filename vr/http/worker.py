@@ -75,6 +75,12 @@ from vr.logs import GuestErrors
 
 LOG = logging.getLogger(__name__)
 
+PARK = "vr.park"
+"""environ key of the callable that holds a request (vr.metadata.changes)."""
+HELD = "vr.held"
+"""environ key: true when the application's last call parked the request (its empty
+answer is not one: vr.ops.metrics does not count it)."""
+
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64
 # The largest request the parser accepts: a connection's input buffer never holds
@@ -180,6 +186,7 @@ class _Conn:
         "deadline",
         "eof",
         "events",
+        "hold",
         "linger",
         "lingered",
         "lingering",
@@ -212,6 +219,25 @@ class _Conn:
         self.lingering = False
         self.lingered = 0
         self.parked = False
+        self.hold: _Hold | None = None
+
+
+@dataclass
+class _Hold:
+    """A request the application parked (``environ["vr.park"]``) until ``probe()``
+    differs from ``token`` or ``deadline`` passed; then it is called again."""
+
+    req: HttpRequest
+    keep_alive: bool
+    environ: dict[str, Any]
+    deadline: float
+    probe: Callable[[], object]
+    token: object
+
+
+HELD_POLL = 0.05
+"""Seconds between looks at what held requests wait for (a push wakes them within
+about this long)."""
 
 
 class EventLoop:
@@ -248,6 +274,9 @@ class EventLoop:
         self.queued: dict[str, int] = {}
         # Connections waiting for their address's budget, by fd, in the order they came.
         self.parked: dict[int, _Conn] = {}
+        # Connections whose request the application holds (long-poll), by fd.
+        self.held: dict[int, _Conn] = {}
+        self.held_per_address: dict[str, int] = {}
         self.date = Date()
         self.guest_errors = GuestErrors(LOG)
         self.accepting = False
@@ -267,9 +296,12 @@ class EventLoop:
                 break
             # At the limit, accept only while an idle connection can make room.
             self._set_accepting(len(self.conns) < self.limits.connections or bool(self.idle))
-            for key, mask in self.selector.select(PARKED_POLL if self.parked else 1.0):
+            wait = PARKED_POLL if self.parked else HELD_POLL if self.held else 1.0
+            for key, mask in self.selector.select(wait):
                 key.data(key.fileobj, mask)
             now = time.monotonic()
+            if self.held:
+                self._wake_held(now)
             if self.parked and now - last_unpark >= PARKED_POLL:
                 last_unpark = now
                 self._unpark()
@@ -287,6 +319,7 @@ class EventLoop:
     def _stop(self, tick: Callable[[], bool]) -> None:
         """Graceful stop: no new connections; finish pending replies, close the rest."""
         self._set_accepting(False)
+        self._wake_held(float("inf"))  # every held request is answered now
         deadline = time.monotonic() + self.limits.graceful
         for conn in list(self.conns.values()):
             if conn.out:
@@ -444,6 +477,8 @@ class EventLoop:
             return
         self.idle.pop(fd, None)
         self.parked.pop(fd, None)
+        if self.held.pop(fd, None) is not None:
+            self._unhold(conn)
         left = self.per_address[conn.addr] - 1
         if left:
             self.per_address[conn.addr] = left
@@ -522,6 +557,9 @@ class EventLoop:
             conn.started = conn.continued = False
             keep_alive = req.keep_alive and self.running
             conn.out = self._respond(conn, req, keep_alive)
+            if conn.hold is not None:
+                self._park_held(conn)
+                return
             if not keep_alive:
                 conn.closing = True
             self._send(conn)
@@ -672,8 +710,28 @@ class EventLoop:
         if not data or conn.lingered > LINGER_BYTES:
             self._close(conn)
 
-    def _respond(self, conn: _Conn, req: HttpRequest, keep_alive: bool) -> bytes:
-        environ = build_environ(req, conn.peer, conn.server, sys.stderr)
+    def _respond(
+        self,
+        conn: _Conn,
+        req: HttpRequest,
+        keep_alive: bool,
+        environ: dict[str, Any] | None = None,
+    ) -> bytes:
+        if environ is None:
+            environ = build_environ(req, conn.peer, conn.server, sys.stderr)
+            # as gunicorn's own workers: the application may set socket options for its
+            # reply (the IMDSv2 token's IP TTL, vr.metadata.tokens)
+            environ["gunicorn.socket"] = conn.sock
+
+        def park(deadline: float, probe: Callable[[], object], limit: int) -> bool:
+            if not self.running or self.held_per_address.get(conn.addr, 0) >= limit:
+                return False
+            conn.hold = _Hold(req, keep_alive, environ, deadline, probe, probe())
+            environ[HELD] = True
+            return True
+
+        environ[PARK] = park
+        environ[HELD] = False
         captured: list[Any] = []
 
         def start_response(
@@ -690,6 +748,8 @@ class EventLoop:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+            if conn.hold is not None:
+                return b""
             status, headers = captured
         except Exception as exc:
             self.guest_errors.error(conn.addr, f"request {req.method} {req.target[:80]!r}", exc)
@@ -703,6 +763,62 @@ class EventLoop:
         if req.method == "HEAD":
             body = b""
         return render_response(status, headers, body, keep_alive, req.version, self.date.value())
+
+    # --- held requests (long-poll) ---------------------------------------------------
+
+    def _park_held(self, conn: _Conn) -> None:
+        """Take a connection whose request the application holds out of the loop."""
+        assert conn.hold is not None
+        fd = conn.sock.fileno()
+        self.idle.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.events = 0
+        # the sweep leaves it alone until well after the application's own deadline
+        conn.deadline = conn.hold.deadline + self.limits.timeout
+        self.held[fd] = conn
+        self.held_per_address[conn.addr] = self.held_per_address.get(conn.addr, 0) + 1
+
+    def _unhold(self, conn: _Conn) -> None:
+        left = self.held_per_address.get(conn.addr, 1) - 1
+        if left > 0:
+            self.held_per_address[conn.addr] = left
+        else:
+            self.held_per_address.pop(conn.addr, None)
+
+    def _wake_held(self, now: float) -> None:
+        """Call the application again for each held request whose probe moved or
+        whose deadline passed (``now`` infinite: all of them, at stop)."""
+        seen: dict[int, object] = {}
+        for fd, conn in list(self.held.items()):
+            hold = conn.hold
+            if hold is None or fd not in self.held:
+                continue
+            key = id(hold.probe)
+            if key not in seen:
+                seen[key] = hold.probe()
+            if seen[key] == hold.token and now < hold.deadline:
+                continue
+            del self.held[fd]
+            self._unhold(conn)
+            conn.hold = None
+            if now == float("inf"):
+                hold.environ[PARK] = None
+                hold.environ["vr.wait_deadline"] = 0.0
+            conn.events = _READ
+            self.selector.register(conn.sock, _READ, self._ready)
+            try:
+                conn.out = self._respond(conn, hold.req, hold.keep_alive, hold.environ)
+                if conn.hold is not None:  # still unchanged: held again
+                    self._park_held(conn)
+                    continue
+                if not hold.keep_alive:
+                    conn.closing = True
+                self._send(conn)
+                self._serve(conn)
+            except Exception as exc:
+                self.guest_errors.error(conn.addr, "held request", exc)
+                self._close(conn)
 
     def _fail(self, conn: _Conn, exc: BadRequest) -> None:
         LOG.debug("bad request from %s: %s", conn.peer[0], exc)

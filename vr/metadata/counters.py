@@ -47,6 +47,10 @@ class RefusalCounters:
         """Count one refused request carrying X-Forwarded-For or Forwarded."""
         self.metrics.count_refused(self._forwarded)
 
+    def count_rate(self) -> None:
+        """Count one request refused by the per-VM rate limit (429)."""
+        self.metrics.count_refused("rate")
+
 
 def reset(paths: Paths) -> None:
     """Remove the per-worker JSON files of earlier versions (``run/vr/metadata``):

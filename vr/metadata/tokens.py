@@ -18,8 +18,18 @@ Tokens are stateless: ``base64url(expiry || HMAC-SHA256(key, caller || expiry)[:
 with a key shared by every worker of one service run (generated before fork, see
 :func:`new_key`), so any worker checks a token another minted, and restarting the
 service invalidates them all. Expiry is on the system-wide monotonic clock.
-Not done: EC2's hop limit (the PUT reply sent with IP TTL 1) and a "tokens
-required" switch. Tokens are secrets: never log them.
+
+Hop limit (EC2's ``http-put-response-hop-limit``): the reply to a token PUT leaves
+with IP TTL :attr:`TokenPolicy.hop_limit` (1 by default, 1-64 as AWS allows), so a
+container one routed (or NAT) hop behind the guest never receives a token. The
+application sets it on the connection's socket (``environ["gunicorn.socket"]``, which
+vr's event worker and gunicorn's own workers provide) and does not restore it: a
+TCP retransmission of the token must not escape with a larger TTL, and every later
+reply on that connection goes to the same client, which the token reached.
+
+Tokens required (EC2's ``HttpTokens=required``): router-wide, or for the VMs listed
+in ``imds_tokens_required_vms``; a GET or HEAD without a token then gets 401, as on
+EC2. Tokens are secrets: never log them.
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ import binascii
 import hashlib
 import hmac
 import os
+import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from vr.metadata.views import TEXT, Reply
 
@@ -43,12 +56,51 @@ TTL_ENVIRON = "HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS"
 TOKEN_ENVIRON = "HTTP_X_AWS_EC2_METADATA_TOKEN"  # noqa: S105
 MIN_TTL = 1
 MAX_TTL = 21600
+HOP_LIMIT_RANGE = (1, 64)
+"""EC2's bounds of ``http-put-response-hop-limit``."""
 KEY_BYTES = 32
 _MAC_BYTES = 16
 _EXPIRY = struct.Struct(">Q")
 
 BAD_TTL = Reply(400, f"{TTL_HEADER}: expected whole seconds {MIN_TTL}-{MAX_TTL}\n".encode())
 UNAUTHORIZED = Reply(401, b"invalid or expired token\n")
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """How IMDSv2 is enforced: ``hop_limit`` is the IP TTL of a token reply;
+    ``required`` makes every GET need a token; ``required_vms`` (VM addresses as
+    ``REMOTE_ADDR`` spells them) need one even when ``required`` is off."""
+
+    hop_limit: int = 1
+    required: bool = False
+    required_vms: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, hop_limit: int, required: bool, required_vms: Iterable[str]) -> TokenPolicy:
+        low, high = HOP_LIMIT_RANGE
+        if not low <= hop_limit <= high:
+            raise ValueError(f"hop limit {hop_limit!r}: expected {low} to {high}")
+        return cls(hop_limit, required, frozenset(required_vms))
+
+    def requires(self, caller: str) -> bool:
+        """Whether a GET from ``caller`` must carry a token."""
+        return self.required or caller in self.required_vms
+
+
+def set_hop_limit(environ: dict[str, Any], hops: int) -> bool:
+    """Send the rest of this connection's replies with IP TTL (IPv6: hop limit)
+    ``hops``; False when the server gave no socket (e.g. Flask's test client)."""
+    sock = environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return False
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+        # an IPv4 client of a dual-stack socket
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+    return True
 
 
 def new_key() -> bytes:

@@ -28,8 +28,9 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
-from vr.payloads import USERDATA_NAME
+from vr.payloads import USERDATA_NAME, DhcpEntry, GuestNetwork
 
 TEXT = "text/plain"
 OCTETS = "application/octet-stream"
@@ -323,6 +324,32 @@ def _ec2(view: VmView, rest: list[str]) -> Reply:
 # --- DigitalOcean --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Lan:
+    """What the router knows of a VM's guest NIC, from CloudStack's pushes: the MAC
+    of its DHCP entry and its guest network's netmask, gateway and DNS servers —
+    the values DHCP hands the VM (vr.dhcp.model), so both always agree."""
+
+    mac: str | None = None
+    netmask: str | None = None
+    gateway: str | None = None
+    nameservers: tuple[str, ...] = ()
+
+
+def lan_of(ip: IPv4Address, networks: list[GuestNetwork], dhcp: list[DhcpEntry]) -> Lan:
+    """The :class:`Lan` of VM ``ip``; what no push told is None (never guessed)."""
+    mac = next((e.mac_address for e in dhcp if e.ipv4_address == ip and not e.remove), None)
+    net = next((n for n in networks if ip in n.cidr), None)
+    if net is None:
+        return Lan(mac)
+    gateway = net.router_guest_gateway or net.router_guest_ip
+    servers = list(dict.fromkeys([net.router_guest_ip, *net.dns]))
+    return Lan(mac, str(net.cidr.netmask), str(gateway), tuple(str(a) for a in servers))
+
+
+NO_LAN = Lan()
+
+
 def _do_fields(view: VmView) -> dict[str, bytes]:
     md = view.metadata
     out: dict[str, bytes] = {}
@@ -339,16 +366,35 @@ def _do_fields(view: VmView) -> dict[str, bytes]:
     return out
 
 
-def _do_interfaces(view: VmView) -> dict[str, bytes]:
-    out = {}
-    for kind, key in (("private", "local-ipv4"), ("public", "public-ipv4")):
-        value = view.metadata.get(key)
-        if value:
-            out[kind] = value
+def _do_interfaces(view: VmView, lan: Lan) -> dict[str, dict[str, str]]:
+    """Per kind (``private``: the guest NIC; ``public``: CloudStack's public-ipv4),
+    the leaves DigitalOcean names (``mac``, ``type``, ``ipv4/address``, ...)."""
+    out: dict[str, dict[str, str]] = {}
+    local = view.metadata.get("local-ipv4")
+    if local:
+        leaves = {"ipv4/address": local.decode("utf-8", "replace")}
+        if lan.netmask is not None and lan.gateway is not None:
+            leaves["ipv4/netmask"] = lan.netmask
+            leaves["ipv4/gateway"] = lan.gateway
+        if lan.mac is not None:
+            leaves["mac"] = lan.mac
+        leaves["type"] = "private"
+        out["private"] = leaves
+    public = view.metadata.get("public-ipv4")
+    if public:
+        out["public"] = {"ipv4/address": public.decode("utf-8", "replace"), "type": "public"}
     return out
 
 
-def do_document(view: VmView) -> dict[str, object]:
+def _floating(view: VmView) -> str | None:
+    """CloudStack's public-ipv4 when it is a NAT address (not the VM's own)."""
+    public = view.metadata.get("public-ipv4")
+    if not public or public == view.metadata.get("local-ipv4"):
+        return None
+    return public.decode("utf-8", "replace")
+
+
+def do_document(view: VmView, lan: Lan = NO_LAN) -> dict[str, object]:
     """The whole DigitalOcean-style document (``/metadata/v1.json``).
 
     User-data that is not UTF-8 (e.g. gzip) cannot travel in JSON: it is left out
@@ -366,31 +412,64 @@ def do_document(view: VmView) -> dict[str, object]:
     doc["public_keys"] = [k.key.decode("utf-8", "replace") for k in public_keys(view)]
     if "region" in fields:
         doc["region"] = fields["region"].decode("utf-8", "replace")
-    doc["interfaces"] = {
-        kind: [{"ipv4": {"ip_address": addr.decode("utf-8", "replace")}, "type": kind}]
-        for kind, addr in _do_interfaces(view).items()
-    }
+    interfaces: dict[str, object] = {}
+    for kind, leaves in _do_interfaces(view, lan).items():
+        iface: dict[str, object] = {}
+        ipv4: dict[str, str] = {}
+        for leaf, value in leaves.items():
+            if leaf.startswith("ipv4/"):
+                ipv4["ip_address" if leaf == "ipv4/address" else leaf[5:]] = value
+            else:
+                iface[leaf] = value
+        iface["ipv4"] = ipv4
+        interfaces[kind] = [iface]
+    doc["interfaces"] = interfaces
+    if lan.nameservers:
+        doc["dns"] = {"nameservers": list(lan.nameservers)}
+    floating = _floating(view)
+    if floating is not None:
+        doc["floating_ip"] = {"ipv4": {"active": True, "ip_address": floating}}
     return doc
 
 
-def _do(view: VmView, path: str, rest: list[str]) -> Reply:
+_Tree = tuple[dict[tuple[str, ...], list[str]], dict[tuple[str, ...], str | bytes]]
+
+
+def _do_tree(view: VmView, lan: Lan) -> _Tree:
+    """Every directory (path -> listing) and leaf (path -> text) of ``/metadata/v1/``."""
+    fields = _do_fields(view)
+    leaves: dict[tuple[str, ...], str | bytes] = {}
+    for name in ("id", "hostname", "public-keys", "region"):
+        if name in fields:
+            leaves[(name,)] = fields[name]
+    for kind, values in _do_interfaces(view, lan).items():
+        for leaf, value in values.items():
+            leaves[("interfaces", kind, "0", *leaf.split("/"))] = value
+    if lan.nameservers:
+        leaves[("dns", "nameservers")] = "\n".join(lan.nameservers)
+    floating = _floating(view)
+    if floating is not None:
+        leaves[("floating_ip", "ipv4", "active")] = "true"
+        leaves[("floating_ip", "ipv4", "ip_address")] = floating
+    top: list[str] = [n for n in ("id", "hostname") if n in fields]
+    if view.userdata is not None:
+        top.append(USERDATA_NAME)
+    top += [n for n in ("public-keys", "region") if n in fields]
+    dirs: dict[tuple[str, ...], list[str]] = {(): top}
+    for path in leaves:
+        for i in range(len(path)):
+            name = path[i] + ("/" if i < len(path) - 1 else "")
+            listing = dirs.setdefault(path[:i], [])
+            if name not in listing:
+                listing.append(name)
+    return dirs, leaves
+
+
+def _do(view: VmView, path: str, rest: list[str], lan: Lan = NO_LAN) -> Reply:
     """``/metadata/v1/<rest>``; every directory without its slash, ``/metadata/v1``
     itself included, gets a 301 to the slash form (as DigitalOcean does)."""
     segs, slash = _strip_slash(rest)
-    fields = _do_fields(view)
-    ifaces = _do_interfaces(view)
-    dirs: dict[tuple[str, ...], list[str]] = {(): []}
-    dirs[()] = [n for n in ("id", "hostname") if n in fields]
-    if view.userdata is not None:
-        dirs[()].append(USERDATA_NAME)
-    dirs[()] += [n for n in ("public-keys", "region") if n in fields]
-    if ifaces:
-        dirs[()].append("interfaces/")
-        dirs[("interfaces",)] = [f"{k}/" for k in ifaces]
-        for kind in ifaces:
-            dirs[("interfaces", kind)] = ["0/"]
-            dirs[("interfaces", kind, "0")] = ["ipv4/"]
-            dirs[("interfaces", kind, "0", "ipv4")] = ["address"]
+    dirs, leaves = _do_tree(view, lan)
     key = tuple(s.lower() for s in segs)
     if key in dirs:
         if not slash:
@@ -398,24 +477,22 @@ def _do(view: VmView, path: str, rest: list[str]) -> Reply:
         return _listing(dirs[key])
     if slash:
         return NOT_FOUND
-    if len(key) == 1:
-        if key[0] == USERDATA_NAME:
-            return _userdata(view)
-        value = fields.get(key[0])
-        return NOT_FOUND if value is None else _text(value)
-    if len(key) == 5 and key[0] == "interfaces" and key[2:] == ("0", "ipv4", "address"):
-        addr = ifaces.get(key[1])
-        return NOT_FOUND if addr is None else _text(addr)
-    return NOT_FOUND
+    if key == (USERDATA_NAME,):
+        return _userdata(view)
+    value = leaves.get(key)
+    if value is None:
+        return NOT_FOUND
+    return _text(value if isinstance(value, bytes) else value.encode())
 
 
 # --- entry point ---------------------------------------------------------------------
 
 
-def resolve(view: VmView | None, path: str) -> Reply:
+def resolve(view: VmView | None, path: str, lan: Lan = NO_LAN) -> Reply:
     """The reply for a GET of ``path`` (``PATH_INFO``, no query) by the VM ``view``.
 
-    ``None`` means the caller is not a known VM: every path is 404 then.
+    ``None`` means the caller is not a known VM: every path is 404 then. ``lan`` (the
+    VM's NIC as pushes describe it) completes the DigitalOcean tree.
     The VM folders (``/metadata/<ip>/...``, ``/userdata/<ip>/...``) are never served.
     """
     if view is None or not path.startswith("/"):
@@ -429,9 +506,9 @@ def resolve(view: VmView | None, path: str) -> Reply:
     if top == "metadata" and len(segs) >= 2:
         second = segs[1].lower()
         if second == "v1":
-            return _do(view, path, segs[2:])
+            return _do(view, path, segs[2:], lan)
         if second == "v1.json" and len(segs) == 2:
-            body = json.dumps(do_document(view), sort_keys=True).encode()
+            body = json.dumps(do_document(view, lan), sort_keys=True).encode()
             return Reply(200, body, JSON)
         return NOT_FOUND
     if path == "/":

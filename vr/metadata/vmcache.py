@@ -21,8 +21,9 @@ from typing import Protocol
 
 from vr import store
 from vr.http.identity import by_address
-from vr.metadata.views import VmView, build_view
+from vr.metadata.views import NO_LAN, Lan, VmView, build_view, lan_of
 from vr.paths import Paths
+from vr.payloads import DhcpEntry, GuestNetwork
 
 LOG = logging.getLogger(__name__)
 
@@ -132,3 +133,34 @@ class VmCache:
         for ip in store.list_vms(self._paths):
             self.view(ip)
         return len(self)
+
+
+class Lans:
+    """Each VM's NIC as the pushed guest networks and DHCP entries describe it
+    (:func:`vr.metadata.views.lan_of`), re-read when the store's stamp moved; asked
+    only by the DigitalOcean tree."""
+
+    def __init__(self, paths: Paths) -> None:
+        self._paths = paths
+        self._stamp: object = None
+        self._lans: dict[str, Lan] = {}
+        self._networks: list[GuestNetwork] = []
+        self._dhcp: list[DhcpEntry] = []
+
+    def lan_for(self, remote_addr: str) -> Lan:
+        stamp = store.stamp_token(self._paths)
+        if stamp != self._stamp or stamp is None:
+            self._stamp = stamp
+            self._networks = store.read_networks(self._paths)
+            self._dhcp = store.read_dhcp(self._paths)
+            self._lans = {}
+        lan = self._lans.get(remote_addr)
+        if lan is None:
+            try:
+                ip = IPv4Address(remote_addr)
+            except ValueError:
+                return NO_LAN
+            if len(self._lans) >= MAX_ADDRESSES:
+                self._lans = {}
+            lan = self._lans[remote_addr] = lan_of(ip, self._networks, self._dhcp)
+        return lan

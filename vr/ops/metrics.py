@@ -34,10 +34,11 @@ LOG = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-REFUSAL_REASONS = ("forwarded", "rate_limit", "connections_full", "spoof", "unbound")
+REFUSAL_REASONS = ("forwarded", "rate_limit", "connections_full", "spoof", "unbound", "rate")
 """``vr_refused_total{reason}``: forwarded headers, the per-address connection limit,
 a worker at its connection limit, and the netfilter drops (a bound address from
-another MAC, an unbound address when MAC binding is required)."""
+another MAC, an unbound address when MAC binding is required), and the per-VM
+request rate of the metadata service (429, vr.metadata.ratelimit)."""
 
 PUSH_TYPES = ("vm_metadata", "vm_password", "guest_network", "vm_dhcp_entry", "cfg", "other")
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -166,6 +167,8 @@ class Instrumented:
             )  # fmt: skip
 
         body = self.app(environ, recording)
+        if environ.get("vr.held"):  # parked until a change (vr.http.worker): no answer yet
+            return body
         if self.after is not None:
             self.after(environ, status[0], body)
         key = (self.view(environ), status[0])

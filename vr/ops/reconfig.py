@@ -25,7 +25,11 @@ LOG = logging.getLogger(__name__)
 
 SERVICE_KEYS: dict[str, frozenset[str]] = {
     "agent": frozenset({"ssh_listen", "ssh_port", "ssh_legacy_algorithms"}),
-    "metadata": frozenset({"metadata_port", "metadata_workers"}),
+    "metadata": frozenset(
+        {"metadata_port", "metadata_workers", "imds_hop_limit", "imds_tokens_required"}
+        | {"imds_tokens_required_vms", "imds_rate_per_second", "imds_rate_burst"}
+        | {"imds_waiters_per_vm"}
+    ),
     "passwords": frozenset({"password_port", "password_workers"}),
     "ops": frozenset({"metrics_port"}),
     # dnsmasq's main configuration: which devices it serves (rendered at its start)

@@ -37,6 +37,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import http.client
+import json
 import os
 import re
 import shutil

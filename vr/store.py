@@ -281,18 +281,22 @@ def _dhcp_ipv6_fields(e: DhcpEntry) -> dict[str, object]:
     return out
 
 
+def _dhcp_entry(ip: str, rec: dict[str, Any]) -> DhcpEntry:
+    return DhcpEntry(
+        rec["mac_address"],
+        IPv4Address(ip),
+        rec["host_name"],
+        False,
+        rec["default"],
+        _opt(IPv6Address, rec.get("ipv6_address")),
+        rec.get("ipv6_duid"),
+        rec.get("lease_time"),
+    )
+
+
 def read_dhcp(paths: Paths) -> list[DhcpEntry]:
     return [
-        DhcpEntry(
-            rec["mac_address"],
-            IPv4Address(ip),
-            rec["host_name"],
-            False,
-            rec["default"],
-            _opt(IPv6Address, rec.get("ipv6_address")),
-            rec.get("ipv6_duid"),
-            rec.get("lease_time"),
-        )
+        _dhcp_entry(ip, rec)
         for ip, rec in sorted(_read_json(paths.dhcp).items(), key=lambda kv: IPv4Address(kv[0]))
     ]
 
@@ -337,6 +341,9 @@ class ApplyResult:
     passwords: list[IPv4Address] = field(default_factory=list)
     networks_changed: bool = False
     dhcp_changed: bool = False
+    dhcp_ops: list[tuple[bool, DhcpEntry]] = field(default_factory=list)
+    """The DHCP entries this push added (True) or took away (False), in order: what
+    the hooks need to change one binding without reading every entry."""
 
     def describe(self) -> list[str]:
         lines = []
@@ -496,21 +503,27 @@ class Store:
                     }
                 result.networks_changed |= before != networks
             elif isinstance(p, DhcpEntry):
-                before = dict(dhcp)
+                key = str(p.ipv4_address)
                 if p.remove:
-                    dhcp.pop(str(p.ipv4_address), None)
+                    gone = dhcp.pop(key, None)
+                    if gone is not None:
+                        result.dhcp_ops.append((False, _dhcp_entry(key, gone)))
                 else:
-                    # One entry per NIC: a MAC that moved to another address leaves
-                    # no stale host behind (dnsmasq would see the MAC twice).
-                    for other in [k for k, r in dhcp.items() if r["mac_address"] == p.mac_address]:
-                        del dhcp[other]
-                    dhcp[str(p.ipv4_address)] = {
+                    entry = {
                         "mac_address": p.mac_address,
                         "host_name": p.host_name,
                         "default": p.default_entry,
                         **_dhcp_ipv6_fields(p),
                     }
-                result.dhcp_changed |= before != dhcp
+                    if dhcp.get(key) != entry:
+                        # One entry per NIC: a MAC that moved to another address leaves
+                        # no stale host behind (dnsmasq would see the MAC twice).
+                        stale = [k for k, r in dhcp.items() if r["mac_address"] == p.mac_address]
+                        for other in sorted({*stale, key} & dhcp.keys()):
+                            result.dhcp_ops.append((False, _dhcp_entry(other, dhcp.pop(other))))
+                        dhcp[key] = entry
+                        result.dhcp_ops.append((True, _dhcp_entry(key, entry)))
+                result.dhcp_changed |= bool(result.dhcp_ops)
         with atomic.Transaction(self.paths.journal) as tx:
             for rec in vms.values():
                 self._stage_vm(tx, rec)

@@ -24,6 +24,7 @@ from typing import Any
 
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
+from vr.firewall.ipsets import IpsetCommand
 from vr.firewall.model import IPV6_TABLES, MatchSpec, Params, RuleSpec
 from vr.firewall.sync import LiveRule, PacketCounts
 
@@ -53,6 +54,9 @@ class IptcTables:
     def __init__(self, lock_timeout: float = 30.0) -> None:
         self.lock_timeout = lock_timeout
         self._lib: Any = None
+
+    def sets(self) -> IpsetCommand:
+        return IpsetCommand()
 
     # --- plumbing -------------------------------------------------------------------
 

@@ -132,8 +132,14 @@ class Transaction:
         self._renames.append((tmp, path))
         self._dirs.add(path.parent)
 
-    def stage_tree(self, path: Path, files: dict[str, dict[str, bytes]]) -> None:
-        """Create directory ``path`` holding ``{subdir: {name: bytes}}``; renamed on commit.
+    def stage_tree(
+        self,
+        path: Path,
+        files: dict[str, dict[str, bytes]],
+        links: dict[str, str] | None = None,
+    ) -> None:
+        """Create directory ``path`` holding ``{subdir: {name: bytes}}`` and the symlinks
+        ``links`` (``{name: target}``) at its top; renamed on commit.
 
         File names must already be validated; the tree is fsynced before commit.
         """
@@ -150,6 +156,8 @@ class Transaction:
                 for name, data in entries.items():
                     write_file(d / name, data, 0o644)
                 fsync_dir(d)
+            for name, target in (links or {}).items():
+                os.symlink(target, tmp / name)
             fsync_dir(tmp)
         except OSError as exc:
             raise _space_error(exc, path) from exc

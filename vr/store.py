@@ -377,7 +377,8 @@ class ApplyResult:
 WRITING_MARKER = "store.writing"
 """In ``state``: present while a writer holds the store lock (left if it was killed)."""
 FEW_VMS = 16
-"""Up to this many replaced VMs, old generations are found by their links."""
+"""Up to this many VMs, a push fsyncs each file and finds old generations by their
+links; above, it is group-committed and lists ``.vms`` once."""
 NO_PREV = "none"
 
 
@@ -421,8 +422,11 @@ class Store:
             if writing.exists():
                 self._sweep_temps()
             else:
-                writing.touch(mode=0o600)
-                atomic.fsync_dir(self.paths.state)
+                try:
+                    writing.touch(mode=0o600)
+                    atomic.fsync_dir(self.paths.state)
+                except OSError as exc:
+                    raise atomic.space_error(exc, writing) from exc
             yield
             # Not on an exception: whatever it left is swept by the next writer.
             writing.unlink()
@@ -566,7 +570,8 @@ class Store:
                         dhcp[key] = entry
                         result.dhcp_ops.append((True, _dhcp_entry(key, entry)))
                 result.dhcp_changed |= bool(result.dhcp_ops)
-        with atomic.Transaction(self.paths.journal) as tx:
+        # A batch is group-committed: one file system flush instead of ~9 fsyncs per VM.
+        with atomic.Transaction(self.paths.journal, group=len(vms) > FEW_VMS) as tx:
             for rec in vms.values():
                 old_gen = replaced[rec.ip]
                 prev = gen_dir(self.paths, rec.ip, old_gen).name if old_gen is not None else NO_PREV

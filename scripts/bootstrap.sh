@@ -14,7 +14,7 @@ packages=(python3-venv python3-dev gcc iproute2 iptables conntrack kmod procps
           libtrilead-ssh2-java openjdk-17-jdk-headless
           openvswitch-switch ethtool
           dnsmasq-base dnsmasq-utils isc-dhcp-client dnsutils
-          net-tools
+          net-tools ipset
           qemu-system-x86 qemu-utils
           keepalived)
 missing=()

@@ -145,6 +145,20 @@ def gen_dir(paths: Paths, ip: IPv4Address, gen: int) -> Path:
     return paths.generations / f"{ip}@{gen}"
 
 
+PREV_LINK = "prev"
+"""In each generation: a symlink to the generation it replaced (:data:`NO_PREV` for
+none), so a push finds the one to drop without listing ``.vms``."""
+
+
+def _read_prev(paths: Paths, ip: IPv4Address, gen: int) -> tuple[bool, int | None]:
+    """(known, generation) that ``gen`` replaced; unknown in an older store."""
+    try:
+        target = os.readlink(gen_dir(paths, ip, gen) / PREV_LINK)
+    except OSError:
+        return False, None
+    return True, _gen_of(target)
+
+
 def _read_folder(d: Path) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     with os.scandir(d) as it:
@@ -281,18 +295,22 @@ def _dhcp_ipv6_fields(e: DhcpEntry) -> dict[str, object]:
     return out
 
 
+def _dhcp_entry(ip: str, rec: dict[str, Any]) -> DhcpEntry:
+    return DhcpEntry(
+        rec["mac_address"],
+        IPv4Address(ip),
+        rec["host_name"],
+        False,
+        rec["default"],
+        _opt(IPv6Address, rec.get("ipv6_address")),
+        rec.get("ipv6_duid"),
+        rec.get("lease_time"),
+    )
+
+
 def read_dhcp(paths: Paths) -> list[DhcpEntry]:
     return [
-        DhcpEntry(
-            rec["mac_address"],
-            IPv4Address(ip),
-            rec["host_name"],
-            False,
-            rec["default"],
-            _opt(IPv6Address, rec.get("ipv6_address")),
-            rec.get("ipv6_duid"),
-            rec.get("lease_time"),
-        )
+        _dhcp_entry(ip, rec)
         for ip, rec in sorted(_read_json(paths.dhcp).items(), key=lambda kv: IPv4Address(kv[0]))
     ]
 
@@ -337,6 +355,9 @@ class ApplyResult:
     passwords: list[IPv4Address] = field(default_factory=list)
     networks_changed: bool = False
     dhcp_changed: bool = False
+    dhcp_ops: list[tuple[bool, DhcpEntry]] = field(default_factory=list)
+    """The DHCP entries this push added (True) or took away (False), in order: what
+    the hooks need to change one binding without reading every entry."""
 
     def describe(self) -> list[str]:
         lines = []
@@ -357,6 +378,14 @@ def password_stamp() -> int:
     """When a password was stored, in ms of wall-clock time: orders the passwords of
     one VM across a router pair (both routers receive every push)."""
     return time.time_ns() // 1_000_000
+
+
+WRITING_MARKER = "store.writing"
+"""In ``state``: present while a writer holds the store lock (left if it was killed)."""
+FEW_VMS = 16
+"""Up to this many VMs, a push fsyncs each file and finds old generations by their
+links; above, it is group-committed and lists ``.vms`` once."""
+NO_PREV = "none"
 
 
 def _read_int(path: Path) -> int:
@@ -391,8 +420,22 @@ class Store:
                 # that file under the passwords lock alone, so finish under it too.
                 with self.passwords_locked():
                     atomic.roll_forward(self.paths.journal)
-            self._sweep_temps()
+            # Listing the VM folders costs O(VMs): only when a writer may have left
+            # temporaries, that is when it died holding the lock (or raised): its
+            # marker is still there. Made durable before any temporary is written,
+            # so that a power cut cannot keep temporaries and lose the marker.
+            writing = self.paths.state / WRITING_MARKER
+            if writing.exists():
+                self._sweep_temps()
+            else:
+                try:
+                    writing.touch(mode=0o600)
+                    atomic.fsync_dir(self.paths.state)
+                except OSError as exc:
+                    raise atomic.space_error(exc, writing) from exc
             yield
+            # Not on an exception: whatever it left is swept by the next writer.
+            writing.unlink()
 
     def _sweep_temps(self) -> None:
         """Remove temporary names of killed writers: only names this store writes.
@@ -466,6 +509,8 @@ class Store:
         )
         vms: dict[IPv4Address, VmRecord] = {}
         superseded: list[tuple[IPv4Address, int]] = []
+        replaced: dict[IPv4Address, int | None] = {}
+        prior: dict[IPv4Address, int | None] = {}
         new_passwords: dict[str, str] = {}
         networks = _read_json(self.paths.networks)
         dhcp = _read_json(self.paths.dhcp)
@@ -474,6 +519,14 @@ class Store:
                 old = vms.get(p.ip) or read_vm(self.paths, p.ip)
                 metadata, userdata, change = merge_vm(old, p)
                 vms[p.ip] = VmRecord(p.ip, gen, metadata, userdata)
+                if p.ip not in replaced:
+                    replaced[p.ip] = old.gen if old is not None else None
+                    if old is None:
+                        prior[p.ip] = None
+                    else:
+                        known, prev_gen = _read_prev(self.paths, p.ip, old.gen)
+                        if known:
+                            prior[p.ip] = prev_gen
                 if old is not None and old.gen != gen:
                     superseded.append((p.ip, old.gen))
                 result.vms.append(change)
@@ -502,24 +555,33 @@ class Store:
                     }
                 result.networks_changed |= before != networks
             elif isinstance(p, DhcpEntry):
-                before = dict(dhcp)
+                key = str(p.ipv4_address)
                 if p.remove:
-                    dhcp.pop(str(p.ipv4_address), None)
+                    gone = dhcp.pop(key, None)
+                    if gone is not None:
+                        result.dhcp_ops.append((False, _dhcp_entry(key, gone)))
                 else:
-                    # One entry per NIC: a MAC that moved to another address leaves
-                    # no stale host behind (dnsmasq would see the MAC twice).
-                    for other in [k for k, r in dhcp.items() if r["mac_address"] == p.mac_address]:
-                        del dhcp[other]
-                    dhcp[str(p.ipv4_address)] = {
+                    entry = {
                         "mac_address": p.mac_address,
                         "host_name": p.host_name,
                         "default": p.default_entry,
                         **_dhcp_ipv6_fields(p),
                     }
-                result.dhcp_changed |= before != dhcp
-        with atomic.Transaction(self.paths.journal) as tx:
+                    if dhcp.get(key) != entry:
+                        # One entry per NIC: a MAC that moved to another address leaves
+                        # no stale host behind (dnsmasq would see the MAC twice).
+                        stale = [k for k, r in dhcp.items() if r["mac_address"] == p.mac_address]
+                        for other in sorted({*stale, key} & dhcp.keys()):
+                            result.dhcp_ops.append((False, _dhcp_entry(other, dhcp.pop(other))))
+                        dhcp[key] = entry
+                        result.dhcp_ops.append((True, _dhcp_entry(key, entry)))
+                result.dhcp_changed |= bool(result.dhcp_ops)
+        # A batch is group-committed: one file system flush instead of ~9 fsyncs per VM.
+        with atomic.Transaction(self.paths.journal, group=len(vms) > FEW_VMS) as tx:
             for rec in vms.values():
-                self._stage_vm(tx, rec)
+                old_gen = replaced[rec.ip]
+                prev = gen_dir(self.paths, rec.ip, old_gen).name if old_gen is not None else NO_PREV
+                self._stage_vm(tx, rec, prev)
             if result.networks_changed:
                 tx.stage_file(self.paths.networks, _dumps(networks), 0o600)
             if result.dhcp_changed:
@@ -541,10 +603,10 @@ class Store:
                     tx.stage_file(self.paths.passwords, _dumps(passwords), 0o600)
                 tx.stage_file(self.paths.stamp, f"{gen}\n".encode(), mtime_ns=self._stamp_time())
                 tx.commit()
-        self._drop_old_generations(superseded, keep=gen)
+        self._drop_old_generations(superseded, gen, prior)
         return result
 
-    def _stage_vm(self, tx: atomic.Transaction, rec: VmRecord) -> None:
+    def _stage_vm(self, tx: atomic.Transaction, rec: VmRecord, prev: str) -> None:
         """Stage the VM's new generation, its pointer and (first time) its two links."""
         p = self.paths
         gen_name = gen_dir(p, rec.ip, rec.gen).name
@@ -554,6 +616,7 @@ class Store:
         tx.stage_tree(
             p.generations / gen_name,
             {"metadata": {**rec.metadata, INDEX_NAME: rec.index}, "userdata": rec.userdata},
+            {PREV_LINK: prev},
         )
         tx.stage_symlink(p.vm_pointer(rec.ip), gen_name)
         for link, sub in (
@@ -567,27 +630,36 @@ class Store:
                 raise StoreError(f"VM {rec.ip}: {link} is not a link made by vr; not replacing it")
             tx.stage_symlink(link, target)
 
-    def _drop_old_generations(self, superseded: list[tuple[IPv4Address, int]], keep: int) -> None:
+    def _drop_old_generations(
+        self,
+        superseded: list[tuple[IPv4Address, int]],
+        keep: int,
+        prior: dict[IPv4Address, int | None],
+    ) -> None:
         """Remove generations older than the one just replaced (readers may still hold it).
 
-        Lists ``.vms`` once per apply, not once per VM: a router restart re-sends
-        every VM in one batch.
+        A few VMs: the generation each replaced one had replaced is in ``prior`` (read
+        from its :data:`PREV_LINK`), so nothing is listed. A batch, or a VM whose
+        predecessor is unknown (a store from before the links): ``.vms`` is listed
+        once, which also removes what an interrupted drop left.
         """
         if not superseded:
             return
-        kept = {ip: old_gen for ip, old_gen in superseded}
+        if len(superseded) <= FEW_VMS and all(ip in prior for ip, _ in superseded):
+            for ip, old_gen in superseded:
+                g = prior[ip]
+                if g is not None and g not in (keep, old_gen):
+                    d = gen_dir(self.paths, ip, g)
+                    if d.exists():
+                        atomic.discard_tree(d)
+            return
+        kept = {f"{ip}": old_gen for ip, old_gen in superseded}
         for n in os.listdir(self.paths.generations):
             ip_text, sep, _ = n.rpartition("@")
-            if not sep:
-                continue
-            try:
-                ip = IPv4Address(ip_text)
-            except ValueError:
-                continue
-            if ip not in kept:
+            if not sep or ip_text not in kept:
                 continue
             g = _gen_of(n)
-            if g is not None and g not in (keep, kept[ip]):
+            if g is not None and g not in (keep, kept[ip_text]):
                 atomic.discard_tree(self.paths.generations / n)
 
     # --- password life cycle (used by the password server) ------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
 
 from vr.errors import FirewallError
+from vr.firewall.ipsets import BITMAP, IpSet, SetDef
 from vr.firewall.model import RuleSpec
 from vr.firewall.sync import Elsewhere, LiveRule, PacketCounts
 
@@ -25,8 +27,68 @@ BUILTINS = {
 Tables = dict[str, dict[str, list[LiveRule]]]
 
 
+class FakeSets:
+    """The kernel's sets as a dict, driven by the ``ipset restore`` lines vr sends.
+
+    Like the kernel it refuses to destroy a set a live rule references (``in_use``)
+    and stops at the first refused line.
+    """
+
+    def __init__(self, in_use: Callable[[str], bool] = lambda name: False) -> None:
+        self.sets: dict[str, IpSet] = {}
+        self.runs: list[list[str]] = []
+        self.in_use = in_use
+
+    def live(self) -> dict[str, IpSet]:
+        return dict(self.sets)
+
+    def members(self, name: str) -> set[str]:
+        return set(self.sets[name].members)
+
+    def run(self, lines: Sequence[str]) -> None:
+        if lines:
+            self.runs.append(list(lines))
+        for line in lines:
+            self._one(line.split())
+
+    def _one(self, w: list[str]) -> None:
+        verb = w[0]
+        if verb == "create":
+            name, kind = w[1], w[2]
+            if name in self.sets:
+                raise FirewallError(f"ipset: set {name} already exists")
+            rng = IPv4Network(w[4]) if kind == BITMAP else None
+            self.sets[name] = IpSet(SetDef(name, kind, rng), frozenset())
+            return
+        if verb in ("add", "del"):
+            name, elem = w[2], w[3]
+            s = self.sets.get(name)
+            if s is None:
+                raise FirewallError(f"ipset: {verb} to missing set {name}")
+            ip = IPv4Address(elem.split(",")[0])
+            if s.definition.range is not None and ip not in s.definition.range:
+                raise FirewallError(f"ipset: {elem} is outside the range of {name}")
+            kept = {m for m in s.members if m.split(",")[0] != str(ip)}
+            if verb == "add":
+                kept.add(elem)
+            self.sets[name] = IpSet(s.definition, frozenset(kept))
+            return
+        if verb == "swap":
+            a, b = self.sets[w[1]], self.sets[w[2]]
+            self.sets[w[1]] = IpSet(SetDef(w[1], b.definition.kind, b.definition.range), b.members)
+            self.sets[w[2]] = IpSet(SetDef(w[2], a.definition.kind, a.definition.range), a.members)
+            return
+        if verb == "destroy":
+            if self.in_use(w[1]):
+                raise FirewallError(f"ipset: set {w[1]} is in use by a kernel component")
+            del self.sets[w[1]]
+            return
+        raise AssertionError(f"unexpected ipset command {w!r}")
+
+
 class FakeTables:
     def __init__(self) -> None:
+        self.fake_sets = FakeSets(self._set_in_use)
         self.live: Tables = {t: {c: [] for c in cs} for t, cs in BUILTINS.items()}
         self.staged: Tables = {}
         self.commits: list[str] = []
@@ -109,6 +171,9 @@ class FakeTables:
     def _check(self, table: str, spec: RuleSpec) -> None:
         if self.refuse_rule(spec):
             raise FirewallError(f"rule [{spec.render()}]: can't find match 'bogus'")
+        for name in _set_names(spec):
+            if name not in self.fake_sets.sets:
+                raise FirewallError(f"rule [{spec.render()}]: Set {name} doesn't exist")
         t = self._t(table)
         builtin = spec.target in ("ACCEPT", "DROP", "RETURN", "DNAT")
         assert builtin or spec.target in t, f"jump to unknown chain {spec.target}"
@@ -128,3 +193,21 @@ class FakeTables:
         if self.refuse_rule(spec):
             raise FirewallError(f"rule [{spec.render()}]: can't find match 'bogus'")
         return spec
+
+    def sets(self) -> FakeSets:
+        return self.fake_sets
+
+    def _set_in_use(self, name: str) -> bool:
+        return any(
+            name in _set_names(r.spec) for t in self.live.values() for rs in t.values() for r in rs
+        )
+
+
+def _set_names(spec: RuleSpec) -> list[str]:
+    return [
+        values[-2]
+        for m in spec.matches
+        if m.name == "set"
+        for key, values in m.params
+        if key == "match-set"
+    ]

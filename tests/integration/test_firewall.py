@@ -38,6 +38,8 @@ G2_MAC = "02:00:00:00:00:0b"
 VR_GUEST = "10.1.1.1"
 VM_IP = "10.1.1.10"
 META = "169.254.169.254"
+BINDING = "binding eth0 10.1.1.0/24 from another MAC"
+"""The comment of the rule that checks eth0's bindings (one set lookup per packet)."""
 
 
 @dataclass
@@ -202,9 +204,13 @@ def test_outsiders_cannot_reach_the_services_and_ssh_only_from_control(vr: VR) -
 
 
 def test_a_guest_spoofing_a_bound_address_is_dropped_and_counted(vr: VR) -> None:
+    rules_before = vr.our_rule_specs()
     vr.push_ok("vm_dhcp_entry.json.1", dhcp_push(VM_IP, G1_MAC))
+    # The binding is one set entry: the push changed no rule.
+    assert vr.our_rule_specs() == rules_before
+    assert f"add VR-MAC-eth0 {VM_IP},{G1_MAC.upper()}" in vr.vr.run("ipset", "save").stdout
     assert get(vr.g1, META, 80) == f"{VM_IP} {VR_GUEST}:80"
-    before = vr.counter(f"binding {VM_IP}")
+    before = vr.counter(BINDING)
     # g2 takes g1's address with its own MAC.
     vr.g1.run("ip", "addr", "del", f"{VM_IP}/24", "dev", "eth0")
     vr.g2.run("ip", "addr", "add", f"{VM_IP}/24", "dev", "eth0")
@@ -212,7 +218,7 @@ def test_a_guest_spoofing_a_bound_address_is_dropped_and_counted(vr: VR) -> None
     vr.vr.run("ip", "neigh", "flush", "dev", "eth0")
     assert get(vr.g2, META, 80) is None
     assert get(vr.g2, VR_GUEST, 8080) is None
-    assert vr.counter(f"binding {VM_IP}") > before
+    assert vr.counter(BINDING) > before
     # Without the binding the same packets are allowed (CloudStack's behaviour).
     vr.push_ok("vm_dhcp_entry.json.2", dhcp_push(VM_IP, G1_MAC, remove=True))
     vr.vr.run("ip", "neigh", "flush", "dev", "eth0")
@@ -237,7 +243,7 @@ def test_a_spoofer_cannot_ride_the_bound_guests_established_connection(make_vr: 
     client.wait_for("connected")
     client.send("from the bound mac")
     server.wait_for(f"{VM_IP} from the bound mac")
-    before = v.counter(f"binding {VM_IP}")
+    before = v.counter(BINDING)
 
     # Same connection (conntrack ESTABLISHED), same address, another MAC.
     v.g1.run("ip", "link", "set", "dev", "eth0", "address", G2_MAC)
@@ -246,7 +252,7 @@ def test_a_spoofer_cannot_ride_the_bound_guests_established_connection(make_vr: 
     deadline = time.monotonic() + WAIT
     dropped = 0
     while spoofed not in server.poll(0.2) and time.monotonic() < deadline:
-        dropped = v.counter(f"binding {VM_IP}") - before
+        dropped = v.counter(BINDING) - before
         if dropped:
             break
     assert spoofed not in server.poll(0), "a segment from another MAC was delivered"
@@ -319,14 +325,34 @@ def test_a_malformed_network_push_is_rejected_and_changes_no_rule(
 
 
 def test_restore_reinstalls_the_saved_rules_after_a_reboot(vr: VR) -> None:
+    vr.push_ok("vm_dhcp_entry.json.1", dhcp_push(VM_IP, G1_MAC))
     before = vr.our_rule_specs()
     # A reboot empties the tables (ours and everyone's).
     vr.vr.run("iptables-legacy", "-F")
     vr.vr.run("iptables-legacy", "-X")
     vr.vr.run("iptables-legacy", "-t", "nat", "-F")
     vr.vr.run("iptables-legacy", "-t", "nat", "-X")
+    vr.vr.run("ipset", "destroy")  # ... and the sets
     assert get(vr.outsider, "10.100.0.1", 3922) is not None
     vr.firewall("restore")
     assert vr.our_rule_specs() == before
     assert get(vr.outsider, "10.100.0.1", 3922) is None
     assert get(vr.g1, META, 80) == f"{VM_IP} {VR_GUEST}:80"
+
+
+def test_restore_after_a_reboot_refills_the_bindings_so_a_spoofer_is_still_dropped(vr: VR) -> None:
+    vr.push_ok("vm_dhcp_entry.json.1", dhcp_push(VM_IP, G1_MAC))
+    vr.vr.run("iptables-legacy", "-F")
+    vr.vr.run("iptables-legacy", "-X")
+    vr.vr.run("ipset", "destroy")
+    vr.firewall("restore")
+    vr.g1.run("ip", "addr", "del", f"{VM_IP}/24", "dev", "eth0")
+    vr.g2.run("ip", "addr", "add", f"{VM_IP}/24", "dev", "eth0")
+    vr.vr.run("ip", "neigh", "flush", "dev", "eth0")
+    assert get(vr.g2, VR_GUEST, 80) is None
+    assert vr.counter(BINDING) > 0
+    # the bound MAC is let through again
+    vr.g2.run("ip", "addr", "del", f"{VM_IP}/24", "dev", "eth0")
+    vr.g1.run("ip", "addr", "add", f"{VM_IP}/24", "dev", "eth0")
+    vr.vr.run("ip", "neigh", "flush", "dev", "eth0")
+    assert get(vr.g1, VR_GUEST, 80) == f"{VM_IP} {VR_GUEST}:80"

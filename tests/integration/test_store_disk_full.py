@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.store import drop, snapshot, temp_names, update_config, vm_metadata
+from tests.helpers.store import (
+    apply_cfg,
+    cfg_text,
+    drop,
+    snapshot,
+    temp_names,
+    update_config,
+    vm_metadata,
+)
 from vr.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,3 +98,40 @@ def test_push_on_a_full_disk_fails_clearly_and_changes_nothing(tmp_path: Path) -
         assert retry.code == 0, retry.err
         assert (paths.metadata_root / "10.1.1.5" / "vm-id").read_bytes() == b"new"
         assert len((paths.userdata_root / "10.1.1.5" / "user-data").read_bytes()) == 300_000
+
+
+def test_a_group_committed_batch_on_a_full_disk_fails_clearly_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """40 VMs (more than FEW_VMS): staged without fsyncs for one syncfs; the disk
+    fills while staging, so nothing is renamed and every temporary goes."""
+    ips = [f"10.1.3.{i}" for i in range(1, 41)]
+    with small_tmpfs(tmp_path / "mnt", "4m") as mnt:
+        paths = Paths(mnt)
+        paths.ensure()
+        old = {f"vm_metadata.json.o{n}": vm_metadata(ip, ["metadata", "v", "old"])
+               for n, ip in enumerate(ips)}  # fmt: skip
+        (paths.cache / "VR-old.cfg").write_text(cfg_text(old))
+        assert apply_cfg(paths, "VR-old.cfg").code == 0
+        big = base64.b64encode(os.urandom(20_000)).decode()
+        new = {f"vm_metadata.json.n{n}": vm_metadata(ip, ["metadata", "v", "new"],
+                                                     ["userdata", "user-data", big])
+               for n, ip in enumerate(ips)}  # fmt: skip
+        (paths.cache / "VR-new.cfg").write_text(cfg_text(new))
+        before = snapshot(mnt)
+        # room for the first VMs of the batch, not for all of them
+        fill(mnt / "filler")
+        with open(mnt / "filler", "r+b") as f:
+            f.truncate(os.path.getsize(mnt / "filler") - 200_000)
+
+        run = apply_cfg(paths, "VR-new.cfg")
+        assert run.code == 1
+        assert "not applied: disk full: no space left" in run.err
+        after = snapshot(mnt)
+        after.pop("filler")
+        assert after == before
+        assert temp_names(paths.html) == []
+
+        (mnt / "filler").unlink()
+        assert apply_cfg(paths, "VR-new.cfg").code == 0
+        assert [(paths.metadata_root / ip / "v").read_bytes() for ip in ips] == [b"new"] * 40

@@ -10,6 +10,7 @@ import pytest
 
 from vr.config import Config
 from vr.errors import FirewallError
+from vr.firewall.ipsets import BOUND_SET
 from vr.firewall.model import (
     FILTER,
     FILTER6,
@@ -27,10 +28,17 @@ from vr.payloads import DhcpEntry, GuestNetwork
 GUEST = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True)
 GUEST2 = GuestNetwork("eth3", IPv4Address("10.2.0.1"), IPv4Network("10.2.0.0/16"), True)
 VM = DhcpEntry("02:00:00:00:00:0a", IPv4Address("10.1.1.10"), "vm1")
+WIDE = GuestNetwork("eth4", IPv4Address("10.0.0.1"), IPv4Network("10.0.0.0/8"), True)
+"""Wider than a bitmap:ip,mac set holds: its bindings keep one rule each."""
+VM_WIDE = DhcpEntry("02:00:00:00:00:0c", IPv4Address("10.200.0.7"), "vm3")
 
 
 def rules(rs: RuleSet, chain: str) -> list[Rule]:
     return list(rs.chain(chain).rules)
+
+
+def rules6(rs: RuleSet) -> list[Rule]:
+    return [r for c in rs.chains if c.table == FILTER6 for r in c.rules]
 
 
 def test_each_guest_network_redirects_link_local_80_and_8080_on_its_device_only() -> None:
@@ -103,7 +111,8 @@ def test_ssh_and_services_are_accepted_on_loopback_first() -> None:
 
 
 def test_a_dhcp_entry_drops_its_address_from_other_macs_before_any_accept() -> None:
-    rs = desired(Config(), [GUEST], [VM])
+    # one rule per binding: outside set-capable networks, and the design before sets
+    rs = desired(Config(), [GUEST], [VM], binding_sets=False)
     chain = rules(rs, INPUT_CHAIN)
     binding = [r for r in chain if r.mac_source is not None]
     assert len(binding) == 1
@@ -126,7 +135,7 @@ def test_the_binding_drop_checks_every_packet_not_only_new_connections(
     require_binding: bool,
 ) -> None:
     # A spoofer must not ride an established connection: no conntrack state in the drop.
-    rs = desired(Config(require_mac_binding=require_binding), [GUEST], [VM])
+    rs = desired(Config(require_mac_binding=require_binding), [WIDE], [VM_WIDE])
     (b,) = [r for r in rules(rs, INPUT_CHAIN) if r.mac_source is not None]
     assert b.target == "DROP"
     assert b.ctstate == ()
@@ -145,15 +154,67 @@ def test_removing_a_guest_network_removes_exactly_its_rules() -> None:
     both = desired(Config(), [GUEST, GUEST2], [])
     one = desired(Config(), [GUEST2], [])
     for chain in (NAT_CHAIN, INPUT_CHAIN):
-        assert [r for r in rules(both, chain) if r.in_interface != "eth0"] == rules(one, chain)
+        assert [
+            r for r in rules(both, chain) if r.in_interface != "eth0" and "eth0" not in r.comment
+        ] == rules(one, chain)
 
 
 def test_unbound_addresses_are_refused_when_binding_is_required() -> None:
     rs = desired(Config(require_mac_binding=True), [GUEST], [VM])
     eth0 = [r for r in rules(rs, INPUT_CHAIN) if r.in_interface == "eth0"]
-    assert [(r.target, r.source) for r in eth0] == [
-        ("ACCEPT", IPv4Network("10.1.1.10/32")),
-        ("DROP", IPv4Network("10.1.1.0/24")),
+    assert [(r.target, r.source, r.match_sets) for r in eth0] == [
+        ("ACCEPT", IPv4Network("10.1.1.0/24"), ((BOUND_SET, "src", False),)),
+        ("DROP", IPv4Network("10.1.1.0/24"), ()),
+    ]
+
+
+def test_unbound_addresses_outside_set_networks_are_refused_rule_by_rule() -> None:
+    rs = desired(Config(require_mac_binding=True), [WIDE], [VM_WIDE])
+    eth4 = [r for r in rules(rs, INPUT_CHAIN) if r.in_interface == "eth4"]
+    assert [(r.target, r.source) for r in eth4] == [
+        ("ACCEPT", IPv4Network("10.200.0.7/32")),
+        ("DROP", IPv4Network("10.0.0.0/8")),
+    ]
+
+
+def test_bindings_in_a_network_of_at_most_a_slash_16_change_no_rule() -> None:
+    other = DhcpEntry("02:00:00:00:00:0b", IPv4Address("10.2.3.4"), "vm2")
+    for cfg in (Config(), Config(require_mac_binding=True)):
+        none = desired(cfg, [GUEST, GUEST2], [])
+        assert desired(cfg, [GUEST, GUEST2], [VM, other]) == none
+
+
+def test_the_set_binding_drop_precedes_every_accept_and_checks_every_packet() -> None:
+    chain = rules(desired(Config(), [GUEST], [VM]), INPUT_CHAIN)
+    (b,) = [r for r in chain if r.match_sets]
+    assert (b.target, b.source, b.in_interface, b.ctstate) == (
+        "DROP",
+        IPv4Network("10.1.1.0/24"),
+        None,
+        (),
+    )
+    assert b.match_sets == ((BOUND_SET, "src", False), ("VR-MAC-eth0", "src,src", True))
+    assert [m.name for m in b.spec().matches] == ["multiport", "set", "set", "comment"]
+    first_guest_accept = next(
+        i for i, r in enumerate(chain) if r.target == "ACCEPT" and r.in_interface == "eth0"
+    )
+    assert chain.index(b) < first_guest_accept
+
+
+def test_ipv6_binding_rules_exist_only_with_an_ipv6_guest_network() -> None:
+    v6 = GuestNetwork(
+        "eth0",
+        IPv4Address("10.1.1.1"),
+        IPv4Network("10.1.1.0/24"),
+        True,
+        router_guest_ip6=IPv6Address("fd00:1::1"),
+        cidr6=IPv6Network("fd00:1::/64"),
+    )
+    without = [r for r in rules6(desired(Config(), [GUEST], [VM])) if r.mac_source]
+    with_v6 = [r for r in rules6(desired(Config(), [v6], [VM])) if r.mac_source]
+    assert without == []
+    assert [(r.source, r.mac_source) for r in with_v6] == [
+        (IPv6Network("fe80::ff:fe00:a/128"), "02:00:00:00:00:0a")
     ]
 
 
@@ -206,7 +267,11 @@ def test_render_shows_hooks_and_rules_like_iptables_save() -> None:
         "-d 169.254.169.254/32 -i eth0 -p tcp -m tcp --dport 80 -m comment "
         '--comment "vr: eth0 metadata 169.254.169.254:80" -j DNAT --to-destination 10.1.1.1:80'
     ) in text
-    assert "-m mac ! --mac-source 02:00:00:00:00:0a" in text
+    assert ("-m set --match-set VR-BOUND4 src -m set ! --match-set VR-MAC-eth0 src,src") in text
+    assert (
+        "-m mac ! --mac-source 02:00:00:00:00:0a"
+        in desired(Config(), [GUEST], [VM], binding_sets=False).render()
+    )
 
 
 def test_metrics_are_accepted_on_the_control_device_only_and_dropped_elsewhere() -> None:

@@ -13,6 +13,7 @@ from vr import store
 from vr.applier import Applier
 from vr.errors import FirewallError
 from vr.firewall import state as fw
+from vr.firewall.ipsets import BOUND_SET
 from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN
 from vr.paths import Paths
 
@@ -205,3 +206,100 @@ def test_a_corrupt_saved_state_is_reported_not_applied(paths: Paths) -> None:
     with pytest.raises(FirewallError, match=r"firewall\.json"):
         fw.restore(paths, fresh)
     assert fresh.commits == []
+
+
+def dhcp(ip: str, mac: str, **kw: Any) -> dict[str, Any]:
+    return {"type": "dhcpentry", "ipv4_address": ip, "mac_address": mac, **kw}
+
+
+MAC_SET = "VR-MAC-eth0"
+
+
+def test_a_dhcp_entry_push_changes_one_set_entry_and_no_rule(
+    push: Push, fake: FakeTables, paths: Paths
+) -> None:
+    push("guest_network.json.1", network())
+    rules_before = fake.snapshot()
+    commits = len(fake.commits)
+    runs = len(fake.fake_sets.runs)
+    code, text = push("vm_dhcp_entry.json.1", dhcp("10.1.1.10", "02:00:00:00:00:0A"))
+    assert code == 0, text
+    assert fake.live == rules_before
+    assert len(fake.commits) == commits
+    assert fake.fake_sets.runs[runs:] == [
+        [
+            f"add -exist {MAC_SET} 10.1.1.10,02:00:00:00:00:0A",
+            f"add -exist {BOUND_SET} 10.1.1.10",
+        ]
+    ]
+    assert fake.fake_sets.members(MAC_SET) == {"10.1.1.10,02:00:00:00:00:0A"}
+    assert not paths.firewall_pending.exists()
+
+
+def test_a_mac_moved_to_another_address_leaves_no_stale_binding(
+    push: Push, fake: FakeTables
+) -> None:
+    push("guest_network.json.1", network())
+    push("vm_dhcp_entry.json.1", dhcp("10.1.1.10", "02:00:00:00:00:0a"))
+    push("vm_dhcp_entry.json.2", dhcp("10.1.1.20", "02:00:00:00:00:0a"))
+    assert fake.fake_sets.members(MAC_SET) == {"10.1.1.20,02:00:00:00:00:0A"}
+    assert fake.fake_sets.members(BOUND_SET) == {"10.1.1.20"}
+    push("vm_dhcp_entry.json.3", dhcp("10.1.1.20", "02:00:00:00:00:0a", remove=True))
+    assert fake.fake_sets.members(MAC_SET) == set()
+    assert fake.fake_sets.members(BOUND_SET) == set()
+
+
+def test_restore_on_a_rebooted_kernel_refills_the_sets_from_the_store(
+    push: Push, paths: Paths
+) -> None:
+    push("guest_network.json.1", network())
+    push("vm_dhcp_entry.json.1", dhcp("10.1.1.10", "02:00:00:00:00:0a"))
+    fresh = FakeTables()
+    fw.restore(paths, fresh)
+    assert fresh.fake_sets.members(MAC_SET) == {"10.1.1.10,02:00:00:00:00:0A"}
+    assert fresh.fake_sets.members(BOUND_SET) == {"10.1.1.10"}
+
+
+def test_a_refused_set_change_fails_the_push_and_the_next_push_recomputes(
+    push: Push, fake: FakeTables, paths: Paths
+) -> None:
+    push("guest_network.json.1", network())
+    del fake.fake_sets.sets[MAC_SET]  # someone destroyed it behind our back
+    code, text = push("vm_dhcp_entry.json.1", dhcp("10.1.1.10", "02:00:00:00:00:0a"))
+    assert code == 1
+    assert "add to missing set VR-MAC-eth0" in text
+    assert paths.firewall_pending.exists()
+    code, text = push(
+        "vm_metadata.json.1",
+        {"vm_ip_address": "10.1.1.10", "vm_metadata": [["metadata", "vm-id", "i-1"]]},
+    )
+    assert code == 0, text
+    assert fake.fake_sets.members(MAC_SET) == {"10.1.1.10,02:00:00:00:00:0A"}
+    assert not paths.firewall_pending.exists()
+
+
+def test_removing_the_network_destroys_its_set_after_its_rules_are_gone(
+    push: Push, fake: FakeTables
+) -> None:
+    push("guest_network.json.1", network())
+    push("vm_dhcp_entry.json.1", dhcp("10.1.1.10", "02:00:00:00:00:0a"))
+    code, text = push("guest_network.json.2", network(add=False))
+    assert code == 0, text
+    assert fake.fake_sets.sets == {}
+
+
+def test_with_an_ipv6_guest_network_a_dhcp_push_reapplies_the_ipv6_binding_rules(
+    push: Push, fake: FakeTables
+) -> None:
+    push(
+        "guest_network.json.1",
+        network(router_guest_ip6="fd00:1::1", router_guest_ip6_cidr="fd00:1::/64"),
+    )
+    code, text = push(
+        "vm_dhcp_entry.json.1",
+        dhcp("10.1.1.10", "02:00:00:00:00:0a", ipv6_address="fd00:1::10"),
+    )
+    assert code == 0, text
+    comments = [r.spec.comment for r in fake.live["filter6"][INPUT_CHAIN]]
+    assert "vr: binding fd00:1::10 02:00:00:00:00:0a" in comments
+    assert fake.fake_sets.members(MAC_SET) == {"10.1.1.10,02:00:00:00:00:0A"}

@@ -11,11 +11,20 @@ import pytest
 from tests.helpers.fake_tables import FakeTables
 from vr.config import Config
 from vr.errors import FirewallError
-from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN, MatchSpec, RuleSet, RuleSpec, desired
+from vr.firewall import model
+from vr.firewall.model import INPUT_CHAIN, NAT_CHAIN, MatchSpec, RuleSet, RuleSpec
 from vr.firewall.sync import RuleCounter, SyncReport, counters, sync
 from vr.payloads import DhcpEntry, GuestNetwork
 
 GUEST = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), True)
+
+
+def desired(cfg: Config, nets: list[GuestNetwork], entries: list[DhcpEntry]) -> RuleSet:
+    """Bindings as one rule each: these tests are about chains; the sets the other
+    design references are created by vr.firewall.state (tests/unit/test_firewall_push.py)."""
+    return model.desired(cfg, nets, entries, binding_sets=False)
+
+
 VM = DhcpEntry("02:00:00:00:00:0a", IPv4Address("10.1.1.10"), "vm1")
 OTHER_VM = DhcpEntry("02:00:00:00:00:0b", IPv4Address("10.1.1.11"), "vm2")
 FOREIGN = RuleSpec(

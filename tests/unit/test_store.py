@@ -6,10 +6,13 @@ import os
 from ipaddress import IPv4Address
 from typing import Any
 
+import pytest
+
 from tests.helpers.store import served_tree, snapshot, vm_metadata
 from vr.paths import Paths
 from vr.payloads import Payload, parse_payload
 from vr.store import (
+    WRITING_MARKER,
     Store,
     current_gen,
     list_vms,
@@ -242,10 +245,36 @@ def test_next_writer_removes_leftover_temporaries_but_not_young_ones_of_others(
         f.write_bytes(b"x")
     os.utime(paths.processed / ".tmp-old.gz.abcd", (0, 0))
     os.utime(paths.state / ".tmp-passwords.json.abcd", (0, 0))
+    (paths.state / WRITING_MARKER).touch()  # a writer was killed holding the lock
     with Store(paths).locked():
         pass
     assert [f.exists() for f in leftovers] == [False, False, False]
     assert [f.exists() for f in [*young, foreign]] == [True, True, True, True]
+    assert not (paths.state / WRITING_MARKER).exists()
+
+
+def test_pushes_to_a_clean_store_list_no_folder_of_vms(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push costs the same with 10 or 10,000 VMs: nothing lists the VM folders
+    (the sweep runs only after a killed writer, old generations are found by link)."""
+    store = Store(paths)
+    for i in range(3):
+        store.apply([vm(A, ["metadata", "vm-id", str(i)]), vm(B, ["metadata", "k", str(i)])])
+    listed: list[str] = []
+    real = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        listed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    for i in range(3, 6):
+        store.apply([vm(A, ["metadata", "vm-id", str(i)])])
+    monkeypatch.undo()
+    assert listed == []
+    gens = sorted(n for n in os.listdir(paths.generations) if n.startswith(f"{A}@"))
+    assert len(gens) == 2  # the current and the one it replaced, still
 
 
 def test_a_commit_interrupted_between_renames_is_finished_and_the_next_push_works(

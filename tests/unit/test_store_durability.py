@@ -6,6 +6,7 @@ this process) and checks the order a power cut needs:
 
 * a rename may only expose a file or a tree whose every write was followed by an
   fsync of that file, and whose folders were fsynced after their last new entry;
+* a group commit's ``syncfs`` counts as an fsync of everything written before it;
 * when the apply returns, every folder that gained an entry by a rename, a new file
   or a new folder has been fsynced since (temporary trees deleted meanwhile aside).
 """
@@ -21,6 +22,7 @@ import pytest
 
 from tests.helpers.store import vm_metadata
 from tests.helpers.vmdata import vm_triples
+from vr import atomic
 from vr.paths import Paths
 from vr.payloads import parse_payload
 from vr.store import Store
@@ -37,6 +39,7 @@ class Trace:
         self.new_entries: set[str] = set()
         self.violations: list[str] = []
         self.renames = 0
+        self.syncfs_calls = 0
 
     def path(self, p: Any, dir_fd: int | None = None) -> str:
         p = os.fsdecode(p)
@@ -121,6 +124,17 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Trace:
 
         return rename
 
+    real_syncfs = atomic.syncfs
+
+    def syncfs(path: Path) -> None:
+        # The barrier of a group commit: everything written so far is on disk
+        # (the whole test runs on one file system).
+        real_syncfs(path)
+        t.dirty.clear()
+        t.new_entries.clear()
+        t.syncfs_calls += 1
+
+    monkeypatch.setattr(atomic, "syncfs", syncfs)
     for name, fn in (("open", open_), ("write", write), ("pwrite", pwrite), ("fsync", fsync),
                      ("close", close),
                      ("mkdir", mkdir), ("symlink", symlink),
@@ -248,3 +262,56 @@ def test_the_trace_sees_an_upload_skip_an_fsync(
     else:
         assert trace.violations == []
         assert str(tmp_path) in trace.new_entries
+
+
+BATCH = [f"10.1.2.{i}" for i in range(1, 41)]
+"""More VMs than FEW_VMS: group-committed."""
+
+
+def _batch(tag: str) -> list[Any]:
+    import json
+
+    return [
+        parse_payload(
+            "vm_metadata.json",
+            json.dumps(vm_metadata(ip, *vm_triples(ip, userdata=tag.encode()))).encode(),
+        )
+        for ip in BATCH
+    ]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["into-empty-store", "over-existing-vms"])
+def test_a_group_committed_batch_flushes_once_before_exposing_anything(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    store = Store(paths)
+    if not first:
+        store.apply(_batch("old"))
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        fsyncs = {"n": 0}
+        real_fsync = os.fsync
+
+        def counting(fd: Any) -> None:
+            fsyncs["n"] += 1
+            real_fsync(fd)
+
+        mp.setattr(os, "fsync", counting)
+        store.apply(_batch("new"))
+    assert trace.syncfs_calls == 1
+    assert trace.renames >= 2 * len(BATCH)
+    assert trace.violations == []
+    assert fsyncs["n"] < len(BATCH), fsyncs  # folders and the journal, not every file
+    left = sorted(p for p in trace.dirty | trace.new_entries if os.path.lexists(p))
+    assert left == [], f"changed but never fsynced when the apply returned: {left}"
+
+
+def test_the_trace_sees_a_group_commit_without_its_barrier(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mutation check: a group commit whose syncfs does nothing is caught."""
+    with monkeypatch.context() as mp:
+        trace = traced(mp)
+        mp.setattr(atomic, "syncfs", lambda path: None)
+        Store(paths).apply(_batch("new"))
+    assert any("exposes unsynced" in v for v in trace.violations)

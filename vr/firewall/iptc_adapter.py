@@ -24,6 +24,7 @@ from typing import Any
 
 from vr import locking
 from vr.errors import FirewallError, LockTimeout
+from vr.firewall.ipsets import IpsetCommand
 from vr.firewall.model import IPV6_TABLES, MatchSpec, Params, RuleSpec
 from vr.firewall.sync import Elsewhere, LiveRule, PacketCounts
 
@@ -76,6 +77,9 @@ class IptcTables:
         self.ipv6 = ipv6
         self.lock_held = lock_held
         self._lib: Any = None
+
+    def sets(self) -> IpsetCommand:
+        return IpsetCommand()
 
     # --- plumbing -------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from vr.config import Config
 from vr.errors import FirewallError
+from vr.firewall import ipsets
 from vr.payloads import DhcpEntry, GuestNetwork
 
 PREFIX = "VR-"
@@ -47,6 +48,8 @@ INPUT_CHAIN = PREFIX + "INPUT"
 STATE_VERSION = 1
 
 Params = tuple[tuple[str, tuple[str, ...]], ...]
+SetMatch = tuple[str, str, bool]
+"""``-m set [!] --match-set <name> <flags>``: (name, flags, negated)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Rule:
     mac_source: str | None = None
     mac_negate: bool = False
     to_destination: str | None = None
+    match_sets: tuple[SetMatch, ...] = ()
 
     def spec(self) -> RuleSpec:
         matches: list[MatchSpec] = []
@@ -130,6 +134,9 @@ class Rule:
         elif self.dports:
             ports = ",".join(str(p) for p in self.dports)
             matches.append(MatchSpec("multiport", (("dports", (ports,)),)))
+        for name, flags, negate in self.match_sets:
+            neg_set: tuple[str, ...] = ("!",) if negate else ()
+            matches.append(MatchSpec("set", (("match-set", (*neg_set, name, flags)),)))
         if self.mac_source is not None:
             neg: tuple[str, ...] = ("!",) if self.mac_negate else ()
             matches.append(MatchSpec("mac", (("mac-source", (*neg, self.mac_source)),)))
@@ -162,6 +169,7 @@ class Rule:
             "mac_source": self.mac_source,
             "mac_negate": self.mac_negate,
             "to_destination": self.to_destination,
+            "match_sets": [list(m) for m in self.match_sets],
         }
 
     @classmethod
@@ -178,6 +186,7 @@ class Rule:
             mac_source=d.get("mac_source"),
             mac_negate=bool(d.get("mac_negate", False)),
             to_destination=d.get("to_destination"),
+            match_sets=tuple((str(n), str(f), bool(neg)) for n, f, neg in d.get("match_sets", ())),
         )
 
 
@@ -276,26 +285,39 @@ class RuleSet:
 
 
 def desired(
-    config: Config, networks: Iterable[GuestNetwork], dhcp_entries: Iterable[DhcpEntry]
+    config: Config,
+    networks: Iterable[GuestNetwork],
+    dhcp_entries: Iterable[DhcpEntry],
+    *,
+    binding_sets: bool = True,
 ) -> RuleSet:
     """The complete rule set for this config, these guest networks and DHCP entries.
 
     ``networks`` from the store and from ``config.guest_networks`` are merged by
     device (a pushed network replaces the configured one on the same device).
     Deterministic: the same inputs always give the same rules in the same order.
+    With ``binding_sets`` false, every IPv4 binding is its own rule (the design
+    before the sets; ``bench/scale.py`` measures both).
     """
     nets = merge_networks(config.guest_networks, networks)
-    bindings = sorted(
-        {e.ipv4_address: e for e in dhcp_entries if not e.remove}.values(),
-        key=lambda e: e.ipv4_address,
-    )
+    bound = bindings(dhcp_entries)
     return RuleSet(
         (
             Chain(NAT, NAT_CHAIN, ("PREROUTING",), tuple(_redirects(config, nets))),
-            Chain(FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bindings))),
+            Chain(
+                FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bound, binding_sets))
+            ),
             Chain(NAT6, NAT_CHAIN, ("PREROUTING",), tuple(_redirects6(config, nets))),
-            Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input6(config, nets, bindings))),
+            Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input6(config, nets, bound))),
         )
+    )
+
+
+def bindings(dhcp_entries: Iterable[DhcpEntry]) -> list[DhcpEntry]:
+    """The MAC/IP bindings: one per address (the last entry wins), by address."""
+    return sorted(
+        {e.ipv4_address: e for e in dhcp_entries if not e.remove}.values(),
+        key=lambda e: e.ipv4_address,
     )
 
 
@@ -352,16 +374,22 @@ def _redirects(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
 
 
 def _input(
-    config: Config, nets: Sequence[GuestNetwork], bindings: Sequence[DhcpEntry]
+    config: Config,
+    nets: Sequence[GuestNetwork],
+    bindings: Sequence[DhcpEntry],
+    binding_sets: bool = True,
 ) -> Iterable[Rule]:
     service = service_ports(config)
     guarded = guarded_ports(config)
     # Local clients (health checks, the VR itself) talk to its services over lo.
     yield Rule("ACCEPT", "vr: loopback", in_interface="lo", dports=guarded)
     # MAC/IP binding before any accept: a bound address from another MAC is dropped.
-    # One rule per binding so each has its own counter; every packet is checked,
-    # not only NEW ones, so a spoofer cannot ride an established connection.
-    for e in bindings:
+    # Every packet is checked, not only NEW ones, so a spoofer cannot ride an
+    # established connection. Bindings in a set-capable network are set members
+    # (two rules per network, O(1) per packet and per push, see vr.firewall.ipsets);
+    # the others keep one rule each, so each has its own counter.
+    loose = [e for e in bindings if not binding_sets or not ipsets.in_sets(nets, e.ipv4_address)]
+    for e in loose:
         yield Rule(
             "DROP",
             f"vr: binding {e.ipv4_address} {e.mac_address}",
@@ -370,9 +398,31 @@ def _input(
             mac_source=e.mac_address,
             mac_negate=True,
         )
+    set_nets = ipsets.set_networks(nets) if binding_sets else []
+    for n in set_nets:
+        yield Rule(
+            "DROP",
+            f"vr: binding {n.device} {n.cidr} from another MAC",
+            source=n.cidr,
+            dports=service,
+            match_sets=(
+                (ipsets.BOUND_SET, "src", False),
+                (ipsets.mac_set_name(n.device), "src,src", True),
+            ),
+        )
     for n in nets:
         if config.require_mac_binding:
-            for e in bindings:
+            if n in set_nets:
+                yield Rule(
+                    "ACCEPT",
+                    f"vr: {n.device} bound guests",
+                    in_interface=n.device,
+                    source=n.cidr,
+                    dports=service,
+                    ctstate=("NEW", "ESTABLISHED"),
+                    match_sets=((ipsets.BOUND_SET, "src", False),),
+                )
+            for e in loose:
                 if e.ipv4_address in n.cidr:
                     yield Rule(
                         "ACCEPT",
@@ -459,6 +509,13 @@ def _input6(
     service = service_ports(config)
     guarded = guarded_ports(config)
     yield Rule("ACCEPT", "vr: loopback", in_interface="lo", dports=guarded)
+    # No set type binds an IPv6 address to a MAC on this kernel (hash:ip,mac is
+    # missing), so IPv6 bindings stay one rule per address. Without a guest network
+    # with an IPv6 prefix they would be dead (every guest packet to the service ports
+    # is dropped below), so they are left out: an IPv4-only router's IPv6 chain
+    # does not grow with the VMs.
+    if not any(n.cidr6 is not None for n in nets):
+        bindings = ()
     for e in bindings:
         own: list[IPv6Address] = [eui64_link_local(e.mac_address)]
         if e.ipv6_address is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from vr import atomic, config, store
 from vr.config import Config
 from vr.errors import FirewallError, PayloadError
-from vr.firewall import model
+from vr.firewall import ipsets, model
 from vr.firewall.sync import RuleCounter, SyncReport, Tables, counters, sync
 from vr.paths import Paths
 from vr.payloads import GuestNetwork, Payload
@@ -54,6 +54,12 @@ def compute(paths: Paths, cfg: Config) -> model.RuleSet:
     return model.desired(cfg, store.read_networks(paths, removals=True), store.read_dhcp(paths))
 
 
+def compute_sets(paths: Paths, cfg: Config) -> tuple[ipsets.IpSet, ...]:
+    """The binding sets for ``cfg`` and the store (read with the lock held)."""
+    nets = model.merge_networks(cfg.guest_networks, store.read_networks(paths, removals=True))
+    return ipsets.desired(nets, model.bindings(store.read_dhcp(paths)))
+
+
 def managed(paths: Paths) -> bool:
     return paths.firewall_state.exists() or paths.firewall_pending.exists()
 
@@ -71,34 +77,53 @@ def load_saved(paths: Paths) -> model.RuleSet | None:
 def apply(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
     """Compute from config + store and apply (``vr firewall apply``, the push hook)."""
     with Store(paths).locked():
-        return apply_locked(paths, tables, compute(paths, config.load(paths)), exists)
+        cfg = config.load(paths)
+        return apply_locked(paths, tables, compute(paths, cfg), exists, compute_sets(paths, cfg))
 
 
 def restore(paths: Paths, tables: Tables, exists: DeviceExists = device_exists) -> SyncReport:
     """Re-apply the saved rule set (boot); recompute when none is saved or it is stale."""
     with Store(paths).locked():
         saved = load_saved(paths)
+        cfg = config.load(paths)
+        # The sets' members are not saved: the kernel lost them with the reboot and the
+        # store holds every binding.
+        sets = compute_sets(paths, cfg)
         if saved is None or paths.firewall_pending.exists():
             LOG.info(
                 "firewall: %s; computing from %s and the store",
                 "no saved state" if saved is None else "saved state may be stale",
                 paths.config,
             )
-            return apply_locked(paths, tables, compute(paths, config.load(paths)), exists)
-        return apply_locked(paths, tables, saved, exists)
+            return apply_locked(paths, tables, compute(paths, cfg), exists, sets)
+        return apply_locked(paths, tables, saved, exists, sets)
 
 
 def apply_locked(
-    paths: Paths, tables: Tables, ruleset: model.RuleSet, exists: DeviceExists = device_exists
+    paths: Paths,
+    tables: Tables,
+    ruleset: model.RuleSet,
+    exists: DeviceExists = device_exists,
+    sets: Sequence[ipsets.IpSet] = (),
 ) -> SyncReport:
-    """Apply ``ruleset`` and save it; the caller holds the store lock."""
+    """Apply ``sets`` and ``ruleset`` and save the rules; the caller holds the store lock.
+
+    Sets are created and filled before the rules that reference them are committed,
+    and sets no rule needs any more are destroyed after.
+    """
     for device in _devices(ruleset):
         if not exists(device):
             # Rules on an absent interface match nothing until it appears; refusing
             # the whole set would leave every other guest and port unprotected.
             LOG.warning("firewall: interface %s does not exist (yet); rules kept", device)
     atomic.atomic_write(paths.firewall_pending, b"", 0o600)
+    driver = tables.sets()
+    set_plan = ipsets.plan(driver.live(), sets)
+    driver.run(set_plan.before)
     report = sync(tables, ruleset)
+    driver.run(set_plan.after)
+    if not set_plan.empty:
+        report.changed.setdefault("ipset", []).extend(set_plan.describe())
     atomic.atomic_write(paths.firewall_state, ruleset.to_json(), 0o600)
     paths.firewall_pending.unlink(missing_ok=True)
     return report
@@ -162,6 +187,8 @@ class FirewallHooks:
             if changed:
                 LOG.info("firewall not set up on %s yet; 'vr firewall apply' will", self.paths.root)
             return
+        if changed and self._change_bindings(cfg, result):
+            return
         if changed:
             report = self._apply(cfg)
             LOG.info("firewall re-applied after push: %s", summary(report))
@@ -174,7 +201,32 @@ class FirewallHooks:
 
     def _apply(self, cfg: Config) -> SyncReport:
         ruleset = compute(self.paths, cfg)
-        return apply_locked(self.paths, self.tables_factory(), ruleset, self.exists)
+        sets = compute_sets(self.paths, cfg)
+        return apply_locked(self.paths, self.tables_factory(), ruleset, self.exists, sets)
+
+    def _change_bindings(self, cfg: Config, result: ApplyResult) -> bool:
+        """Apply a push that only changed DHCP entries as set changes, without reading
+        every entry or touching a rule. False when it needs the full apply: networks
+        changed, an earlier apply did not finish, or a binding lives in rules (outside
+        every set-capable network, or IPv6 bindings on an IPv6 guest network)."""
+        if result.networks_changed or self.paths.firewall_pending.exists():
+            return False
+        pushed = store.read_networks(self.paths, removals=True)
+        nets = model.merge_networks(cfg.guest_networks, pushed)
+        if any(n.cidr6 is not None for n in nets):
+            return False
+        if not all(ipsets.in_sets(nets, e.ipv4_address) for _, e in result.dhcp_ops):
+            return False
+        lines = [
+            op.line() for add, e in result.dhcp_ops for op in ipsets.entry_ops(nets, e, add=add)
+        ]
+        # Not durable on purpose: the kernel's sets do not outlive a crash either, and
+        # boot recomputes them. A killed push leaves the marker: the next one recomputes.
+        self.paths.firewall_pending.touch(mode=0o600)
+        self.tables_factory().sets().run(lines)
+        self.paths.firewall_pending.unlink()
+        LOG.info("firewall: %d binding set changes after push, no rule changed", len(lines))
+        return True
 
 
 def summary(report: SyncReport) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vr.errors import FirewallError
+from vr.firewall.ipsets import Sets
 from vr.firewall.model import IPV6_TABLES, PREFIX, Chain, RuleSet, RuleSpec
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class Tables(Protocol):
 
     def canonical(self, table: str, spec: RuleSpec) -> RuleSpec:
         """``spec`` as the table would read it back (addresses, case, defaults)."""
+
+    def sets(self) -> Sets:
+        """The netfilter sets the rules reference (:mod:`vr.firewall.ipsets`)."""
 
 
 class Elsewhere(Protocol):

@@ -1,0 +1,219 @@
+"""Scale: push latency flat in the VMs held, group-committed batches; each beside the
+previous design, measured in the same run.
+
+Pushes: the median time to apply one pushed file (``update_config.py``'s path, in
+process: parse, store commit, firewall follow-up) for ``vmdata``, ``vmpassword``,
+``dhcpentry`` (a new VM's entry) and ``guestnetwork`` (a second network added or
+removed) while the router holds 0, 1,000, 5,000 and 10,000 VMs, each with a DHCP
+entry, and the firewall is programmed. Two designs side by side:
+
+* ``sets``: the MAC/IP binding in netfilter sets (a DHCP push changes one set entry);
+* ``rules``: the previous design, one iptables rule per binding, re-synced per push.
+
+Batches: a ``VR-*.cfg``-sized batch of 1,000 (and 10,000) new VMs applied to the store,
+group-committed (one ``syncfs``) against one fsync per file (the previous design).
+
+Runs as root: the firewall is real (python-iptables and ``ipset``) inside a network
+namespace this script creates and removes, with dummy guest/control interfaces.
+
+    PYTHONPATH=$PWD python bench/scale.py [--quick] [--samples 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.push import metadata, vm_ip  # noqa: E402
+from vr import store as store_mod  # noqa: E402
+from vr.applier import Applier  # noqa: E402
+from vr.firewall import model as fw_model  # noqa: E402
+from vr.firewall import state as fw  # noqa: E402
+from vr.paths import Paths  # noqa: E402
+from vr.payloads import parse_payload  # noqa: E402
+
+KINDS = ("vmdata", "password", "dhcpentry", "guestnetwork")
+GUEST = {"type": "guestnetwork", "device": "eth0", "router_guest_ip": "10.100.0.1",
+         "cidr": "10.100.0.0/16", "add": True}  # fmt: skip
+OTHER = {"type": "guestnetwork", "device": "eth2", "router_guest_ip": "10.50.0.1",
+         "cidr": "10.50.0.0/24", "add": True}  # fmt: skip
+
+
+def mac(n: int) -> str:
+    return "02:" + ":".join(f"{(n >> s) & 0xFF:02x}" for s in (32, 24, 16, 8, 0))
+
+
+def dhcp(n: int) -> dict[str, Any]:
+    return {"type": "dhcpentry", "ipv4_address": str(vm_ip(100, n)), "mac_address": mac(n),
+            "host_name": f"vm-{n}"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def previous_binding_design() -> Iterator[None]:
+    """One rule per binding and a full re-apply per push (before the sets)."""
+    saved = (fw.compute, fw.compute_sets, fw.FirewallHooks._change_bindings)
+
+    def compute(paths: Paths, cfg: Any) -> fw_model.RuleSet:
+        return fw_model.desired(
+            cfg,
+            store_mod.read_networks(paths, removals=True),
+            store_mod.read_dhcp(paths),
+            binding_sets=False,
+        )
+
+    fw.compute = compute  # type: ignore[assignment]
+    fw.compute_sets = lambda paths, cfg: ()  # type: ignore[assignment]
+    fw.FirewallHooks._change_bindings = lambda self, cfg, result: False  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        fw.compute, fw.compute_sets, fw.FirewallHooks._change_bindings = saved  # type: ignore[method-assign]
+
+
+def populate(paths: Paths, n: int) -> None:
+    store = store_mod.Store(paths)
+    for start in range(0, n, 2000):
+        batch = []
+        for i in range(start, min(n, start + 2000)):
+            batch.append(parse_payload("vm_metadata.json", metadata(vm_ip(100, i), f"h{i}")))
+            batch.append(parse_payload("vm_dhcp_entry.json", json.dumps(dhcp(i)).encode()))
+        store.apply(batch)
+
+
+class Pusher:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.applier = Applier(paths, hooks=fw.FirewallHooks(paths))
+        self.seq = 0
+
+    def __call__(self, name: str, obj: dict[str, Any] | bytes) -> float:
+        self.seq += 1
+        fname = f"{name}.{self.seq}"
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        (self.paths.cache / fname).write_bytes(data)
+        t0 = time.perf_counter()
+        code = self.applier.update_config([fname], io.StringIO(), io.StringIO())
+        took = time.perf_counter() - t0
+        if code != 0:
+            raise SystemExit(f"push {fname} failed; see {self.paths.log_file}")
+        return took
+
+
+def measure(work: Path, held: int, samples: int) -> dict[str, float]:
+    root = work / f"r{held}"
+    paths = Paths(root)
+    paths.ensure()
+    paths.config.write_text(json.dumps({"control_device": "eth1", "public_devices": []}))
+    populate(paths, held)
+    push = Pusher(paths)
+    push("guest_network.json", GUEST)
+    fw.apply(paths, fw.real_tables())
+    out: dict[str, list[float]] = {k: [] for k in KINDS}
+    for s in range(samples):
+        i = s % max(held, 1)
+        out["vmdata"].append(push("vm_metadata.json", metadata(vm_ip(100, i), f"s{s}")))
+        pw = {"type": "vmpassword", "ip_address": str(vm_ip(100, i)), "password": f"pw{s}"}
+        out["password"].append(push("vm_password.json", pw))
+        out["dhcpentry"].append(push("vm_dhcp_entry.json", dhcp(held + s)))
+        net = {**OTHER, "add": s % 2 == 0}
+        out["guestnetwork"].append(push("guest_network.json", net))
+    shutil.rmtree(root)
+    return {k: statistics.median(v) * 1000 for k, v in out.items()}
+
+
+def clear_netfilter() -> None:
+    ipt, ip6t = "iptables-legacy", "ip6tables-legacy"
+    cmds = [[ipt, "-F"], [ipt, "-X"], [ipt, "-t", "nat", "-F"], [ipt, "-t", "nat", "-X"],
+            [ip6t, "-F"], [ip6t, "-X"], ["ipset", "destroy"]]  # fmt: skip
+    for cmd in cmds:
+        subprocess.run(cmd, check=False, capture_output=True, timeout=60)
+
+
+def batch(work: Path, n: int, group: bool) -> float:
+    root = work / f"b{n}{group}"
+    paths = Paths(root)
+    paths.ensure()
+    payloads = [
+        parse_payload("vm_metadata.json", metadata(vm_ip(100, i), f"b{i}")) for i in range(n)
+    ]
+    saved = store_mod.FEW_VMS
+    store_mod.FEW_VMS = saved if group else 1 << 30
+    try:
+        t0 = time.perf_counter()
+        store_mod.Store(paths).apply(payloads)
+        took = time.perf_counter() - t0
+    finally:
+        store_mod.FEW_VMS = saved
+    shutil.rmtree(root)
+    return took
+
+
+def inner(args: argparse.Namespace) -> int:
+    sizes = [0, 1000] if args.quick else [0, 1000, 5000, 10000]
+    work = Path(tempfile.mkdtemp(prefix="vr-scale-", dir="/var/tmp"))
+    try:
+        print(f"median ms per push ({args.samples} each); 'rules' = one iptables rule per binding")
+        print(f"{'VMs held':>8} {'design':>6} " + " ".join(f"{k:>12}" for k in KINDS))
+        for held in sizes:
+            for design in ("sets", "rules"):
+                clear_netfilter()
+                ctx = previous_binding_design() if design == "rules" else contextlib.nullcontext()
+                with ctx:
+                    m = measure(work, held, args.samples)
+                print(f"{held:>8} {design:>6} " + " ".join(f"{m[k]:>12.1f}" for k in KINDS),
+                      flush=True)  # fmt: skip
+        clear_netfilter()
+        print()
+        print("batch of new VMs applied to the store (s): group commit vs fsync per file")
+        for n in [1000] if args.quick else [1000, 10000]:
+            g, f = batch(work, n, True), batch(work, n, False)
+            print(f"{n:>8} VMs  group {g:7.2f}  per-file fsync {f:7.2f}  x{f / g:.1f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="0 and 1,000 VMs, 1,000-VM batch only")
+    ap.add_argument("--samples", type=int, default=15, help="pushes per median")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.inner:
+        return inner(args)
+    if os.geteuid() != 0:
+        print("bench/scale.py needs root (a network namespace, iptables, ipset)", file=sys.stderr)
+        return 2
+    ns = f"vrscale{os.getpid()}"
+    run: Callable[..., Any] = subprocess.run
+    run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        for dev in ("eth0", "eth1", "eth2"):  # veth pairs inside the namespace
+            link = ["ip", "-n", ns, "link"]
+            run([*link, "add", dev, "type", "veth", "peer", "name", f"p{dev}"], check=True)
+            run([*link, "set", dev, "up"], check=True, timeout=30)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--inner",
+               "--samples", str(args.samples), *(["--quick"] if args.quick else [])]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return run(["ip", "netns", "exec", ns, *cmd], env=env, check=False).returncode  # type: ignore[no-any-return]
+    finally:
+        run(["ip", "netns", "del", ns], check=False, timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,3 +149,16 @@ def test_dhcpv6_leases_are_read_with_the_server_duid_iaid_and_client_duid() -> N
 
 def test_a_leases_file_without_dhcpv6_has_no_server_duid() -> None:
     assert leases6("4294967295 02:00:00:00:00:17 10.1.1.23 vm-a *\n") == (None, [])
+
+
+def test_a_removed_guest_network_is_no_longer_served() -> None:
+    other = GuestNetwork("eth3", IPv4Address("10.3.3.1"), IPv4Network("10.3.3.0/24"), True)
+    removal = GuestNetwork("eth0", IPv4Address("10.1.1.1"), IPv4Network("10.1.1.0/24"), False)
+    served = model.render(Config(guest_networks=(NET,)), [other], [VM], "r", WHERE)
+    assert "interface=eth0" in served.conf.decode().splitlines()
+    # a pushed removal takes the network away, also one configured in vr.json
+    files = model.render(Config(guest_networks=(NET,)), [other, removal], [VM], "r", WHERE)
+    conf = files.conf.decode().splitlines()
+    assert "interface=eth3" in conf
+    assert not [line for line in conf if "eth0" in line or "10.1.1." in line]
+    assert b"10.1.1.1" not in files.opts and b"10.1.1.1" not in files.names

@@ -13,7 +13,9 @@ What it does, all inside two network namespaces it creates and always removes:
 * serves it with (a) ``python -m vr serve-metadata`` and (b) ``apache2`` in the "vr"
   namespace; clients run in the "guest" namespace, which holds every VM's address;
 * drives both with ``wrk`` at 50 and 400 connections for
-  ``/latest/meta-data/instance-id`` and ``/latest/user-data``;
+  ``/latest/meta-data/instance-id`` and ``/latest/user-data``: both servers run at
+  once, each is warmed up first, and ``--rounds`` (3) rounds alternate which side goes
+  first; each cell shows the median round (failures summed over all rounds);
 * runs a boot storm: every VM does a cloud-init crawl (user-data, index, each key;
   a new connection per request as cloud-init does), 20 VMs at a time, each from its
   own source address; failed requests are counted one by one, including those a
@@ -67,6 +69,7 @@ APACHE_PORT = 8000
 PATHS = ("/latest/meta-data/instance-id", "/latest/user-data")
 CONNECTIONS = (50, 400)
 STORM_PARALLEL = 20
+WARM_UP = 3  # seconds of wrk per server before the measured rounds
 STORM_TIME_LIMIT = 300.0
 # wrk's connections all come from the guest's one address: our per-VM connection
 # limit is raised above the largest wrk run.
@@ -589,40 +592,44 @@ def bench(args: argparse.Namespace) -> None:
         conf_dir = work / "apache" / "conf"
         conf_dir.mkdir(parents=True)
         conf = apache_config(conf_dir, docroot)
+        # Tens of thousands of files were just written: flush them now, or the
+        # kernel's write-back competes with whichever server is measured first.
+        os.sync()
         print(f"laid out {args.vms} VMs in {time.monotonic() - t:.1f}s under {work}")
-        results: dict[str, dict[str, object]] = {"ours": {}, "apache": {}}
-        with netns.lab() as lab:
+        sides = [n for n in ("ours", "apache") if n not in args.skip]
+        results: dict[str, dict[str, object]] = {n: {} for n in ("ours", "apache")}
+        with netns.lab() as lab, contextlib.ExitStack() as running:
             vr, guest = setup_lab(lab, args.vms)
-            for name in ("ours", "apache"):
-                if name in args.skip:
-                    continue
-                port = OUR_PORT if name == "ours" else APACHE_PORT
-                base = f"{VR_ADDR}:{port}"
-                server: contextlib.AbstractContextManager[object] = (
+            base = {"ours": f"{VR_ADDR}:{OUR_PORT}", "apache": f"{VR_ADDR}:{APACHE_PORT}"}
+            # Both servers run for the whole measurement (an idle one costs nothing),
+            # so the rounds can alternate which side goes first.
+            for name in sides:
+                running.enter_context(
                     our_server(lab, vr, paths.root, args, work / "ours.log")
                     if name == "ours"
                     else apache_server(vr, conf_dir, conf)
                 )
-                with server:
-                    for path in PATHS:
-                        check = guest.run_bytes(
-                            "curl",
-                            "-sS",
-                            "-o",
-                            "/dev/null",
-                            "-w",
-                            "%{http_code}",
-                            f"http://{base}{path}",
-                        )
-                        if check.stdout != b"200":
-                            raise SystemExit(f"{name} {path}: HTTP {check.stdout!r}, expected 200")
-                        for c in CONNECTIONS:
-                            r = run_wrk(guest, f"http://{base}{path}", c, args.duration)
-                            results[name][f"{path} c={c}"] = r
-                            print(f"{name:>6} {path} c={c}: {r}", flush=True)
-                    if not args.no_storm:
-                        results[name]["storm"] = run_storm(guest, base, args.vms)
-                        print(f"{name:>6} storm: {results[name]['storm']}", flush=True)
+                for path in PATHS:
+                    check_200(guest, name, f"http://{base[name]}{path}")
+                # Warm-up, not counted: first requests load the VM, fill caches and
+                # grow the server's pools.
+                run_wrk(guest, f"http://{base[name]}{PATHS[0]}", CONNECTIONS[-1], WARM_UP)
+            runs: dict[str, dict[str, list[WrkResult]]] = {n: {} for n in sides}
+            for rnd in range(args.rounds):
+                order = sides if rnd % 2 == 0 else sides[::-1]
+                for path in PATHS:
+                    for c in CONNECTIONS:
+                        for name in order:
+                            r = run_wrk(guest, f"http://{base[name]}{path}", c, args.duration)
+                            runs[name].setdefault(f"{path} c={c}", []).append(r)
+                            print(f"round {rnd + 1} {name:>6} {path} c={c}: {r}", flush=True)
+            for name in sides:
+                for key, rs in runs[name].items():
+                    results[name][key] = median_run(rs)
+            if not args.no_storm:
+                for name in sides:
+                    results[name]["storm"] = run_storm(guest, base[name], args.vms)
+                    print(f"{name:>6} storm: {results[name]['storm']}", flush=True)
         report(results, args)
     finally:
         if args.keep:
@@ -631,11 +638,30 @@ def bench(args: argparse.Namespace) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def check_200(guest: netns.Namespace, name: str, url: str) -> None:
+    check = guest.run_bytes("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url)
+    if check.stdout != b"200":
+        raise SystemExit(f"{name} {url}: HTTP {check.stdout!r}, expected 200")
+
+
+def median_run(rs: list[WrkResult]) -> WrkResult:
+    """The run with the median req/s; its failures are the sum over every run."""
+    mid = sorted(rs, key=lambda r: r.rps)[len(rs) // 2]
+    return WrkResult(
+        mid.rps,
+        sum(r.failed for r in rs),
+        sum(r.requests for r in rs),
+        mid.p50_ms,
+        mid.p99_ms,
+    )
+
+
 def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
     ours, apache = results["ours"], results["apache"]
     print()
     print(
-        f"metadata benchmark: {args.vms} VMs, wrk {args.duration}s per cell, ours = "
+        f"metadata benchmark: {args.vms} VMs, wrk {args.duration}s per run, median of "
+        f"{args.rounds} rounds per cell (order alternating; failed/requests over all), ours = "
         f"{args.workers} {args.worker_class} workers"
         + (f" x {args.threads} threads" if args.worker_class == "gthread" else "")
         + ", "
@@ -768,6 +794,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--vms", type=int, default=1000)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="wrk runs per cell; the median counts")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--worker-class", default="event")
     ap.add_argument("--threads", type=int, default=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -28,11 +29,11 @@ class Paths:
         return self.root / rel
 
     # --- document root (served data) -------------------------------------------------
-    @property
+    @cached_property
     def html(self) -> Path:
         return self._p("var/www/html")
 
-    @property
+    @cached_property
     def latest(self) -> Path:
         return self.html / "latest"
 
@@ -44,12 +45,12 @@ class Paths:
     def userdata_root(self) -> Path:
         return self.latest / "userdata"
 
-    @property
+    @cached_property
     def generations(self) -> Path:
         """Hidden folder holding one immutable directory per VM generation."""
         return self.latest / ".vms"
 
-    @property
+    @cached_property
     def stamp(self) -> Path:
         """Replaced on every committed change; readers compare its inode and mtime."""
         return self.latest / ".stamp"

@@ -141,3 +141,17 @@ def test_a_held_request_is_counted_once_when_answered(paths: Paths) -> None:
         store_vm(paths, VM, name="after")
         assert Reader(c).response()[2] == b"after"
     assert counted._value.get() == 1
+
+
+def test_etags_are_remembered_within_a_bound_and_stay_exact() -> None:
+    import hashlib
+
+    def plain(body: bytes) -> str:
+        return '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+
+    bodies = [bytes([i % 251]) * (1000 + i) for i in range(3000)]  # ~4.5 MB in all
+    for b in bodies + bodies:
+        assert changes.etag(b) == plain(b)
+    assert sum(map(len, changes._ETAGS)) <= changes.ETAG_MEMO_BYTES
+    big = b"x" * (changes.ETAG_MEMO_BYTES + 1)
+    assert changes.etag(big) == plain(big) and big not in changes._ETAGS

@@ -94,3 +94,25 @@ def test_loader_sees_the_generation_after_the_stamp(paths: Paths) -> None:
         view = cache.view(A)
         assert view is not None and view.metadata["local-hostname"] == f"h{i}".encode()
     assert seen == sorted(seen) and len(seen) == 21
+
+
+def test_len_counts_the_vms_held_through_loads_reloads_and_removals(paths: Paths) -> None:
+    store_vm(paths, str(A))
+    store_vm(paths, str(B))
+    gone: set[IPv4Address] = set()
+
+    def loader(p: Paths, ip: IPv4Address) -> object:
+        return None if ip in gone else read_vm(p, ip)
+
+    cache = VmCache(paths, loader=loader)  # type: ignore[arg-type]
+    assert len(cache) == 0
+    cache.view(A), cache.view(B), cache.view(IPv4Address("10.1.1.7"))
+    assert len(cache) == 2
+    store_vm(paths, str(B), [["metadata", "local-hostname", "renamed"]])
+    assert cache.view(B) is not None and len(cache) == 2
+    gone.add(B)
+    store_vm(paths, str(B), [["metadata", "local-hostname", "again"]])
+    assert cache.view(B) is None and len(cache) == 1
+    gone.clear()
+    store_vm(paths, str(B), [["metadata", "local-hostname", "back"]])
+    assert cache.view(B) is not None and len(cache) == 2

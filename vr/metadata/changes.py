@@ -38,8 +38,24 @@ POLL = 0.05
 Park = Callable[[float, Callable[[], object], int], bool]
 
 
+_ETAGS: dict[bytes, str] = {}
+_ETAG_BYTES = [0]
+ETAG_MEMO_BYTES = 1 << 20
+"""The bodies whose tags are remembered, in bytes at most: the same few bodies are
+asked for again and again (each VM's keys), and bytes objects cache their hash."""
+
+
 def etag(body: bytes) -> str:
-    return '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+    tag = _ETAGS.get(body)
+    if tag is None:
+        tag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+        if _ETAG_BYTES[0] + len(body) > ETAG_MEMO_BYTES:
+            _ETAGS.clear()
+            _ETAG_BYTES[0] = 0
+        if len(body) <= ETAG_MEMO_BYTES // 64:
+            _ETAGS[body] = tag
+            _ETAG_BYTES[0] += len(body)
+    return tag
 
 
 class BadWait(ValueError):

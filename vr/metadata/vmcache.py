@@ -64,13 +64,14 @@ class VmCache:
         self._epoch = 0
         self._entries: dict[IPv4Address, _Entry] = {}
         self._unknown = 0
+        self._loaded = 0  # entries holding a view: len() is asked after every request
         self._addresses: dict[str, IPv4Address | None] = {}
         self._identify = by_address(paths)
         self.loads = 0
         """VM reads from disk so far (tests and benchmarks look at it)."""
 
     def __len__(self) -> int:
-        return sum(1 for e in self._entries.values() if e.view is not None)
+        return self._loaded
 
     def view_for_address(self, remote_addr: str) -> VmView | None:
         """The VM calling from ``remote_addr`` (the TCP peer), or None if unknown."""
@@ -110,6 +111,9 @@ class VmCache:
             return None
         self.loads += 1
         view = build_view(rec.gen, rec.metadata, rec.userdata)
+        old = self._entries.get(ip)
+        if old is None or old.view is None:
+            self._loaded += 1
         # rec.gen may be newer than ``gen`` (a commit in between); both are at least
         # as new as the stamp read above, which is all a reader may ask for.
         self._entries[ip] = _Entry(epoch, rec.gen, view)
@@ -118,6 +122,8 @@ class VmCache:
 
     def _remember_unknown(self, ip: IPv4Address, epoch: int) -> None:
         old = self._entries.get(ip)
+        if old is not None and old.view is not None:
+            self._loaded -= 1
         if old is None or old.view is not None:
             if self._unknown >= MAX_UNKNOWN:
                 self._forget_unknown()

@@ -150,6 +150,8 @@ def parse_response(buf: bytes, eof: bool) -> tuple[int, bytes] | None:
 @dataclass
 class Tally:
     latencies: list[float] = field(default_factory=list)  # seconds, requests answered
+    password_latencies: list[float] = field(default_factory=list)  # those to password_port
+    password_port: int = 0
     crawls: list[float] = field(default_factory=list)  # seconds, whole crawls that passed
     sent: int = 0
     failed: dict[str, int] = field(default_factory=dict)
@@ -192,7 +194,10 @@ async def fetch(
                 buf += chunk
                 answer = parse_response(buf, not chunk)
                 if answer is not None:
-                    tally.latencies.append(time.monotonic() - start)
+                    took = time.monotonic() - start
+                    tally.latencies.append(took)
+                    if target[1] == tally.password_port:
+                        tally.password_latencies.append(took)
                     return answer
     except TimeoutError as exc:
         raise Failed("timeout") from exc
@@ -249,7 +254,7 @@ async def crawl(
 
 async def _storm(guests: list[Guest], meta: tuple[str, int], pw: tuple[str, int]) -> Tally:
     loop = asyncio.get_running_loop()
-    tally = Tally()
+    tally = Tally(password_port=pw[1])
     async with asyncio.timeout(TIME_LIMIT):
         await asyncio.gather(*(crawl(loop, g, meta, pw, tally) for g in guests))
     return tally
@@ -271,6 +276,7 @@ def client(args: argparse.Namespace) -> int:
     end = time.monotonic()
     out = {"start": start, "end": end, "planned": sum(planned(g) for g in guests),
            "sent": tally.sent, "failed": tally.failed, "latencies": tally.latencies,
+           "password_latencies": tally.password_latencies,
            "crawls": tally.crawls}  # fmt: skip
     print(json.dumps(out), flush=True)
     return 0
@@ -286,6 +292,7 @@ class Result:
     sent: int
     failed: dict[str, int]
     latencies: list[float]
+    password_latencies: list[float]
     crawls: list[float]
 
     @property
@@ -338,6 +345,7 @@ def run_clients(lab: netns.Lab, ns: netns.Namespace, target: str, vms: int,
         sum(o["sent"] for o in outs),
         failed,
         [x for o in outs for x in o["latencies"]],
+        [x for o in outs for x in o["password_latencies"]],
         [x for o in outs for x in o["crawls"]],
     )
 
@@ -483,6 +491,8 @@ def report(results: dict[str, Result], vms: int, cfg: config.Config) -> None:
         ("requests/s", lambda r: f"{r.answered / r.seconds:.0f}"),
         ("request p50 ms", lambda r: f"{percentile(r.latencies, 0.5) * 1000:.1f}"),
         ("request p99 ms", lambda r: f"{percentile(r.latencies, 0.99) * 1000:.1f}"),
+        ("  password p50 ms", lambda r: f"{percentile(r.password_latencies, 0.5) * 1000:.1f}"),
+        ("  password p99 ms", lambda r: f"{percentile(r.password_latencies, 0.99) * 1000:.1f}"),
         ("crawl p50 s", lambda r: f"{percentile(r.crawls, 0.5):.2f}"),
         ("crawl p99 s", lambda r: f"{percentile(r.crawls, 0.99):.2f}"),
     ]

@@ -73,6 +73,8 @@ USER_AGENT = "Cloud-Init/25.1"
 CLIENTS = 2
 TIME_LIMIT = 900.0
 SEND, SAVED = "send_my_password", "saved_password"
+STAGES = {"/latest/meta-data/instance-id": "readiness", "/latest/user-data": "user-data",
+          "/latest/meta-data/": "index", SEND: "password", SAVED: "ack"}  # fmt: skip
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the port at connect(), per 4-tuple
 
 
@@ -222,12 +224,16 @@ async def crawl(
                   expect: bytes | None) -> bytes:  # fmt: skip
         nonlocal done
         done += 1
-        status, body = await fetch(loop, g.address, target, request(path, host, header),
-                                   timeout, tally)  # fmt: skip
+        stage = STAGES.get(header or path, "key")
+        try:
+            status, body = await fetch(loop, g.address, target, request(path, host, header),
+                                       timeout, tally)  # fmt: skip
+        except Failed as exc:
+            raise Failed(f"{stage}: {exc.reason}") from None
         if status != 200:
-            raise Failed(f"status {status}")
+            raise Failed(f"{stage}: status {status}")
         if expect is not None and body != expect:
-            raise Failed("wrong body")
+            raise Failed(f"{stage}: wrong body")
         return body
 
     try:
@@ -237,12 +243,12 @@ async def crawl(
         index = await get(meta, "/latest/meta-data/", METADATA_TIMEOUT, None, None)
         names = [line.strip() for line in index.decode().splitlines() if line.strip()]
         if sorted(names) != sorted(g.metadata):
-            raise Failed("wrong index")
+            raise Failed("index: wrong names")
         for name in names:
             await get(meta, f"/latest/meta-data/{name}", METADATA_TIMEOUT, None, g.metadata[name])
         served = await get(pw, "/", PASSWORD_TIMEOUT, SEND, None)
         if served.strip() != g.password.encode():  # cloud-init strips it
-            raise Failed("wrong password")
+            raise Failed("password: wrong password")
         await get(pw, "/", PASSWORD_TIMEOUT, SAVED, SAVED.encode())
     except Failed as exc:
         tally.fail(exc.reason)
@@ -464,7 +470,14 @@ def storm(vms: int) -> int:
                     print(f"{name}: {r.seconds:.1f}s, {r.failures} failed of {r.planned}",
                           flush=True)  # fmt: skip
         report(results, vms, cfg)
-        return 0 if all(r.failures == 0 for r in results.values()) else 1
+        if all(r.failures == 0 for r in results.values()):
+            return 0
+        kept = Path(tempfile.mkdtemp(prefix="vr-storm-logs-", dir="/var/tmp"))
+        for log in ("ours.log", "reference.log", "apache/conf/error.log"):
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy(work / log, kept / log.replace("/", "-"))
+        print(f"failures: the servers' logs (no passwords in them) are kept in {kept}")
+        return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

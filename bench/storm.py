@@ -73,8 +73,6 @@ USER_AGENT = "Cloud-Init/25.1"
 CLIENTS = 2
 TIME_LIMIT = 900.0
 SEND, SAVED = "send_my_password", "saved_password"
-STAGES = {"/latest/meta-data/instance-id": "readiness", "/latest/user-data": "user-data",
-          "/latest/meta-data/": "index", SEND: "password", SAVED: "ack"}  # fmt: skip
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the port at connect(), per 4-tuple
 
 
@@ -221,10 +219,9 @@ async def crawl(
     done = 0
 
     async def get(target: tuple[str, int], path: str, timeout: float, header: str | None,
-                  expect: bytes | None) -> bytes:  # fmt: skip
+                  expect: bytes | None, stage: str = "key") -> bytes:  # fmt: skip
         nonlocal done
         done += 1
-        stage = STAGES.get(header or path, "key")
         try:
             status, body = await fetch(loop, g.address, target, request(path, host, header),
                                        timeout, tally)  # fmt: skip
@@ -238,18 +235,18 @@ async def crawl(
 
     try:
         iid = g.metadata["instance-id"]
-        await get(meta, "/latest/meta-data/instance-id", READY_TIMEOUT, None, iid)
-        await get(meta, "/latest/user-data", METADATA_TIMEOUT, None, g.userdata)
-        index = await get(meta, "/latest/meta-data/", METADATA_TIMEOUT, None, None)
+        await get(meta, "/latest/meta-data/instance-id", READY_TIMEOUT, None, iid, "readiness")
+        await get(meta, "/latest/user-data", METADATA_TIMEOUT, None, g.userdata, "user-data")
+        index = await get(meta, "/latest/meta-data/", METADATA_TIMEOUT, None, None, "index")
         names = [line.strip() for line in index.decode().splitlines() if line.strip()]
         if sorted(names) != sorted(g.metadata):
             raise Failed("index: wrong names")
         for name in names:
             await get(meta, f"/latest/meta-data/{name}", METADATA_TIMEOUT, None, g.metadata[name])
-        served = await get(pw, "/", PASSWORD_TIMEOUT, SEND, None)
+        served = await get(pw, "/", PASSWORD_TIMEOUT, SEND, None, "password")
         if served.strip() != g.password.encode():  # cloud-init strips it
             raise Failed("password: wrong password")
-        await get(pw, "/", PASSWORD_TIMEOUT, SAVED, SAVED.encode())
+        await get(pw, "/", PASSWORD_TIMEOUT, SAVED, SAVED.encode(), "ack")
     except Failed as exc:
         tally.fail(exc.reason)
         if planned(g) > done:

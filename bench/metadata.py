@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -100,18 +101,21 @@ def vm_address(i: int) -> str:
 # --- layout --------------------------------------------------------------------------
 
 
+USERDATA = ((("#cloud-config\n" + "# " + "x" * 60 + "\n" * 1) * 27).encode())[:2048]
+
+
+def vm_push(i: int) -> dict[str, Any]:
+    """The ``vm_metadata`` payload :func:`lay_out_store` pushes for VM ``i``."""
+    return vm_payload(vm_address(i), userdata=USERDATA)
+
+
 def lay_out_store(paths: Paths, count: int) -> None:
     """``count`` VMs with 2 KB user-data, pushed through the store in batches."""
     paths.ensure()
-    userdata = ("#cloud-config\n" + "# " + "x" * 60 + "\n" * 1) * 27
-    blob = userdata.encode()[:2048]
     store = Store(paths)
     batch = 500
     for start in range(0, count, batch):
-        payloads = [
-            parse_vm_metadata(vm_payload(vm_address(i), userdata=blob))
-            for i in range(start, min(count, start + batch))
-        ]
+        payloads = [parse_vm_metadata(vm_push(i)) for i in range(start, min(count, start + batch))]
         store.apply(payloads)
 
 

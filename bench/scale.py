@@ -17,6 +17,13 @@ Runs as root: the firewall is real (python-iptables and ``ipset``) inside a netw
 namespace this script creates and removes, with dummy guest/control interfaces.
 
     PYTHONPATH=$PWD python bench/scale.py [--quick] [--samples 15]
+
+Boot storm (``--storm``, only that section): 10,000 guests (1,000 with ``--quick``,
+``--storm-vms N``) boot at once, each a cloud-init CloudStack crawl with a new connection
+per request and every answer checked, against vr and then Apache + CloudStack's
+password server in the same run; see bench/storm.py.
+
+    PYTHONPATH=$PWD python bench/scale.py --storm [--quick]
 """
 
 from __future__ import annotations
@@ -188,17 +195,35 @@ def inner(args: argparse.Namespace) -> int:
     return 0
 
 
+def boot_storm(args: argparse.Namespace) -> int:
+    """The boot storm section (its own namespaces; see bench/storm.py)."""
+    from bench import storm
+
+    vms = args.storm_vms or (1000 if args.quick else 10000)
+    if not 1 <= vms <= 60000:  # 10.77.1.0 + N stays inside the guests' /16
+        print(f"--storm-vms {vms}: expected 1 to 60000 guests", file=sys.stderr)
+        return 2
+    return storm.storm(vms)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="0 and 1,000 VMs, 1,000-VM batch only")
     ap.add_argument("--samples", type=int, default=15, help="pushes per median")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--storm", action="store_true",
+                    help="only the boot storm: 10,000 guests (1,000 with --quick) at once, "
+                    "vr against Apache (bench/storm.py)")  # fmt: skip
+    ap.add_argument("--storm-vms", type=int, default=None, metavar="N",
+                    help="guests of the boot storm (1-60000; default 10000)")  # fmt: skip
     args = ap.parse_args()
     if args.inner:
         return inner(args)
     if os.geteuid() != 0:
         print("bench/scale.py needs root (a network namespace, iptables, ipset)", file=sys.stderr)
         return 2
+    if args.storm:
+        return boot_storm(args)
     ns = f"vrscale{os.getpid()}"
     run: Callable[..., Any] = subprocess.run
     run(["ip", "netns", "add", ns], check=True, timeout=30)

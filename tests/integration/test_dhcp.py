@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.wait import wait_for
 from vr.demo.sandbox import (
     VR_GUEST_IP,
     Guest,
@@ -27,15 +27,6 @@ pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
 
 ROUTER6 = "fd00:1::1"
 CIDR6 = "fd00:1::/64"
-
-
-def _wait(cond: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _status(sb: Sandbox) -> dict[str, object]:
@@ -129,17 +120,17 @@ def test_an_ipv6_guest_gets_its_own_instance_id_at_fd00_ec2__254(sb: Sandbox) ->
             timeout=90, ok_codes=range(256),
         )  # fmt: skip
         assert res.code == 0, res.stderr
-        _wait(
+        wait_for(
             lambda g=g: (
                 f"inet6 {v6_of(g)}/128"
                 in sb.run(g.role, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
                 and "tentative" not in sb.run(g.role, ["ip", "-6", "-o", "addr"]).stdout
             ),
-            what=f"{g.role} IPv6 address",
+            f"{g.role} IPv6 address",
         )
-        _wait(
+        wait_for(
             lambda g=g: "default" in sb.run(g.role, ["ip", "-6", "route"]).stdout,
-            what=f"{g.role} default route from the router advertisement",
+            f"{g.role} default route from the router advertisement",
         )
         got = sb.run(
             g.role,
@@ -170,7 +161,7 @@ def test_a_guest_without_an_entry_gets_no_lease(sb: Sandbox) -> None:
     removed = {**dhcp_payload(stranger), "remove": True}
     assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", removed)])).code == 0
     leases = sb.vr_root / "var/lib/misc/dnsmasq.leases"
-    _wait(lambda: stranger.mac not in leases.read_text(), what="lease released")
+    wait_for(lambda: stranger.mac not in leases.read_text(), "lease released")
 
 
 def test_killed_dnsmasq_is_restarted_by_vr_up_with_its_leases(sb: Sandbox) -> None:
@@ -181,12 +172,12 @@ def test_killed_dnsmasq_is_restarted_by_vr_up_with_its_leases(sb: Sandbox) -> No
     children = sb.run("vr", ["pgrep", "-P", str(service["pid"]), "dnsmasq"]).stdout.split()
     assert len(children) == 1
     os.kill(int(children[0]), signal.SIGKILL)
-    _wait(
+    wait_for(
         lambda: (
             _status(sb)["services"]["dhcp"]["restarts"] == service["restarts"] + 1  # type: ignore[index]
             and _status(sb)["services"]["dhcp"]["up"]
         ),  # type: ignore[index]
-        what="dhcp service restarted",
+        "dhcp service restarted",
     )
     assert g.mac in leases.read_text()
     # the restarted dnsmasq answers the guest's renewal with the same lease

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.wait import wait_for
 from vr.demo.sandbox import (
     Guest,
     Sandbox,
@@ -38,15 +38,6 @@ OPENSTACK = "[fe80::a9fe:a9fe%25eth0]"
 ABSENT = Guest("gz", "10.1.1.77", "02:00:0a:01:01:4d", "absent", "i-absent-77", "unused")
 ABSENT6 = "fd00:1::77"
 SPOOFER = Guest("gs", "10.1.1.88", "02:00:0a:01:01:58", "spoofer", "no-vm", "unused")
-
-
-def _wait(cond: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def booted(sb: Sandbox) -> list[Guest]:
@@ -85,17 +76,17 @@ def dhcp6(sb: Sandbox, g: Guest) -> None:
         timeout=90, ok_codes=range(256),
     )  # fmt: skip
     assert res.code == 0, res.stderr
-    _wait(
+    wait_for(
         lambda: (
             f"inet6 {v6_of(g)}/128"
             in sb.run(g.role, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
             and "tentative" not in sb.run(g.role, ["ip", "-6", "-o", "addr"]).stdout
         ),
-        what=f"{g.role} IPv6 address",
+        f"{g.role} IPv6 address",
     )
-    _wait(
+    wait_for(
         lambda: "default" in sb.run(g.role, ["ip", "-6", "route"]).stdout,
-        what=f"{g.role} default route from the router advertisement",
+        f"{g.role} default route from the router advertisement",
     )
 
 
@@ -186,7 +177,7 @@ def test_removing_a_dhcp_entry_releases_its_dhcpv6_lease(sb: Sandbox) -> None:
     try:
         assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", removed)])).code == 0
         # dnsmasq drops the lease only when dhcp_release6 sends it the RELEASE
-        _wait(lambda: f" {v6_of(g)} " not in leases.read_text(), what="DHCPv6 lease released")
+        wait_for(lambda: f" {v6_of(g)} " not in leases.read_text(), "DHCPv6 lease released")
         log = (sb.vr_root / "var/log/cloud.log").read_text()
         assert f"released the DHCPv6 lease of {v6_of(g)} on eth0" in log
     finally:

@@ -37,8 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.metadata import WrkResult, run_wrk  # noqa: E402
 from tests.helpers import netns  # noqa: E402
-from tests.helpers.ovs import OvsLab, ovs_lab, vr_argv, wait_for  # noqa: E402
+from tests.helpers.ovs import OvsLab, ovs_lab, vr_argv  # noqa: E402
 from tests.helpers.vmdata import vm_payload, vm_triples  # noqa: E402
+from tests.helpers.wait import wait_for  # noqa: E402
 from vr.hypervisor import flows  # noqa: E402
 from vr.hypervisor.ovs import Ovs  # noqa: E402
 from vr.paths import Paths  # noqa: E402
@@ -68,7 +69,7 @@ def flow_file(want: list[flows.Flow]) -> str:
 def bench_flows(lab: OvsLab, n: int) -> list[tuple[str, float, float | None, str]]:
     ovs = Ovs(lab.bridge, lab.rundir, timeout=600)
     ovs.ensure_meta_port("vr-meta")
-    wait_for("the metadata port", lambda: ovs.meta_port("vr-meta") is not None)
+    wait_for(lambda: ovs.meta_port("vr-meta") is not None, "the metadata port")
     meta = ovs.meta_port("vr-meta")
     assert meta is not None
     ports = [
@@ -134,7 +135,7 @@ def bench_rps(lab: OvsLab, work: Path, args: argparse.Namespace) -> tuple[WrkRes
         str(lab.rundir), "--workers", str(args.workers), "--no-agent",
     ), work / "hypervisor.log")  # fmt: skip
     url = f"http://169.254.169.254{URL_PATH}"
-    wait_for("the OVS path", lambda: vm.curl(url).stdout == "bench-vm", timeout=60)
+    wait_for(lambda: vm.curl(url).stdout == "bench-vm", "the OVS path", timeout=60)
     ovs_rps = run_wrk(vm.ns, url, args.conns, args.duration)
 
     router = Paths(work / "router")
@@ -148,7 +149,7 @@ def bench_rps(lab: OvsLab, work: Path, args: argparse.Namespace) -> tuple[WrkRes
     ), work / "router.log")  # fmt: skip
     rurl = f"http://10.41.0.1{URL_PATH}"
     ok = ["curl", "-sS", "-m", "5", rurl]
-    wait_for("the router path", lambda: guest.run(*ok, check=False).stdout == "bench-vm", 60)
+    wait_for(lambda: guest.run(*ok, check=False).stdout == "bench-vm", "the router path", 60)
     router_rps = run_wrk(guest, rurl, args.conns, args.duration)
     return ovs_rps, router_rps
 

@@ -42,8 +42,8 @@ from tests.helpers.pair_lab import (  # noqa: E402
     gap_around,
     pair_lab,
     stop_loop,
-    wait_for,
 )
+from tests.helpers.wait import wait_for  # noqa: E402
 from vr.paths import Paths  # noqa: E402
 from vr.store import read_passwords  # noqa: E402
 
@@ -64,47 +64,47 @@ def setup(pl: PairLab) -> None:
             "type": "vmdata",
         }
     )
-    wait_for(pl.master, 30, "one MASTER")
-    wait_for(lambda: pl.in_sync("ra", "rb"), 30, "in sync")
+    wait_for(pl.master, "one MASTER", 30)
+    wait_for(lambda: pl.in_sync("ra", "rb"), "in sync", 30)
 
 
 def failovers(pl: PairLab, n: int) -> tuple[list[float], int]:
     gaps: list[float] = []
     wrong = 0
     for i in range(n):
-        master = wait_for(pl.master, 30, "one MASTER")
+        master = wait_for(pl.master, "one MASTER", 30)
         survivor = "rb" if master == "ra" else "ra"
         loop = pl.loop("g1")
         recs = first_answers(loop)
         killed = pl.kill(master)
         try:
             recs += answers_after(loop, killed)
-            wait_for(lambda s=survivor: pl.master() == s, 30, f"{survivor} MASTER")  # type: ignore[misc]
+            wait_for(lambda s=survivor: pl.master() == s, f"{survivor} MASTER", 30)  # type: ignore[misc]
         finally:
             recs += stop_loop(loop)
         wrong += sum(1 for r in recs if r[1] is not None and (r[1], r[2]) != (200, G1["id"]))
         gaps.append(gap_around(recs, killed, lambda r: r[1] == 200))
         print(f"  failover {i + 1}/{n}: {master} killed, gap {gaps[-1]:.2f}s", flush=True)
         pl.start(master)
-        wait_for(lambda m=master: pl.vrrp(m) == "BACKUP", 30, f"{master} BACKUP")  # type: ignore[misc]
-        wait_for(lambda: pl.in_sync("ra", "rb"), 30, "in sync")
+        wait_for(lambda m=master: pl.vrrp(m) == "BACKUP", f"{master} BACKUP", 30)  # type: ignore[misc]
+        wait_for(lambda: pl.in_sync("ra", "rb"), "in sync", 30)
     return gaps, wrong
 
 
 def acks(pl: PairLab, n: int) -> list[float]:
     out: list[float] = []
     for _ in range(n):
-        master = wait_for(pl.master, 30, "one MASTER")
+        master = wait_for(pl.master, "one MASTER", 30)
         backup = "rb" if master == "ra" else "ra"
         pl.push_both({"ip_address": G1["ip"], "password": secrets.token_urlsafe(12),
                       "type": "vmpassword"})  # fmt: skip
-        wait_for(lambda: pl.in_sync("ra", "rb"), 10, "in sync")
+        wait_for(lambda: pl.in_sync("ra", "rb"), "in sync", 10)
         if pl.ask_password("g1") in ("", "saved_password", "bad_request"):
             raise SystemExit("the guest got no password")
         pl.ask_password("g1", request="saved_password")
         acked = time.monotonic()
         root = Paths(pl.routers[backup].root)
-        wait_for(lambda r=root: G1["ip"] not in read_passwords(r), 10, "ack on the BACKUP",  # type: ignore[misc]
+        wait_for(lambda r=root: G1["ip"] not in read_passwords(r), "ack on the BACKUP", 10,  # type: ignore[misc]
                  poll=0.002)  # fmt: skip
         out.append(time.monotonic() - acked)
     return out

@@ -24,7 +24,7 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from vr.cloudstack import FILE_TYPES, check_name, file_stem
 from vr.errors import REDACTED, PayloadError
@@ -188,19 +188,81 @@ class DhcpEntry:
 Payload = VmMetadata | VmPassword | GuestNetwork | DhcpEntry
 
 
+_A = TypeVar("_A", IPv4Address, IPv6Address)
+_N = TypeVar("_N", IPv4Network, IPv6Network)
+
+
+@dataclass(frozen=True)
+class _Family(Generic[_A, _N]):
+    """What IPv4 and IPv6 guest-network parsing differ in: types, names in messages,
+    and which networks a guest network may not overlap."""
+
+    address: type[_A]
+    network: type[_N]
+    name: str
+    other: str
+    address_example: str
+    network_example: str
+    reserved: tuple[IPv4Network | IPv6Network, ...]
+
+
+_IPV4 = _Family(
+    IPv4Address, IPv4Network, "IPv4", "IPv6", "10.1.1.23", "10.1.1.0/24", RESERVED_NETWORKS
+)
+_IPV6 = _Family(
+    IPv6Address, IPv6Network, "IPv6", "IPv4", "fd00:1::17", "fd00:1::/64", RESERVED_NETWORKS6
+)
+
+
+def _parse_address(family: _Family[_A, _N], value: object, field_name: str, vm: str | None) -> _A:
+    """Any address of ``family`` (the caller checks what kind it may be)."""
+    if not isinstance(value, str):
+        raise PayloadError(field_name, value, f"an {family.name} address as a string", vm)
+    try:
+        addr = ip_address(value)
+    except ValueError:
+        raise PayloadError(
+            field_name, value, f"an {family.name} address like {family.address_example}", vm
+        ) from None
+    if not isinstance(addr, family.address):
+        raise PayloadError(field_name, value, f"an {family.name} address, not {family.other}", vm)
+    return addr
+
+
+def _parse_guest_cidr(
+    family: _Family[_A, _N], value: object, field_name: str, prefixes: range, sizes: str
+) -> _N:
+    """A guest network of ``family`` with a prefix length in ``prefixes`` (else the
+    error expects ``sizes``), overlapping none of the family's reserved networks."""
+    if not isinstance(value, str):
+        raise PayloadError(field_name, value, f"an {family.name} network as a string")
+    try:
+        cidr = family.network(value, strict=True)
+    except ValueError:
+        raise PayloadError(
+            field_name,
+            value,
+            f"an {family.name} network like {family.network_example} (host bits zero)",
+        ) from None
+    if cidr.prefixlen not in prefixes:
+        raise PayloadError(field_name, value, sizes)
+    for reserved in family.reserved:
+        if cidr.overlaps(reserved):
+            raise PayloadError(field_name, value, f"a guest network not overlapping {reserved}")
+    return cidr
+
+
+def _check_gateway(gateway: _A | None, field_name: str, cidr: _N) -> None:
+    if gateway is not None and gateway not in cidr:
+        raise PayloadError(field_name, str(gateway), f"an address inside {cidr}")
+
+
 def parse_ipv4(
     value: object, field_name: str, vm: str | None = None, *, router: bool = False
 ) -> IPv4Address:
     """A unicast IPv4 address; ``router``: also not link-local (169.254.0.0/16 is the
     VR's control network and holds the metadata address 169.254.169.254)."""
-    if not isinstance(value, str):
-        raise PayloadError(field_name, value, "an IPv4 address as a string", vm)
-    try:
-        addr = ip_address(value)
-    except ValueError:
-        raise PayloadError(field_name, value, "an IPv4 address like 10.1.1.23", vm) from None
-    if not isinstance(addr, IPv4Address):
-        raise PayloadError(field_name, value, "an IPv4 address, not IPv6", vm)
+    addr = _parse_address(_IPV4, value, field_name, vm)
     if (
         addr.is_unspecified
         or addr.is_multicast
@@ -368,25 +430,14 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
     net = f"guest network {device}"
     try:
         ip = parse_ipv4(_require(obj, "router_guest_ip"), "router_guest_ip", router=True)
-        cidr_text = _require(obj, "cidr")
-        if not isinstance(cidr_text, str):
-            raise PayloadError("cidr", cidr_text, "an IPv4 network as a string")
-        try:
-            cidr = IPv4Network(cidr_text, strict=True)
-        except ValueError:
-            raise PayloadError(
-                "cidr", cidr_text, "an IPv4 network like 10.1.1.0/24 (host bits zero)"
-            ) from None
-        if cidr.prefixlen < WIDEST_GUEST_PREFIX:
-            raise PayloadError(
-                "cidr",
-                cidr_text,
-                f"a guest network of at most /{WIDEST_GUEST_PREFIX} (prefix length "
-                f"{WIDEST_GUEST_PREFIX}-32)",
-            )
-        for reserved in RESERVED_NETWORKS:
-            if cidr.overlaps(reserved):
-                raise PayloadError("cidr", cidr_text, f"a guest network not overlapping {reserved}")
+        cidr = _parse_guest_cidr(
+            _IPV4,
+            _require(obj, "cidr"),
+            "cidr",
+            range(WIDEST_GUEST_PREFIX, 33),
+            f"a guest network of at most /{WIDEST_GUEST_PREFIX} (prefix length "
+            f"{WIDEST_GUEST_PREFIX}-32)",
+        )
         if ip not in cidr:
             raise PayloadError("router_guest_ip", str(ip), f"an address inside cidr {cidr}")
         if cidr.prefixlen < 31 and ip in (cidr.network_address, cidr.broadcast_address):
@@ -399,8 +450,7 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
             mac = parse_mac(mac, "mac_address")
         gw_text = obj.get("router_guest_gateway")
         gateway = parse_ipv4(gw_text, "router_guest_gateway", router=True) if gw_text else None
-        if gateway is not None and gateway not in cidr:
-            raise PayloadError("router_guest_gateway", str(gateway), f"an address inside {cidr}")
+        _check_gateway(gateway, "router_guest_gateway", cidr)
         ip6, cidr6, gateway6 = _parse_guest_ipv6(obj)
         dns = _parse_dns(obj.get("dns"))
         domain = obj.get("domain_name")
@@ -418,14 +468,7 @@ def parse_guest_network(obj: dict[str, Any]) -> GuestNetwork:
 def parse_ipv6(value: object, field_name: str, vm: str | None = None) -> IPv6Address:
     """A global or unique-local unicast IPv6 address (never link-local, multicast,
     loopback, unspecified, IPv4-mapped or a metadata address)."""
-    if not isinstance(value, str):
-        raise PayloadError(field_name, value, "an IPv6 address as a string", vm)
-    try:
-        addr = ip_address(value)
-    except ValueError:
-        raise PayloadError(field_name, value, "an IPv6 address like fd00:1::17", vm) from None
-    if not isinstance(addr, IPv6Address):
-        raise PayloadError(field_name, value, "an IPv6 address, not IPv4", vm)
+    addr = _parse_address(_IPV6, value, field_name, vm)
     if any(addr in n for n in RESERVED_NETWORKS6) or addr.ipv4_mapped is not None:
         raise PayloadError(
             field_name,
@@ -455,30 +498,17 @@ def _parse_guest_ipv6(
         missing = "router_guest_ip6" if ip_text is None else "router_guest_ip6_cidr"
         raise PayloadError(missing, None, "router_guest_ip6 and router_guest_ip6_cidr together")
     ip6 = parse_ipv6(ip_text, "router_guest_ip6")
-    if not isinstance(cidr_text, str):
-        raise PayloadError("router_guest_ip6_cidr", cidr_text, "an IPv6 network as a string")
-    try:
-        cidr6 = IPv6Network(cidr_text, strict=True)
-    except ValueError:
-        raise PayloadError(
-            "router_guest_ip6_cidr", cidr_text, "an IPv6 network like fd00:1::/64 (host bits zero)"
-        ) from None
-    if cidr6.prefixlen < WIDEST_GUEST_PREFIX6 or cidr6.prefixlen > 126:
-        raise PayloadError(
-            "router_guest_ip6_cidr",
-            cidr_text,
-            f"an IPv6 guest network of prefix length {WIDEST_GUEST_PREFIX6}-126",
-        )
-    for reserved in RESERVED_NETWORKS6:
-        if cidr6.overlaps(reserved):
-            raise PayloadError(
-                "router_guest_ip6_cidr", cidr_text, f"a guest network not overlapping {reserved}"
-            )
+    cidr6 = _parse_guest_cidr(
+        _IPV6,
+        cidr_text,
+        "router_guest_ip6_cidr",
+        range(WIDEST_GUEST_PREFIX6, 127),
+        f"an IPv6 guest network of prefix length {WIDEST_GUEST_PREFIX6}-126",
+    )
     if ip6 not in cidr6 or ip6 == cidr6.network_address:
         raise PayloadError("router_guest_ip6", str(ip6), f"a host address inside {cidr6}")
     gateway6 = parse_ipv6(gw_text, "router_guest_ip6_gateway") if gw_text is not None else None
-    if gateway6 is not None and gateway6 not in cidr6:
-        raise PayloadError("router_guest_ip6_gateway", str(gateway6), f"an address inside {cidr6}")
+    _check_gateway(gateway6, "router_guest_ip6_gateway", cidr6)
     return ip6, cidr6, gateway6
 
 

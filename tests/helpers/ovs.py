@@ -17,26 +17,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.helpers import netns
+from tests.helpers.wait import wait_for
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 COOKIE_MASK = "cookie=0x5652000000000000/0xffff000000000000"
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float = 30.0, poll: float = 0.05
-) -> None:
-    """Poll ``check()`` until it is true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(poll)
 
 
 @dataclass
@@ -128,7 +117,7 @@ class OvsLab:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        wait_for(f"{daemon} (pid {pid}) to exit", lambda: not _alive(pid), timeout=15)
+        wait_for(lambda: not _alive(pid), f"{daemon} (pid {pid}) to exit", timeout=15)
         (self.rundir / f"{daemon}.pid").unlink(missing_ok=True)
 
     def close(self) -> None:

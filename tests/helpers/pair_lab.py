@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.netns import Lab, Namespace, sh
+from tests.helpers.wait import wait_for
 
 GUEST_CIDR = "10.1.1.0/24"
 VIP = "10.1.1.1"
@@ -67,18 +68,6 @@ while not stop:
 def same_secret(got: object, want: str) -> None:
     if got != want:
         raise AssertionError("password differs")
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, poll: float = 0.05) -> Any:
-    """Poll ``cond`` until it returns something true; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(poll)
 
 
 @dataclass
@@ -178,7 +167,7 @@ class PairLab:
                 return bool(st.get("ready") and st.get("pid") == proc.pid)
             return False
 
-        wait_for(ready, timeout, f"vr up of {name} ready")
+        wait_for(ready, f"vr up of {name} ready", timeout)
 
     def kill(self, name: str) -> float:
         """SIGKILL every process of the router (vr up, keepalived, services) at once;

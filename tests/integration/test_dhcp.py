@@ -7,35 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vr.demo.sandbox import (
-    VR_GUEST_IP,
-    Guest,
-    Sandbox,
-    dhcp_payload,
-    metadata_payload,
-    network_payload,
-    sandbox,
-)
+from tests.helpers.sandbox6 import ROUTER6, dhcp6, dual_stack_sandbox, guest_items, network6, v6_of
+from tests.helpers.wait import wait_for
+from vr.demo.sandbox import VR_GUEST_IP, Guest, Sandbox, dhcp_payload
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
-
-ROUTER6 = "fd00:1::1"
-CIDR6 = "fd00:1::/64"
-
-
-def _wait(cond: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _status(sb: Sandbox) -> dict[str, object]:
@@ -43,30 +24,12 @@ def _status(sb: Sandbox) -> dict[str, object]:
     return data
 
 
-def network6() -> dict[str, object]:
-    return {
-        **network_payload(),
-        "router_guest_ip6": ROUTER6,
-        "router_guest_ip6_cidr": CIDR6,
-        "domain_name": "cloud.test",
-    }
-
-
-def v6_of(g: Guest) -> str:
-    return f"fd00:1::{g.ip.rsplit('.', 1)[1]}"
-
-
 @pytest.fixture(scope="module")
 def sb() -> Iterator[Sandbox]:
-    with sandbox() as sb:
-        sb.run("vr", ["ip", "addr", "add", f"{ROUTER6}/64", "dev", "eth0", "nodad"])
-        sb.start_vr()
-        items = [("guest_network.json", network6())]
+    with dual_stack_sandbox() as sb:
+        items = [network6(domain_name="cloud.test")]
         for g in sb.guests:
-            items.append(
-                (f"vm_dhcp_entry-{g.role}.json", {**dhcp_payload(g), "ipv6_address": v6_of(g)})
-            )
-            items.append((f"vm_metadata-{g.role}.json", metadata_payload(g)))
+            items += guest_items(g, v6_of(g))
         try:
             sb.push(sb.write_payloads(items))
         except Exception:
@@ -122,25 +85,7 @@ def test_cloud_init_finds_the_router_from_the_lease_alone(sb: Sandbox) -> None:
 
 def test_an_ipv6_guest_gets_its_own_instance_id_at_fd00_ec2__254(sb: Sandbox) -> None:
     for g in sb.guests:
-        res = sb.run(
-            g.role,
-            ["dhclient", "-6", "-1", "-v", "-lf", "/var/lib/dhcp/dhclient6.eth0.leases",
-             "-pf", "/var/lib/dhcp/dhclient6.eth0.pid", "eth0"],
-            timeout=90, ok_codes=range(256),
-        )  # fmt: skip
-        assert res.code == 0, res.stderr
-        _wait(
-            lambda g=g: (
-                f"inet6 {v6_of(g)}/128"
-                in sb.run(g.role, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
-                and "tentative" not in sb.run(g.role, ["ip", "-6", "-o", "addr"]).stdout
-            ),
-            what=f"{g.role} IPv6 address",
-        )
-        _wait(
-            lambda g=g: "default" in sb.run(g.role, ["ip", "-6", "route"]).stdout,
-            what=f"{g.role} default route from the router advertisement",
-        )
+        dhcp6(sb, g)
         got = sb.run(
             g.role,
             ["curl", "-sS", "--max-time", "10", "http://[fd00:ec2::254]/latest/instance-id"],
@@ -170,7 +115,7 @@ def test_a_guest_without_an_entry_gets_no_lease(sb: Sandbox) -> None:
     removed = {**dhcp_payload(stranger), "remove": True}
     assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", removed)])).code == 0
     leases = sb.vr_root / "var/lib/misc/dnsmasq.leases"
-    _wait(lambda: stranger.mac not in leases.read_text(), what="lease released")
+    wait_for(lambda: stranger.mac not in leases.read_text(), "lease released")
 
 
 def test_killed_dnsmasq_is_restarted_by_vr_up_with_its_leases(sb: Sandbox) -> None:
@@ -181,12 +126,12 @@ def test_killed_dnsmasq_is_restarted_by_vr_up_with_its_leases(sb: Sandbox) -> No
     children = sb.run("vr", ["pgrep", "-P", str(service["pid"]), "dnsmasq"]).stdout.split()
     assert len(children) == 1
     os.kill(int(children[0]), signal.SIGKILL)
-    _wait(
+    wait_for(
         lambda: (
             _status(sb)["services"]["dhcp"]["restarts"] == service["restarts"] + 1  # type: ignore[index]
             and _status(sb)["services"]["dhcp"]["up"]
         ),  # type: ignore[index]
-        what="dhcp service restarted",
+        "dhcp service restarted",
     )
     assert g.mac in leases.read_text()
     # the restarted dnsmasq answers the guest's renewal with the same lease

@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.wait import wait_for
 from vr.demo.sandbox import (
     METADATA_IP,
     VR_GUEST_IP,
@@ -100,15 +100,6 @@ def test_before_any_vm_is_pushed_guests_get_404_not_errors(sb: Sandbox) -> None:
 
 def _status(sb: Sandbox) -> dict:
     return json.loads((sb.vr_root / "run/vr/status.json").read_text())
-
-
-def _wait(cond, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_cloud_init_reads_everything_and_acknowledges_the_password(sb: Sandbox) -> None:
@@ -220,11 +211,12 @@ def test_killed_server_is_restarted_and_no_password_is_lost(sb: Sandbox, service
     # pushed while the killed server is down or restarting: it must not be lost
     res = sb.push(sb.write_payloads([("vm_password.json", password_payload(g, kept))]))
     assert res.code == 0, res.stderr
-    _wait(
+    wait_for(
         lambda: (
             _status(sb)["ready"]
             and _status(sb)["services"][service]["restarts"] == before["restarts"] + 1
-        )
+        ),
+        f"{service} restarted once and the router ready",
     )
     assert sb.curl(g.role, f"http://{METADATA_IP}/latest/instance-id").stdout == g.instance_id
     same_password(sb.wget_password(g.role).stdout, kept)
@@ -246,7 +238,10 @@ def test_vr_status_counts_vms_networks_last_push_and_refused_requests(sb: Sandbo
         out = sb.run("vr", argv, ok_codes=(0, 1, 2)).stdout  # the exit status is the health
         return json.loads(out)
 
-    _wait(lambda: status()["metadata_counters"]["forwarded_refused"] >= 1)
+    wait_for(
+        lambda: status()["metadata_counters"]["forwarded_refused"] >= 1,
+        "a forwarded request counted as refused",
+    )
     st = status()
     assert st["vms"] >= 2
     assert st["networks"] == 1
@@ -311,4 +306,4 @@ def test_sigkill_of_vr_up_leaves_no_process_of_it(sb: Sandbox) -> None:
     up.wait(10)
     sb.procs.clear()
     # a bound for the arbiters' graceful stop (5 s), not a speed requirement
-    _wait(lambda: _netns_pids(sb) == [], timeout=30)
+    wait_for(lambda: _netns_pids(sb) == [], "no process left in the namespaces", timeout=30)

@@ -21,8 +21,9 @@ import pytest
 from tests.helpers import netns
 from tests.helpers.agent import keygen
 from tests.helpers.fingerprint import fp
-from tests.helpers.ovs import OvsLab, Vm, ovs_lab, vr_argv, wait_for
+from tests.helpers.ovs import OvsLab, Vm, ovs_lab, vr_argv
 from tests.helpers.vmdata import vm_payload, vm_triples
+from tests.helpers.wait import wait_for
 from vr.paths import Paths
 
 pytestmark = pytest.mark.root
@@ -150,7 +151,7 @@ def test_two_vms_with_the_same_ip_get_their_own_instance_id_and_password(hv: Hyp
     hv.add_vm("a", a, "instance-a", pw_a)
     hv.add_vm("b", b, "instance-b", pw_b)
 
-    wait_for("VM a served", lambda: served_instance(a) == "instance-a")
+    wait_for(lambda: served_instance(a) == "instance-a", "VM a served")
     assert served_instance(b) == "instance-b"
     # the same through the DigitalOcean and EC2 views
     assert a.curl(f"{META}/metadata/v1/id").stdout == "instance-a"
@@ -169,7 +170,7 @@ def test_a_vm_spoofing_anothers_mac_and_ip_gets_only_its_own_data(hv: Hypervisor
     pw_victim, pw_spoofer = "v-" + uuid.uuid4().hex, "s-" + uuid.uuid4().hex
     hv.add_vm("a", victim, "instance-victim", pw_victim)
     hv.add_vm("a", spoofer, "instance-spoofer", pw_spoofer)
-    wait_for("victim served", lambda: served_instance(victim) == "instance-victim")
+    wait_for(lambda: served_instance(victim) == "instance-victim", "victim served")
 
     ns = spoofer.ns
     ns.run("ip", "link", "set", "eth0", "down")
@@ -190,12 +191,12 @@ def test_an_unplugged_ports_flows_are_removed_and_it_is_no_longer_served(hv: Hyp
     gone = hv.ovs.plug("52:54:00:0b:00:22", "10.9.0.22/24", "gone")
     hv.add_vm("b", keep, "instance-keep", None)
     hv.add_vm("b", gone, "instance-gone", None)
-    wait_for("VM served", lambda: served_instance(gone) == "instance-gone")
+    wait_for(lambda: served_instance(gone) == "instance-gone", "VM served")
     assert hv.ovs.flows_of(gone.ofport)
 
     start = time.monotonic()
     hv.ovs.unplug(gone)
-    wait_for("the unplugged port's flows to go", lambda: hv.ovs.flows_of(gone.ofport) == [])
+    wait_for(lambda: hv.ovs.flows_of(gone.ofport) == [], "the unplugged port's flows to go")
     took = time.monotonic() - start
     print(f"flows of an unplugged port removed after {took * 1000:.0f} ms")
     ports = json.loads((hv.hv_root.run / "hypervisor" / "ports.json").read_text())
@@ -207,7 +208,7 @@ def test_an_unplugged_ports_flows_are_removed_and_it_is_no_longer_served(hv: Hyp
 def test_flows_are_restored_after_ovs_vswitchd_restarts(hv: Hypervisor) -> None:
     vm = hv.ovs.plug("52:54:00:0a:00:31", "10.9.0.31/24", "restart")
     hv.add_vm("a", vm, "instance-restart", None)
-    wait_for("VM served", lambda: served_instance(vm) == "instance-restart")
+    wait_for(lambda: served_instance(vm) == "instance-restart", "VM served")
     before = hv.ovs.our_flows()
 
     hv.ovs.stop_daemon("ovs-vswitchd")
@@ -215,9 +216,9 @@ def test_flows_are_restored_after_ovs_vswitchd_restarts(hv: Hypervisor) -> None:
 
     # the new ovs-vswitchd starts with an empty flow table and a new metadata port
     # (another MAC): the controller puts every flow back, re-addresses the port
-    wait_for("the flows to be restored", lambda: len(hv.ovs.our_flows(check=False)) == len(before))
+    wait_for(lambda: len(hv.ovs.our_flows(check=False)) == len(before), "the flows to be restored")
     assert hv.ovs.flows_of(vm.ofport)
-    wait_for("VM served again", lambda: served_instance(vm) == "instance-restart")
+    wait_for(lambda: served_instance(vm) == "instance-restart", "VM served again")
 
 
 def test_a_hundred_plugged_ports_are_all_served(hv: Hypervisor) -> None:
@@ -229,6 +230,6 @@ def test_a_hundred_plugged_ports_are_all_served(hv: Hypervisor) -> None:
         payloads.append((f"vm_dhcp_entry-{i}.json", dhcp(vm.mac, vm.ip)))
         payloads.append((f"vm_metadata-{i}.json", metadata(vm.ip, f"many-{i}")))
     hv.push("b", payloads)
-    wait_for("the last port served", lambda: served_instance(vms[-1]) == "many-99", timeout=60)
+    wait_for(lambda: served_instance(vms[-1]) == "many-99", "the last port served", timeout=60)
     served = {served_instance(vm) for vm in vms}
     assert served == {f"many-{i}" for i in range(100)}

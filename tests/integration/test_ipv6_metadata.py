@@ -10,26 +10,24 @@ clients are curl and wget, as a guest image has them.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from vr.demo.sandbox import (
-    Guest,
-    Sandbox,
-    dhcp_payload,
-    metadata_payload,
-    network_payload,
-    password_payload,
-    sandbox,
+from tests.helpers.sandbox6 import (
+    CIDR6,
+    ROUTER6,
+    dhcp6,
+    dual_stack_sandbox,
+    guest_items,
+    network6,
+    v6_of,
 )
+from tests.helpers.wait import wait_for
+from vr.demo.sandbox import Guest, Sandbox, dhcp_payload
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
 
-ROUTER6 = "fd00:1::1"
-CIDR6 = "fd00:1::/64"
 METADATA_PORT = 8000
 PASSWORD_PORT = 8088
 AWS = "[fd00:ec2::254]"
@@ -40,22 +38,9 @@ ABSENT6 = "fd00:1::77"
 SPOOFER = Guest("gs", "10.1.1.88", "02:00:0a:01:01:58", "spoofer", "no-vm", "unused")
 
 
-def _wait(cond: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 def booted(sb: Sandbox) -> list[Guest]:
     """The sandbox's own guests (DHCPv6 done), not the spoofer added later."""
     return [g for g in sb.guests if g != SPOOFER]
-
-
-def v6_of(g: Guest) -> str:
-    return f"fd00:1::{g.ip.rsplit('.', 1)[1]}"
 
 
 def fp(secret: str) -> str:
@@ -77,43 +62,12 @@ def password(sb: Sandbox, role: str, host: str) -> tuple[int, str]:
     return curl(sb, role, f"http://{host}:8080/", "-H", "DomU_Request: send_my_password")
 
 
-def dhcp6(sb: Sandbox, g: Guest) -> None:
-    res = sb.run(
-        g.role,
-        ["dhclient", "-6", "-1", "-v", "-lf", "/var/lib/dhcp/dhclient6.eth0.leases",
-         "-pf", "/var/lib/dhcp/dhclient6.eth0.pid", "eth0"],
-        timeout=90, ok_codes=range(256),
-    )  # fmt: skip
-    assert res.code == 0, res.stderr
-    _wait(
-        lambda: (
-            f"inet6 {v6_of(g)}/128"
-            in sb.run(g.role, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
-            and "tentative" not in sb.run(g.role, ["ip", "-6", "-o", "addr"]).stdout
-        ),
-        what=f"{g.role} IPv6 address",
-    )
-    _wait(
-        lambda: "default" in sb.run(g.role, ["ip", "-6", "route"]).stdout,
-        what=f"{g.role} default route from the router advertisement",
-    )
-
-
 @pytest.fixture(scope="module")
 def sb() -> Iterator[Sandbox]:
-    with sandbox() as sb:
-        cfg = json.loads(sb.paths.config.read_text())
-        cfg.update(metadata_port=METADATA_PORT, password_port=PASSWORD_PORT)
-        sb.paths.config.write_text(json.dumps(cfg) + "\n")
-        sb.run("vr", ["ip", "addr", "add", f"{ROUTER6}/64", "dev", "eth0", "nodad"])
-        sb.start_vr()
-        network = {**network_payload(), "router_guest_ip6": ROUTER6, "router_guest_ip6_cidr": CIDR6}
-        items: list[tuple[str, dict[str, object]]] = [("guest_network.json", network)]
+    with dual_stack_sandbox(metadata_port=METADATA_PORT, password_port=PASSWORD_PORT) as sb:
+        items = [network6()]
         for g in [*booted(sb), ABSENT]:
-            entry = {**dhcp_payload(g), "ipv6_address": v6_of(g) if g is not ABSENT else ABSENT6}
-            items.append((f"vm_dhcp_entry-{g.role}.json", entry))
-            items.append((f"vm_metadata-{g.role}.json", metadata_payload(g)))
-            items.append((f"vm_password-{g.role}.json", password_payload(g)))
+            items += guest_items(g, v6_of(g) if g is not ABSENT else ABSENT6, password=True)
         res = sb.push(sb.write_payloads(items))
         assert res.code == 0, res.stderr + sb.vr_log.read_text()[-3000:]
         for g in booted(sb):
@@ -186,7 +140,7 @@ def test_removing_a_dhcp_entry_releases_its_dhcpv6_lease(sb: Sandbox) -> None:
     try:
         assert sb.push(sb.write_payloads([("vm_dhcp_entry.json", removed)])).code == 0
         # dnsmasq drops the lease only when dhcp_release6 sends it the RELEASE
-        _wait(lambda: f" {v6_of(g)} " not in leases.read_text(), what="DHCPv6 lease released")
+        wait_for(lambda: f" {v6_of(g)} " not in leases.read_text(), "DHCPv6 lease released")
         log = (sb.vr_root / "var/log/cloud.log").read_text()
         assert f"released the DHCPv6 lease of {v6_of(g)} on eth0" in log
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +19,9 @@ import pytest
 
 from tests.helpers import netns
 from tests.helpers.agent import AgentProcess, keygen
+from tests.helpers.cloud_init import no_dns, run_ec2_datasource
 from tests.helpers.service_lab import start_service
 from tests.helpers.vmdata import instance_id, store_vm
-from tests.integration.test_metadata_server import CLOUD_INIT_EC2_DRIVER, CLOUD_INIT_PYTHON
 from vr.ops.metrics import read_samples
 from vr.paths import Paths
 from vr.payloads import parse_dhcp_entry, parse_guest_network
@@ -148,26 +147,15 @@ def test_tokens_required_refuses_imdsv1_with_401_over_curl_and_wget(imds: Lab) -
 @pytest.fixture
 def guest_etc(imds: Lab) -> Iterator[None]:
     """No DNS in the guest (``ip netns exec`` bind-mounts /etc/netns/<ns>)."""
-    etc = Path("/etc/netns") / imds.guest.name
-    etc.mkdir(parents=True)
-    try:
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    with no_dns(imds.guest):
         yield
-    finally:
-        shutil.rmtree(etc, ignore_errors=True)
 
 
 def test_cloud_init_ec2_datasource_reads_everything_with_tokens_required(
     imds: Lab, guest_etc: None, tmp_path: Path
 ) -> None:
     imds.serve(imds_tokens_required=True)
-    driver = tmp_path / "ec2_driver.py"
-    driver.write_text(CLOUD_INIT_EC2_DRIVER)
-    res = imds.guest.run(
-        CLOUD_INIT_PYTHON, str(driver), str(tmp_path), f"http://{VR}", "aws", timeout=300
-    )
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got, res = run_ec2_datasource(imds.guest, tmp_path, f"http://{VR}", "aws")
     assert got["ok"] is True, res.stderr[-3000:]
     assert got["instance_id"] == instance_id(GUEST)
     assert got["local_hostname"] == "guest-vm"

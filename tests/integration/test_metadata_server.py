@@ -12,7 +12,6 @@ import contextlib
 import gzip
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cloud_init import CLOUD_INIT_PYTHON, no_dns, run_ec2_datasource
 from tests.helpers.routes import Case, Vms, check_reply, route_cases, store_route_vms
 from tests.helpers.service_lab import ServiceLab, guest_link, start_service
 from tests.helpers.vmdata import drop_push_file, instance_id, store_vm
@@ -39,7 +39,6 @@ KEYS = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKxyz alice@lab\nssh-rsa AAAAB3NzaC1yc2EAAAADAQAB bob@lab"
 )
 USERDATA = gzip.compress(b"#cloud-config\nruncmd:\n - echo hello\n" + bytes(range(256)), mtime=0)
-CLOUD_INIT_PYTHON = "/usr/bin/python3"
 # The VMs of the shared route table (tests/helpers/routes.py), also on the guest.
 ROUTE_VMS = Vms(a="10.50.0.20", b="10.50.0.21", gz="10.50.0.22", unknown="10.50.0.29")
 
@@ -302,14 +301,8 @@ CLOUD_INIT_DRIVER = textwrap.dedent(
 def guest_etc(setup: Setup) -> Iterator[None]:
     """Per-namespace /etc files: no DNS and no data-server name, so discovery falls
     through to the default gateway (``ip netns exec`` bind-mounts /etc/netns/<ns>)."""
-    etc = Path("/etc/netns") / setup.guest.name
-    etc.mkdir(parents=True)
-    try:
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    with no_dns(setup.guest):
         yield
-    finally:
-        shutil.rmtree(etc, ignore_errors=True)
 
 
 @pytest.mark.skipif(
@@ -337,51 +330,6 @@ def test_cloud_init_cloudstack_datasource_reads_everything(
     assert base64.b64decode(got["userdata"]) == USERDATA
 
 
-# cloud-init's EC2 data source, pointed at the VR. ``platform`` is what cloud-init's
-# identify_platform() would conclude from DMI: "unknown" on a CloudStack guest
-# (strict_id false lets the source run there), "aws" where DMI says EC2 — then it
-# asks for an IMDSv2 token first and gives up on any 4xx, never falling back to
-# plain GETs. Every HTTP attempt is recorded through requests.Session.request.
-CLOUD_INIT_EC2_DRIVER = textwrap.dedent(
-    """
-    import base64, json, sys
-    import requests
-    from cloudinit import distros, helpers
-    from cloudinit.sources import DataSourceEc2 as ec2
-
-    work, url, platform = sys.argv[1], sys.argv[2], sys.argv[3]
-    calls = []  # [method, url, status, names of the headers sent]
-    _request = requests.Session.request
-
-    def request(self, method, url, **kw):
-        entry = [method, url, None, sorted(kw.get("headers") or {})]
-        calls.append(entry)
-        response = _request(self, method, url, **kw)
-        entry[2] = response.status_code
-        return response
-
-    requests.Session.request = request
-    paths = helpers.Paths({"cloud_dir": work + "/cloud", "run_dir": work + "/run"})
-    distro = distros.fetch("debian")("debian", {}, paths)
-    ds_cfg = {"metadata_urls": [url], "strict_id": False, "max_wait": 20, "timeout": 5}
-    ds = ec2.DataSourceEc2({"datasource": {"Ec2": ds_cfg}}, distro, paths)
-    ds._cloud_name = platform
-    ok = ds.get_data()
-    md = ds.metadata or {}
-    print(json.dumps({
-        "ok": ok,
-        "address": ds.metadata_address,
-        "instance_id": ds.get_instance_id() if ok else None,
-        "local_hostname": md.get("local-hostname"),
-        "placement": md.get("placement"),
-        "availability_zone": ds.availability_zone if ok else None,
-        "public_keys": ds.get_public_ssh_keys() if ok else None,
-        "userdata": base64.b64encode(ds.get_userdata_raw() or b"").decode(),
-        "identity": getattr(ds, "identity", None),
-        "calls": calls,
-    }))
-    """
-)
 EC2_GUEST = "10.50.0.8"
 
 
@@ -402,12 +350,7 @@ def ec2_guest(setup: Setup) -> Iterator[str]:
 def test_cloud_init_ec2_datasource_reads_everything(
     setup: Setup, guest_etc: None, ec2_guest: str, tmp_path: Path, platform: str
 ) -> None:
-    driver = tmp_path / "ec2_driver.py"
-    driver.write_text(CLOUD_INIT_EC2_DRIVER)
-    res = setup.guest.run(
-        CLOUD_INIT_PYTHON, str(driver), str(tmp_path), f"http://{VR}", platform, timeout=300
-    )
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got, res = run_ec2_datasource(setup.guest, tmp_path, f"http://{VR}", platform)
     assert got["ok"] is True, res.stderr[-3000:]
     assert got["address"] == f"http://{VR}"
     assert got["instance_id"] == instance_id(ec2_guest)

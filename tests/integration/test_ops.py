@@ -13,13 +13,13 @@ import json
 import secrets
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.wait import wait_for
 from vr.demo.sandbox import (
     METADATA_IP,
     OUTSIDER_IP,
@@ -34,15 +34,6 @@ from vr.demo.sandbox import (
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("allow_subp")]
 
 PORT = 9180
-
-
-def _wait(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in {timeout}s: {what}")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +140,7 @@ def test_counters_seen_from_the_management_network_move_after_real_traffic(sb: S
             == value(before, "vr_push_apply_seconds_count", type="vm_metadata") + 1
         )
 
-    _wait(moved, "request, refusal, password and push counters moved")
+    wait_for(moved, "request, refusal, password and push counters moved")
     now = scrape(sb)
     assert value(now, "vr_vms") == len(sb.guests)
     assert value(now, "vr_metadata_cache_vms") >= 1
@@ -189,7 +180,7 @@ def test_a_spoofed_guest_address_is_counted_as_a_refusal(sb: Sandbox) -> None:
     finally:
         sb.run(b.role, ["ip", "addr", "del", f"{a.ip}/32", "dev", "eth0"])
         sb.run("vr", ["ip", "neigh", "flush", "dev", "eth0"], ok_codes=range(256))
-    _wait(lambda: value(scrape(sb), "vr_refused_total", reason="spoof") > before, "spoof drops")
+    wait_for(lambda: value(scrape(sb), "vr_refused_total", reason="spoof") > before, "spoof drops")
 
 
 # --- diagnostics over SSH ----------------------------------------------------------
@@ -274,13 +265,13 @@ def test_tail_follows_the_log_until_the_client_leaves(sb: Sandbox) -> None:
             curl_code(sb, g.role, f"http://{METADATA_IP}{path}", "-H", "Forwarded: for=x")
             return any(path in line for line in list(seen))
 
-        _wait(refusal_followed, "the follower printed a line logged after it started")
+        wait_for(refusal_followed, "the follower printed a line logged after it started")
     finally:
         follower.terminate()
         follower.wait(10)
         reader.join(10)
     # the agent's follower ends with the client, it is not left running
-    _wait(
+    wait_for(
         lambda: "diagnostic tail_follow ended with 0" in sb.paths.log_file.read_text(),
         "the follower ended",
     )
@@ -295,7 +286,7 @@ def test_an_invalid_edit_of_vr_json_changes_nothing(sb: Sandbox) -> None:
     try:
         doc = json.loads(original)
         sb.paths.config.write_text(json.dumps({**doc, "metadata_port": "eighty"}))
-        _wait(
+        wait_for(
             lambda: "metadata_port='eighty'" in sb.paths.log_file.read_text(),
             "the refusal was logged with its reason",
         )
@@ -314,7 +305,7 @@ def test_an_edit_of_vr_json_restarts_only_its_service_and_reapplies_the_firewall
     doc = json.loads(original)
     try:
         sb.paths.config.write_text(json.dumps({**doc, "metrics_port": 9181}))
-        _wait(
+        wait_for(
             lambda: curl_code(sb, "mg", f"http://{VR_CONTROL_IP}:9181/health") == "200",
             "the metrics server answers on its new port",
         )
@@ -330,7 +321,7 @@ def test_an_edit_of_vr_json_restarts_only_its_service_and_reapplies_the_firewall
         assert curl_code(sb, "mg", f"http://{VR_CONTROL_IP}:{PORT}/metrics") == "000"
     finally:
         sb.paths.config.write_text(original)
-    _wait(
+    wait_for(
         lambda: curl_code(sb, "mg", f"http://{VR_CONTROL_IP}:{PORT}/health") == "200",
         "back on the first port",
     )

@@ -27,8 +27,8 @@ from tests.helpers.pair_lab import (
     pair_lab,
     same_secret,
     stop_loop,
-    wait_for,
 )
+from tests.helpers.wait import wait_for
 from vr.paths import Paths
 from vr.store import read_passwords
 
@@ -86,8 +86,8 @@ def pl() -> Iterator[PairLab]:
             res = lab.push(name, lab.network_payload(name))
             assert res.returncode == 0, res.stderr
         lab.push_both(metadata(G1), metadata(G2))
-        wait_for(lab.master, 30, "one router MASTER holding the virtual IP")
-        wait_for(lambda: lab.in_sync("ra", "rb"), 30, "both routers in sync")
+        wait_for(lab.master, "one router MASTER holding the virtual IP", 30)
+        wait_for(lambda: lab.in_sync("ra", "rb"), "both routers in sync", 30)
         yield lab
 
 
@@ -122,22 +122,22 @@ def test_master_killed_guest_keeps_answers_and_passwords(pl: PairLab) -> None:
     backup = other(master)
     p1, p2 = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
     pl.push_both(password(G1, p1), password(G2, p2))
-    wait_for(lambda: pl.in_sync("ra", "rb"), 10, "passwords in sync")
+    wait_for(lambda: pl.in_sync("ra", "rb"), "passwords in sync", 10)
     # g1 fetches and acknowledges on the MASTER: the BACKUP forgets it
     same_secret(pl.ask_password("g1"), p1)
     assert pl.ask_password("g1", request="saved_password") == "saved_password"
-    wait_for(lambda: not pending(pl, backup, G1), 5, "the BACKUP learnt the ack")
+    wait_for(lambda: not pending(pl, backup, G1), "the BACKUP learnt the ack", 5)
 
     loop = pl.loop("g1")
     recs: list[list[Any]] = []
     try:
         recs += first_answers(loop)
         killed = pl.kill(master)
-        wait_for(lambda: pl.master() == backup, 20, f"{backup} MASTER")
+        wait_for(lambda: pl.master() == backup, f"{backup} MASTER", 20)
         wait_for(
             lambda: pl.curl("g2", f"http://{METADATA_IP}/latest/vm-id") == (200, G2["id"]),
-            20,
             "the new MASTER answers",
+            20,
         )
     finally:
         recs += stop_loop(loop)
@@ -163,12 +163,12 @@ def test_master_returns_without_flapping_and_catches_up(pl: PairLab) -> None:
     before = pl.transitions(master)
     seen_before = len(pl.transitions(returning))
     pl.start(returning)
-    wait_for(lambda: pl.vrrp(returning) == "BACKUP", 20, f"{returning} BACKUP")
-    wait_for(lambda: pl.in_sync("ra", "rb"), 10, "back in sync")
+    wait_for(lambda: pl.vrrp(returning) == "BACKUP", f"{returning} BACKUP", 20)
+    wait_for(lambda: pl.in_sync("ra", "rb"), "back in sync", 10)
     # Longer than keepalived's master-down interval (1.8 s): a preempting router
     # would have taken the virtual IP by now.
     start = sync_exchanges(pl, returning)
-    wait_for(lambda: sync_exchanges(pl, returning) >= start + 3, 20, "three more exchanges")
+    wait_for(lambda: sync_exchanges(pl, returning) >= start + 3, "three more exchanges", 20)
     assert pl.master() == master
     assert pl.transitions(master) == before
     assert pl.transitions(returning)[seen_before:] == ["BACKUP"]
@@ -178,7 +178,7 @@ def test_master_returns_without_flapping_and_catches_up(pl: PairLab) -> None:
     assert pl.ask_password("g1", pl.routers[returning].guest_ip, "saved_password") == (
         "saved_password"
     )
-    wait_for(lambda: not pending(pl, master, G1), 5, "the MASTER learnt the ack")
+    wait_for(lambda: not pending(pl, master, G1), "the MASTER learnt the ack", 5)
     no_password(pl.ask_password("g1"))
 
 
@@ -197,8 +197,8 @@ def test_partition_both_master_then_heal_loses_nothing(pl: PairLab) -> None:
     try:
         wait_for(
             lambda: all(pl.holds_vip(n) and pl.vrrp(n) == "MASTER" for n in pl.routers),
-            20,
             "both routers MASTER while cut apart",
+            20,
         )
         p4, p5 = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
         pl.push_both(password(G1, p4))
@@ -214,8 +214,8 @@ def test_partition_both_master_then_heal_loses_nothing(pl: PairLab) -> None:
     finally:
         cut(pl, False)
     healed = {r: sync_exchanges(pl, r) for r in pl.routers}
-    wait_for(pl.master, 20, "one MASTER after the heal")
-    wait_for(lambda: exchanged_since(pl, healed), 30, "in sync after the heal")
+    wait_for(pl.master, "one MASTER after the heal", 20)
+    wait_for(lambda: exchanged_since(pl, healed), "in sync after the heal", 30)
     # the ack made on ra is kept by rb; the push that only rb got reached ra
     for name in pl.routers:
         no_password(pl.ask_password("g1", pl.routers[name].guest_ip))

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.procs import free_port, wait_port
+from tests.helpers.wait import wait_for
 from vr.config import Config
 from vr.paths import Paths
 from vr.supervisor import BACKOFF_MAX, STABLE_AFTER, Service, Supervisor
@@ -54,15 +54,6 @@ def _status(paths: Paths) -> dict:
         return {}
 
 
-def _wait(cond, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,7 +79,7 @@ def running(tmp_path: Path, allow_subp: None) -> Iterator[tuple[subprocess.Popen
     try:
         for p in ports:
             wait_port("127.0.0.1", int(p))
-        _wait(lambda: _status(paths).get("ready") is True)
+        wait_for(lambda: _status(paths).get("ready") is True, "the supervisor ready")
         yield proc, paths
     finally:
         if proc.poll() is None:
@@ -107,12 +98,13 @@ def test_crashed_service_is_restarted_and_counted(running) -> None:
     _proc, paths = running
     victim = _status(paths)["services"]["svc0"]["pid"]
     os.kill(victim, signal.SIGKILL)
-    _wait(
+    wait_for(
         lambda: (
             _status(paths).get("ready")
             and _status(paths)["services"]["svc0"]["restarts"] == 1
             and _status(paths)["services"]["svc0"]["pid"] not in (None, victim)
-        )
+        ),
+        "svc0 restarted once with a new pid",
     )
     assert "exited with -9" in paths.log_file.read_text()
 
@@ -132,7 +124,7 @@ def test_killed_supervisor_leaves_no_orphans(running) -> None:
     pids = [s["pid"] for s in _status(paths)["services"].values()]
     proc.kill()
     proc.wait()
-    _wait(lambda: not any(_alive(p) for p in pids), timeout=5)
+    wait_for(lambda: not any(_alive(p) for p in pids), "the services gone", timeout=5)
 
 
 def test_second_vr_up_on_same_root_refuses(running, allow_subp: None) -> None:
@@ -299,7 +291,10 @@ def test_sigterm_during_a_slow_firewall_step_stops_within_five_seconds(
     fw_pid_file = tmp_path / "firewall.pid"
     proc, paths, mark = _start_with_firewall(tmp_path, SLOW_FIREWALL, str(fw_pid_file))
     try:
-        _wait(lambda: fw_pid_file.exists() and fw_pid_file.read_text() != "")
+        wait_for(
+            lambda: fw_pid_file.exists() and fw_pid_file.read_text() != "",
+            "the firewall's pid written",
+        )
         firewall_pid = int(fw_pid_file.read_text())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0  # the deadline for a clean stop

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Any
+from typing import Any, Literal
 
 from vr.config import Config
 from vr.errors import FirewallError
@@ -305,10 +305,10 @@ def desired(
         (
             Chain(NAT, NAT_CHAIN, ("PREROUTING",), tuple(_redirects(config, nets))),
             Chain(
-                FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(config, nets, bound, binding_sets))
+                FILTER, INPUT_CHAIN, ("INPUT",), tuple(_input(4, config, nets, bound, binding_sets))
             ),
             Chain(NAT6, NAT_CHAIN, ("PREROUTING",), tuple(_redirects6(config, nets))),
-            Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input6(config, nets, bound))),
+            Chain(FILTER6, INPUT_CHAIN, ("INPUT",), tuple(_input(6, config, nets, bound))),
         )
     )
 
@@ -374,15 +374,81 @@ def _redirects(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
 
 
 def _input(
+    family: Literal[4, 6],
     config: Config,
     nets: Sequence[GuestNetwork],
     bindings: Sequence[DhcpEntry],
     binding_sets: bool = True,
 ) -> Iterable[Rule]:
+    """The INPUT chain of one address family (4: iptables, 6: ip6tables): loopback,
+    the MAC/IP bindings and each guest network's guests, the control network, then
+    the guarded ports dropped everywhere else. The services listen on IPv6 too, so
+    every interface that is not a guest network with an IPv6 prefix is refused the
+    guarded ports there."""
     service = service_ports(config)
     guarded = guarded_ports(config)
     # Local clients (health checks, the VR itself) talk to its services over lo.
     yield Rule("ACCEPT", "vr: loopback", in_interface="lo", dports=guarded)
+    if family == 4:
+        yield from _guests4(config, nets, bindings, binding_sets, service)
+    else:
+        yield from _guests6(config, nets, bindings, service)
+    control = config.control_device
+    yield _accept(f"vr: {control} ssh", (config.ssh_port,), in_interface=control)
+    if family == 4:
+        # Metrics and health for the management server: the control network only.
+        yield _accept(f"vr: {control} metrics", (config.metrics_port,), in_interface=control)
+    # Drop the service ports everywhere else; other traffic returns to INPUT untouched.
+    yield Rule("DROP", "vr: guarded ports elsewhere", dports=guarded)
+
+
+def _accept(
+    comment: str,
+    dports: tuple[int, ...],
+    in_interface: str,
+    source: IPv4Network | IPv6Network | None = None,
+    match_sets: tuple[SetMatch, ...] = (),
+) -> Rule:
+    """Accept new and established connections to ``dports``."""
+    return Rule(
+        "ACCEPT",
+        comment,
+        in_interface=in_interface,
+        source=source,
+        dports=dports,
+        ctstate=("NEW", "ESTABLISHED"),
+        match_sets=match_sets,
+    )
+
+
+def _binding(address: IPv4Address | IPv6Address, mac: str, service: tuple[int, ...]) -> Rule:
+    """Drop ``address`` on the service ports unless it comes from ``mac``."""
+    return Rule(
+        "DROP",
+        f"vr: binding {address} {mac}",
+        source=ip_network(address),
+        dports=service,
+        mac_source=mac,
+        mac_negate=True,
+    )
+
+
+def _bound_guest(device: str, address: IPv4Address | IPv6Address, service: tuple[int, ...]) -> Rule:
+    return _accept(
+        f"vr: {device} bound guest {address}",
+        service,
+        in_interface=device,
+        source=ip_network(address),
+    )
+
+
+def _guests4(
+    config: Config,
+    nets: Sequence[GuestNetwork],
+    bindings: Sequence[DhcpEntry],
+    binding_sets: bool,
+    service: tuple[int, ...],
+) -> Iterable[Rule]:
     # MAC/IP binding before any accept: a bound address from another MAC is dropped.
     # Every packet is checked, not only NEW ones, so a spoofer cannot ride an
     # established connection. Bindings in a set-capable network are set members
@@ -390,14 +456,7 @@ def _input(
     # the others keep one rule each, so each has its own counter.
     loose = [e for e in bindings if not binding_sets or not ipsets.in_sets(nets, e.ipv4_address)]
     for e in loose:
-        yield Rule(
-            "DROP",
-            f"vr: binding {e.ipv4_address} {e.mac_address}",
-            source=IPv4Network(f"{e.ipv4_address}/32"),
-            dports=service,
-            mac_source=e.mac_address,
-            mac_negate=True,
-        )
+        yield _binding(e.ipv4_address, e.mac_address, service)
     set_nets = ipsets.set_networks(nets) if binding_sets else []
     for n in set_nets:
         yield Rule(
@@ -413,25 +472,16 @@ def _input(
     for n in nets:
         if config.require_mac_binding:
             if n in set_nets:
-                yield Rule(
-                    "ACCEPT",
+                yield _accept(
                     f"vr: {n.device} bound guests",
+                    service,
                     in_interface=n.device,
                     source=n.cidr,
-                    dports=service,
-                    ctstate=("NEW", "ESTABLISHED"),
                     match_sets=((ipsets.BOUND_SET, "src", False),),
                 )
             for e in loose:
                 if e.ipv4_address in n.cidr:
-                    yield Rule(
-                        "ACCEPT",
-                        f"vr: {n.device} bound guest {e.ipv4_address}",
-                        in_interface=n.device,
-                        source=IPv4Network(f"{e.ipv4_address}/32"),
-                        dports=service,
-                        ctstate=("NEW", "ESTABLISHED"),
-                    )
+                    yield _bound_guest(n.device, e.ipv4_address, service)
             yield Rule(
                 "DROP",
                 f"vr: {n.device} unbound guest",
@@ -440,31 +490,9 @@ def _input(
                 dports=service,
             )
         else:
-            yield Rule(
-                "ACCEPT",
-                f"vr: {n.device} guests {n.cidr}",
-                in_interface=n.device,
-                source=n.cidr,
-                dports=service,
-                ctstate=("NEW", "ESTABLISHED"),
+            yield _accept(
+                f"vr: {n.device} guests {n.cidr}", service, in_interface=n.device, source=n.cidr
             )
-    yield Rule(
-        "ACCEPT",
-        f"vr: {config.control_device} ssh",
-        in_interface=config.control_device,
-        dports=(config.ssh_port,),
-        ctstate=("NEW", "ESTABLISHED"),
-    )
-    # Metrics and health for the management server: the control network only.
-    yield Rule(
-        "ACCEPT",
-        f"vr: {config.control_device} metrics",
-        in_interface=config.control_device,
-        dports=(config.metrics_port,),
-        ctstate=("NEW", "ESTABLISHED"),
-    )
-    # Drop the service ports everywhere else; other traffic returns to INPUT untouched.
-    yield Rule("DROP", "vr: guarded ports elsewhere", dports=guarded)
 
 
 # --- IPv6 (ip6tables): the same services, for guest networks with an IPv6 prefix ------
@@ -501,14 +529,12 @@ def _redirects6(config: Config, nets: Sequence[GuestNetwork]) -> Iterable[Rule]:
                 )
 
 
-def _input6(
-    config: Config, nets: Sequence[GuestNetwork], bindings: Sequence[DhcpEntry]
+def _guests6(
+    config: Config,
+    nets: Sequence[GuestNetwork],
+    bindings: Sequence[DhcpEntry],
+    service: tuple[int, ...],
 ) -> Iterable[Rule]:
-    """As :func:`_input`: the services listen on IPv6 too, so every interface that is
-    not a guest network with an IPv6 prefix is refused the guarded ports there."""
-    service = service_ports(config)
-    guarded = guarded_ports(config)
-    yield Rule("ACCEPT", "vr: loopback", in_interface="lo", dports=guarded)
     # No set type binds an IPv6 address to a MAC on this kernel (hash:ip,mac is
     # missing), so IPv6 bindings stay one rule per address. Without a guest network
     # with an IPv6 prefix they would be dead (every guest packet to the service ports
@@ -521,14 +547,7 @@ def _input6(
         if e.ipv6_address is not None:
             own.insert(0, e.ipv6_address)
         for address in own:
-            yield Rule(
-                "DROP",
-                f"vr: binding {address} {e.mac_address}",
-                source=IPv6Network(f"{address}/128"),
-                dports=service,
-                mac_source=e.mac_address,
-                mac_negate=True,
-            )
+            yield _binding(address, e.mac_address, service)
     for n in nets:
         if n.cidr6 is None:
             continue
@@ -541,30 +560,10 @@ def _input6(
                     # asking fe80::a9fe:a9fe, a guest speaks from its EUI-64 link-local
                     own6.append(eui64_link_local(e.mac_address))
                 for address in own6:
-                    yield Rule(
-                        "ACCEPT",
-                        f"vr: {n.device} bound guest {address}",
-                        in_interface=n.device,
-                        source=IPv6Network(f"{address}/128"),
-                        dports=service,
-                        ctstate=("NEW", "ESTABLISHED"),
-                    )
+                    yield _bound_guest(n.device, address, service)
         else:
             # link-local callers ask fe80::a9fe:a9fe; the binding above guards them
             for source in (n.cidr6, LINK_LOCAL6):
-                yield Rule(
-                    "ACCEPT",
-                    f"vr: {n.device} guests {source}",
-                    in_interface=n.device,
-                    source=source,
-                    dports=service,
-                    ctstate=("NEW", "ESTABLISHED"),
+                yield _accept(
+                    f"vr: {n.device} guests {source}", service, in_interface=n.device, source=source
                 )
-    yield Rule(
-        "ACCEPT",
-        f"vr: {config.control_device} ssh",
-        in_interface=config.control_device,
-        dports=(config.ssh_port,),
-        ctstate=("NEW", "ESTABLISHED"),
-    )
-    yield Rule("DROP", "vr: guarded ports elsewhere", dports=guarded)

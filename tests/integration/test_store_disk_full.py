@@ -113,9 +113,13 @@ def test_a_group_committed_batch_on_a_full_disk_fails_clearly_and_changes_nothin
                for n, ip in enumerate(ips)}  # fmt: skip
         (paths.cache / "VR-old.cfg").write_text(cfg_text(old))
         assert apply_cfg(paths, "VR-old.cfg").code == 0
-        big = base64.b64encode(os.urandom(20_000)).decode()
+
+        # a different user-data each: identical files of a batch share one inode
+        def big() -> str:
+            return base64.b64encode(os.urandom(20_000)).decode()
+
         new = {f"vm_metadata.json.n{n}": vm_metadata(ip, ["metadata", "v", "new"],
-                                                     ["userdata", "user-data", big])
+                                                     ["userdata", "user-data", big()])
                for n, ip in enumerate(ips)}  # fmt: skip
         (paths.cache / "VR-new.cfg").write_text(cfg_text(new))
         before = snapshot(mnt)

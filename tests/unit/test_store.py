@@ -306,3 +306,41 @@ def test_a_commit_interrupted_between_renames_is_finished_and_the_next_push_work
     assert not paths.journal.exists()
     store.apply([vm(A, ["metadata", "k", "a3"])])
     assert read_vm(paths, A).metadata["k"] == b"a3"
+
+
+def _batch_of(ips: list[str], user_data: bytes) -> list[Payload]:
+    import base64
+    import json
+
+    ud = base64.b64encode(user_data).decode()
+    triples = (["metadata", "availability-zone", "zone-a"], ["userdata", "user-data", ud])
+    return [
+        parse_payload(
+            "vm_metadata.json",
+            json.dumps(vm_metadata(ip, *triples, ["metadata", "local-ipv4", ip])).encode(),
+        )
+        for ip in ips
+    ]
+
+
+def test_a_batch_shares_one_inode_per_repeated_file_and_a_later_push_leaves_the_others(
+    paths: Paths,
+) -> None:
+    from vr.store import FEW_VMS
+
+    ips = [f"10.1.4.{i}" for i in range(1, FEW_VMS + 6)]
+    Store(paths).apply(_batch_of(ips, b"#cloud-config\n"))
+
+    zones = {os.stat(paths.metadata_root / ip / "availability-zone").st_ino for ip in ips}
+    own = {os.stat(paths.metadata_root / ip / "local-ipv4").st_ino for ip in ips}
+    assert len(zones) == 1 and len(own) == len(ips)
+
+    Store(paths).apply(_batch_of(ips[:1], b"#changed\n"))
+
+    assert (paths.userdata_root / ips[0] / "user-data").read_bytes() == b"#changed\n"
+    assert {(paths.userdata_root / ip / "user-data").read_bytes() for ip in ips[1:]} == {
+        b"#cloud-config\n"
+    }
+    assert [(paths.metadata_root / ip / "local-ipv4").read_bytes() for ip in ips] == [
+        ip.encode() for ip in ips
+    ]

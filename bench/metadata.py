@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import netns  # noqa: E402
 from tests.helpers.vmdata import vm_payload, vm_triples  # noqa: E402
 from vr.http.worker import PER_ADDRESS  # noqa: E402
+from vr.metadata.vmcache import MAX_VMS  # noqa: E402
 from vr.paths import Paths  # noqa: E402
 from vr.payloads import parse_vm_metadata  # noqa: E402
 from vr.store import Store, list_vms, read_vm  # noqa: E402
@@ -773,7 +774,8 @@ def measure_rss(args: argparse.Namespace) -> None:
                 log = work / f"rss{count}.log"
                 with our_server(lab, vr, paths.root, args, log) as p:
                     deadline = time.monotonic() + 300
-                    while log.read_text().count(f"loaded {count} VMs") < args.workers:
+                    held = min(count, MAX_VMS)  # a worker keeps at most MAX_VMS
+                    while log.read_text().count(f"loaded {held} VMs") < args.workers:
                         if time.monotonic() > deadline:
                             raise SystemExit(f"workers did not load {count} VMs: see {log}")
                         time.sleep(0.2)

@@ -34,6 +34,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,165 @@ def boot_storm(args: argparse.Namespace) -> int:
     return storm.storm(vms)
 
 
+# --- memory: the whole appliance's PSS (--memory) ------------------------------------
+
+PREVIOUS = "a7c61b8"
+"""The commit before the memory work: its ``vr up`` is the previous design."""
+MEM_NET = "10.100.0.0/16"
+"""On ``lo`` inside the namespace: every VM's address is local, so a client binds it."""
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss(root: int) -> tuple[float, int]:
+    """PSS of ``vr up`` and all its descendants (MiB) and how many processes."""
+    pids = process_tree(root)
+    return sum(pss_kib(p) for p in pids) / 1024, len(pids)
+
+
+def wait_ready(root: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    status = root / "run" / "vr" / "status.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vr up exited with {proc.returncode}: see {root}/up.log")
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(status.read_text()).get("ready"):
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"vr up not ready after {timeout}s: see {root}/up.log")
+
+
+def fetch_all(n: int, port: int) -> int:
+    """Every VM fetches its instance-id once on a new connection from its own address;
+    returns the failures."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30,
+                                           source_address=(str(vm_ip(100, i)), 0))  # fmt: skip
+            c.request("GET", "/latest/meta-data/instance-id", headers={"Connection": "close"})
+            ok = c.getresponse().status == 200
+            c.close()
+            return 0 if ok else 1
+        except OSError:
+            return 1
+
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(one, range(n)))
+
+
+def cached_vms(metrics_port: int) -> float:
+    """The metadata workers' summed ``vr_metadata_cache_vms`` from ``GET /metrics``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vr_metadata_cache_vms"):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def memory_run(src: Path, root: Path, n: int, rounds: int | None) -> dict[str, Any]:
+    """``vr up`` from the tree ``src`` on a fresh ``root``: PSS idle, then with ``n`` VMs
+    pushed and fetched from every worker (``rounds`` of fetches by every VM; None: until
+    every worker's cache holds every VM)."""
+    paths = Paths(root)
+    paths.ensure()
+    paths.config.write_text(json.dumps({"control_device": "eth1", "public_devices": ["eth2"]}))
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    with open(root / "up.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vr", "up", "--root", str(root)],
+                                cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_ready(root, proc)
+        time.sleep(3)  # let start-up garbage settle
+        idle, procs = tree_pss(proc.pid)
+        workers = json.loads(paths.config.read_text()).get("metadata_workers", 2)
+        store = store_mod.Store(paths)
+        t0 = time.perf_counter()
+        for start in range(0, n, 2000):
+            store.apply([parse_payload("vm_metadata.json", metadata(vm_ip(100, i), f"m{i}"))
+                         for i in range(start, min(n, start + 2000))])  # fmt: skip
+        pushed = time.perf_counter() - t0
+        done, failed = 0, 0
+        while rounds is None or done < rounds:
+            failed += fetch_all(n, 80)
+            done += 1
+            if rounds is None and (cached_vms(9180) >= workers * n or done >= 40):
+                break
+        loaded, loaded_procs = tree_pss(proc.pid)
+        return {"idle": idle, "procs": procs, "loaded": loaded, "loaded_procs": loaded_procs,
+                "rounds": done, "failed": failed, "pushed": pushed,
+                "cached": cached_vms(9180)}  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def previous_tree(work: Path) -> Path:
+    """The previous design's source: ``git archive`` of :data:`PREVIOUS`."""
+    dest = work / "previous"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS, "vr"],
+                             check=True, capture_output=True, timeout=60).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    return dest
+
+
+def inner_memory(args: argparse.Namespace) -> int:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+    subprocess.run(["ip", "addr", "add", MEM_NET, "dev", "lo"], check=True, timeout=30)
+    work = Path(tempfile.mkdtemp(prefix="vr-mem-", dir="/var/tmp"))
+    try:
+        before = memory_run(previous_tree(work), work / "before", args.vms, None)
+        clear_netfilter()
+        now = memory_run(REPO, work / "now", args.vms, before["rounds"])
+        clear_netfilter()
+        print(f"whole appliance PSS (vr up and all its children), MiB; {args.vms} VMs pushed, "
+              f"then {before['rounds']} rounds of one fetch per VM (new connection each) until "
+              f"every worker of the previous design held every VM")  # fmt: skip
+        print(f"{'design':>22} {'procs':>5} {'idle':>7} {'procs':>5} {'loaded':>7} "
+              f"{'cached':>7} {'failed':>6}")  # fmt: skip
+        for label, r in ((f"previous ({PREVIOUS})", before), ("now", now)):
+            row = f"{label:>22} {r['procs']:>5} {r['idle']:>7.1f} {r['loaded_procs']:>5} "
+            print(row + f"{r['loaded']:>7.1f} {r['cached']:>7.0f} {r['failed']:>6}", flush=True)
+    finally:
+        clear_netfilter()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="0 and 1,000 VMs, 1,000-VM batch only")
@@ -228,9 +388,13 @@ def main() -> int:
                     "vr against Apache (bench/storm.py)")  # fmt: skip
     ap.add_argument("--storm-vms", type=int, default=None, metavar="N",
                     help="guests of the boot storm (1-60000; default 10000)")  # fmt: skip
+
+    what = "PSS of the whole appliance idle and with --vms VMs, vs the previous design"
+    ap.add_argument("--memory", action="store_true", help=what)
+    ap.add_argument("--vms", type=int, default=10000, help="VMs for --memory")
     args = ap.parse_args()
     if args.inner:
-        return inner(args)
+        return inner_memory(args) if args.memory else inner(args)
     if os.geteuid() != 0:
         print("bench/scale.py needs root (a network namespace, iptables, ipset)", file=sys.stderr)
         return 2
@@ -245,7 +409,8 @@ def main() -> int:
             run([*link, "add", dev, "type", "veth", "peer", "name", f"p{dev}"], check=True)
             run([*link, "set", dev, "up"], check=True, timeout=30)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner",
-               "--samples", str(args.samples), *(["--quick"] if args.quick else [])]  # fmt: skip
+               "--samples", str(args.samples), *(["--quick"] if args.quick else []),
+               *(["--memory", "--vms", str(args.vms)] if args.memory else [])]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         return run(["ip", "netns", "exec", ns, *cmd], env=env, check=False).returncode  # type: ignore[no-any-return]
     finally:

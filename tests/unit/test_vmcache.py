@@ -62,8 +62,30 @@ def test_unknown_callers_are_bounded(paths: Paths, monkeypatch: pytest.MonkeyPat
     assert cache.view(A) is not None
     for i in range(50):
         assert cache.view(IPv4Address("10.2.0.0") + i) is None
-    assert len(cache._entries) <= 11
+    assert len(cache._entries) + len(cache._unknown) <= 11
     assert cache.view(A) is not None and cache.loads == 1
+
+
+def test_a_worker_keeps_at_most_max_vms_the_least_recently_asked_dropped_first(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vmcache, "MAX_VMS", 3)
+    vms = [IPv4Address("10.1.2.0") + i for i in range(5)]
+    for ip in vms:
+        store_vm(paths, str(ip))
+    cache = VmCache(paths)
+    for ip in vms[:3]:
+        assert cache.view(ip) is not None
+    cache.view(vms[0])  # asked again: now the most recent
+    cache.view(vms[3])  # drops vms[1], the least recently asked
+    cache.view(vms[4])  # drops vms[2]
+    assert len(cache) == 3 and cache.loads == 5
+    for ip in (vms[0], vms[3], vms[4]):
+        assert cache.view(ip) is not None
+    assert cache.loads == 5
+    view = cache.view(vms[1])  # dropped: read again, still right
+    assert view is not None and view.metadata["local-ipv4"] == str(vms[1]).encode()
+    assert cache.loads == 6 and len(cache) == 3
 
 
 def test_warm_loads_every_vm(paths: Paths) -> None:

@@ -54,9 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     read = None
     if not args.no_netfilter:
-        from vr.firewall import state as fw
 
         def read() -> list[Any]:
+            from vr.firewall import state as fw  # imported at the first scrape only
+
             return fw.live_counters(fw.real_tables())
 
     host, _, port = bind.rpartition(":")
